@@ -1,0 +1,62 @@
+# streamtasks — developer commands. `make test` is what CI runs (through .ci/run).
+SHELL := /bin/bash
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+SERVICES := bash deploy/local/services.sh
+STAMP := .make/installed
+PYTEST := $(PYTHON) -m pytest -p no:cacheprovider
+
+.PHONY: help install up down status clean-data kafka-start kafka-stop cassandra-start \
+        cassandra-stop test unit integration lint demo bench
+
+help:
+	@echo "make demo        set up, start local Kafka + Cassandra, run the examples"
+	@echo "make test        set up, start local Kafka + Cassandra, run unit + integration tests"
+	@echo "make unit        unit tests only (memory://, no services)"
+	@echo "make lint        ruff + mypy --strict"
+	@echo "make bench       benchmarks (prints figures)"
+	@echo "make up|down|status|clean-data, make kafka-stop|kafka-start|cassandra-stop|cassandra-start"
+
+# Installs the package and its dev tools once per change of pyproject.toml.
+$(STAMP): pyproject.toml
+	$(PIP) install --quiet --disable-pip-version-check -e '.[dev]'
+	@mkdir -p .make && touch $(STAMP)
+
+install: $(STAMP)
+
+up: install
+	$(SERVICES) up
+
+down:
+	$(SERVICES) down
+
+status:
+	$(SERVICES) status
+
+clean-data:
+	$(SERVICES) clean-data
+
+kafka-start kafka-stop cassandra-start cassandra-stop:
+	$(SERVICES) $@
+
+unit: install
+	$(PYTEST) tests -q
+
+# Integration tests need the real servers; `up` fails (never skips) when they cannot start.
+integration: up
+	$(PYTEST) integration -q
+
+test: install up
+	$(PYTEST) tests -q
+	$(PYTEST) integration -q -rs
+
+lint: install
+	$(PYTHON) -m ruff check streamtasks tests integration examples bench
+	$(PYTHON) -m mypy --strict streamtasks
+
+demo: up
+	$(PYTHON) -m streamtasks.cli migrate
+	$(PYTHON) examples/demo.py
+
+bench: up
+	$(PYTHON) bench/run.py

@@ -1,0 +1,68 @@
+"""The demo `make demo` runs: tasks through local Kafka, results in local Cassandra.
+
+It starts one worker process per queue, sends tasks as a pipeline would, and reads
+the results back through the library; then prints the CQL to read a row in cqlsh.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from examples.tasks import Dataset, app, delete_dataset, import_dataset, total  # noqa: E402
+
+QUEUES = {"default": 2, "datasets-import": 4, "datasets-delete": 1}
+
+
+def start_workers() -> list[subprocess.Popen[bytes]]:
+    procs = []
+    for queue, concurrency in QUEUES.items():
+        app.ensure_queue(queue)
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "streamtasks.cli", "worker", "--app", "examples.tasks:app",
+             "--queues", queue, "--concurrency", str(concurrency)],
+            cwd=ROOT, env={**os.environ, "STREAMTASKS_LOG_LEVEL": "warning"},
+        ))
+    return procs
+
+
+def main() -> int:
+    app.backend.migrate()
+    workers = start_workers()
+    try:
+        t0 = time.perf_counter()
+        small = total.delay(list(range(1, 11)))
+        big = total.delay(list(range(1_000_000)))
+        imports = [import_dataset.delay(Dataset(f"sales-{i}", f"s3://bucket/sales-{i}.csv", 5000))
+                   for i in range(4)]
+        deletion = delete_dataset.delay("sales-old", hard=True)
+        app.flush()
+        print(f"sent 7 tasks in {time.perf_counter() - t0:.3f}s (the caller answers at once)")
+
+        print("sum(1..10)         =", small.get(timeout=120))
+        print("sum(range(10**6))  =", big.get(timeout=120))
+        for r in imports:
+            print("import             =", r.get(timeout=120))
+        print("delete             =", deletion.get(timeout=120))
+        keyspace = app.settings.backend.rsplit("/", 1)[-1].split("?")[0]
+        print("\nRead the big sum's row in cqlsh:")
+        print(f"  SELECT task_id, name, state, result, finished_at FROM {keyspace}.tasks "
+              f"WHERE task_id = '{big.id}';")
+        print(f"or: streamtasks result {big.id}")
+        return 0
+    finally:
+        for proc in workers:
+            proc.send_signal(signal.SIGTERM)
+        for proc in workers:
+            proc.wait(timeout=60)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Start and stop real worker processes for integration tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from integration._services import REPO, backend_url, broker_url
+
+
+def test_env(namespace: str, **extra: str) -> dict[str, str]:
+    """Environment for the test process and its workers: one fresh namespace per test."""
+    env = {
+        "STREAMTASKS_BROKER": broker_url(),
+        "STREAMTASKS_BACKEND": backend_url(),
+        "STREAMTASKS_NAMESPACE": namespace,
+        "STREAMTASKS_PARTITIONS": "6",
+        "STREAMTASKS_LOG_LEVEL": "warning",
+        "STREAMTASKS_SHUTDOWN_GRACE_S": "10",
+    }
+    env.update(extra)
+    return env
+
+
+def new_namespace(prefix: str) -> str:
+    return f"it-{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+class WorkerProcess:
+    """One ``streamtasks worker`` process."""
+
+    def __init__(self, env: dict[str, str], queues: str = "default", concurrency: int = 8,
+                 log_path: Path | None = None) -> None:
+        self.log = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "streamtasks.cli", "worker", "--app",
+             "integration.worker_app:app", "--queues", queues, "--concurrency",
+             str(concurrency)],
+            cwd=REPO, env={**os.environ, **env}, stdout=self.log, stderr=self.log,
+        )
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def terminate(self, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout)
+        finally:
+            if self.log is not subprocess.DEVNULL:
+                self.log.close()  # type: ignore[union-attr]
+
+
+@contextmanager
+def workers(env: dict[str, str], count: int, **options: object) -> Iterator[list[WorkerProcess]]:
+    procs = [WorkerProcess(env, **options) for _ in range(count)]  # type: ignore[arg-type]
+    try:
+        yield procs
+    finally:
+        for p in procs:
+            if p.proc.poll() is None:
+                p.proc.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.proc.kill()

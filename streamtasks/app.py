@@ -1,0 +1,373 @@
+"""The application: task registry, sending, results; the entry point of the API."""
+
+from __future__ import annotations
+
+import atexit
+import threading
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
+
+import structlog
+
+from streamtasks.backend.base import ResultBackend
+from streamtasks.broker.base import Broker, TopicSpec
+from streamtasks.codec import AvroCodec, Codec, check_arguments, to_json_text, to_plain
+from streamtasks.errors import ConfigError, SendError, UnknownTaskError
+from streamtasks.headers import task_headers
+from streamtasks.message import TaskMessage, new_task_id, now_ms
+from streamtasks.result import AsyncResult
+from streamtasks.settings import Settings
+from streamtasks.task import Task, TaskOptions
+
+if TYPE_CHECKING:
+    from streamtasks.worker.consumer import Worker
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+log = structlog.get_logger("streamtasks.app")
+
+
+class App:
+    """A streamtasks application: where tasks are registered, sent and read back.
+
+    Args:
+        name: the application's name (shown in logs).
+        broker: a broker URL (``kafka://host:9092``, ``memory://``) or a :class:`Broker`.
+        backend: a backend URL (``cassandra://host:9042/keyspace``, ``memory://``) or a
+            :class:`ResultBackend`.
+        settings: every other setting; defaults when omitted.
+        codec: the message codec (Avro single-object encoding by default).
+
+    Example:
+        >>> app = App("demo", broker="memory://", backend="memory://")
+        >>> @app.task(name="add")
+        ... def add(a: int, b: int) -> int:
+        ...     return a + b
+    """
+
+    def __init__(
+        self,
+        name: str = "streamtasks",
+        broker: str | Broker | None = None,
+        backend: str | ResultBackend | None = None,
+        *,
+        settings: Settings | None = None,
+        codec: Codec | None = None,
+    ) -> None:
+        self.name = name
+        overrides = {
+            k: v for k, v in (("broker", broker), ("backend", backend)) if isinstance(v, str)
+        }
+        base = settings or Settings()
+        self.settings = Settings.build({**_as_dict(base), **overrides}) if overrides else base
+        self.codec: Codec = codec or AvroCodec()
+        self.tasks: dict[str, Task[Any, Any]] = {}
+        self._broker = broker if isinstance(broker, Broker) else None
+        self._backend = backend if isinstance(backend, ResultBackend) else None
+        self._lock = threading.Lock()
+        self._unconfirmed: dict[str, str] = {}
+        self._failed: dict[str, str] = {}
+        self._queues_ready: set[str] = set()
+        ref = weakref.ref(self)
+        atexit.register(_flush_at_exit, ref)
+
+    @classmethod
+    def from_env(
+        cls, name: str = "streamtasks", config_file: str | Path | None = None, **overrides: Any
+    ) -> App:
+        """Build an app from ``STREAMTASKS_*`` env vars, an optional YAML file and overrides.
+
+        Raises:
+            ConfigError: a setting is unknown or malformed.
+        """
+        return cls(name, settings=Settings.from_env(config_file=config_file, **overrides))
+
+    # -- connections -------------------------------------------------------------
+
+    @property
+    def broker(self) -> Broker:
+        """The broker, connected on first use."""
+        if self._broker is None:
+            from streamtasks.broker import broker_from_url
+
+            with self._lock:
+                if self._broker is None:
+                    self._broker = broker_from_url(self.settings.broker, self.settings)
+        return self._broker
+
+    @property
+    def backend(self) -> ResultBackend:
+        """The result backend, connected on first use."""
+        if self._backend is None:
+            from streamtasks.backend import backend_from_url
+
+            with self._lock:
+                if self._backend is None:
+                    self._backend = backend_from_url(
+                        self.settings.backend, self.settings, self.codec, to_json_text
+                    )
+        return self._backend
+
+    # -- registry ----------------------------------------------------------------
+
+    @overload
+    def task(self, fn: Callable[P, R], /) -> Task[P, R]: ...
+
+    @overload
+    def task(
+        self,
+        fn: None = None,
+        /,
+        *,
+        name: str | None = None,
+        queue: str | None = None,
+        ordered: bool = False,
+        time_limit_s: float | None = None,
+    ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
+
+    def task(
+        self,
+        fn: Callable[P, R] | None = None,
+        /,
+        *,
+        name: str | None = None,
+        queue: str | None = None,
+        ordered: bool = False,
+        time_limit_s: float | None = None,
+    ) -> Task[P, R] | Callable[[Callable[P, R]], Task[P, R]]:
+        """Register a function as a task (usable bare or with options).
+
+        Args:
+            fn: the function, when used bare as ``@app.task``.
+            name: the name workers know it by (default ``module.function``).
+            queue: its default queue (default: the app's ``default_queue``).
+            ordered: run records sharing a key one after another, in order.
+            time_limit_s: cancel an ``async def`` task after this many seconds.
+
+        Raises:
+            ConfigError: another task is registered under the same name.
+        """
+
+        def register(func: Callable[P, R]) -> Task[P, R]:
+            task_name = name or f"{func.__module__}.{func.__qualname__}"
+            if task_name in self.tasks and self.tasks[task_name].fn is not func:
+                raise ConfigError(f"a task named {task_name!r} is already registered")
+            options = TaskOptions(
+                queue=queue or self.settings.default_queue,
+                ordered=ordered,
+                time_limit_s=time_limit_s,
+            )
+            registered: Task[P, R] = Task(self, func, task_name, options)
+            self.tasks[task_name] = registered
+            return registered
+
+        return register(fn) if fn is not None else register
+
+    # -- sending -----------------------------------------------------------------
+
+    def send(
+        self,
+        name: str,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        queue: str | None = None,
+        key: str | None = None,
+        task_id: str | None = None,
+        expires_s: float | None = None,
+        confirm: bool = False,
+        _task: Task[Any, Any] | None = None,
+    ) -> AsyncResult:
+        """Send a task by name; return an :class:`AsyncResult` at once.
+
+        The send is queued in the producer; :meth:`flush` (or ``confirm=True``)
+        waits for Kafka to confirm it.
+
+        Args:
+            name: the registered task name (the function need not be imported here).
+            args: positional arguments.
+            kwargs: keyword arguments.
+            queue: the queue (default: the task's, else the app's default queue).
+            key: partition key: tasks with one key share a partition (and keep order
+                for ``ordered`` tasks). Default: the task id.
+            task_id: the id to use (default: a fresh UUID).
+            expires_s: not to run after this many seconds from now.
+            confirm: wait until Kafka confirmed this task.
+
+        Raises:
+            ArgumentError: the arguments do not fit a task registered here.
+            EncodeError: an argument has a type that cannot be sent.
+            MessageTooLargeError: the task is larger than ``max_message_bytes``.
+            SendError: with ``confirm``, Kafka did not confirm it.
+        """
+        task = _task or self.tasks.get(name)
+        kwargs = dict(kwargs or {})
+        if task is not None:
+            check_arguments(task.fn, args, kwargs)
+        msg = TaskMessage(
+            id=task_id or new_task_id(),
+            name=name,
+            queue=queue or (task.options.queue if task else self.settings.default_queue),
+            args=to_plain(list(args), "args"),
+            kwargs=to_plain(kwargs, "kwargs"),
+            key=key,
+            expires_ms=None if expires_s is None else now_ms() + int(expires_s * 1000),
+        )
+        self.publish(msg)
+        if confirm:
+            self.flush(only=[msg.id])
+        return AsyncResult(msg.id, self)
+
+    def publish(self, msg: TaskMessage, *, partition: int | None = None) -> None:
+        """Queue an encoded task record on its queue's topic (no argument checks).
+
+        Raises:
+            EncodeError: a value in the message cannot be encoded.
+            MessageTooLargeError: the record exceeds ``max_message_bytes``.
+        """
+        self.ensure_queue(msg.queue)
+        value = self.codec.encode_task(msg)
+        with self._lock:
+            self._unconfirmed[msg.id] = msg.name
+        try:
+            self.broker.send(
+                self.settings.topic(msg.queue),
+                value,
+                key=(msg.key or msg.id).encode(),
+                headers=task_headers(msg),
+                partition=partition,
+                on_delivery=partial(self._delivered, msg.id),
+            )
+        except BaseException:
+            with self._lock:
+                self._unconfirmed.pop(msg.id, None)
+            raise
+
+    def _delivered(self, task_id: str, error: str | None) -> None:
+        with self._lock:
+            self._unconfirmed.pop(task_id, None)
+            if error is not None:
+                self._failed[task_id] = error
+
+    def flush(self, timeout_s: float = 30.0, only: Sequence[str] | None = None) -> None:
+        """Wait until every queued send is confirmed by the broker.
+
+        Args:
+            timeout_s: how long to wait at most.
+            only: report only these task ids (others stay reported for a later flush).
+
+        Raises:
+            SendError: naming every task that failed or was not confirmed in time.
+        """
+        self.broker.flush(timeout_s)
+        with self._lock:
+            ids = list(self._unconfirmed) + list(self._failed) if only is None else only
+            failures = []
+            for tid in ids:
+                if tid in self._failed:
+                    failures.append((tid, self._failed.pop(tid)))
+                elif tid in self._unconfirmed:
+                    failures.append((tid, f"not confirmed within {timeout_s}s"))
+        if failures:
+            raise SendError(failures)
+
+    def ensure_queue(self, queue: str) -> None:
+        """Create the queue's topics (task and dead-letter) once, if allowed."""
+        if queue in self._queues_ready or not self.settings.create_topics:
+            return
+        self.broker.create_topics(self.topic_specs(queue))
+        self._queues_ready.add(queue)
+
+    def topic_specs(self, queue: str, partitions: int | None = None) -> list[TopicSpec]:
+        """Return the topics a queue needs, with the configured sizes and limits."""
+        s = self.settings
+        config = {
+            "max.message.bytes": str(s.max_message_bytes + 64 * 1024),
+            "retention.ms": str(s.retention_ms),
+        }
+        count = partitions or s.partitions
+        return [
+            TopicSpec(s.topic(queue), count, s.replication_factor, dict(config)),
+            TopicSpec(s.dlq_topic(queue), count, s.replication_factor, dict(config)),
+        ]
+
+    # -- results -----------------------------------------------------------------
+
+    def result(self, task_id: str) -> AsyncResult:
+        """Return a handle on the result of any task id."""
+        return AsyncResult(task_id, self)
+
+    def get_task(self, name: str) -> Task[Any, Any]:
+        """Return a registered task.
+
+        Raises:
+            UnknownTaskError: no task of that name is registered.
+        """
+        try:
+            return self.tasks[name]
+        except KeyError:
+            known = ", ".join(sorted(self.tasks)) or "none"
+            raise UnknownTaskError(
+                f"no task named {name!r} is registered (registered: {known})"
+            ) from None
+
+    # -- workers -----------------------------------------------------------------
+
+    def worker(self, queues: Sequence[str] | None = None, **options: Any) -> Worker:
+        """Return a worker consuming ``queues`` (default: every queue of a task)."""
+        from streamtasks.worker.consumer import Worker
+
+        return Worker(self, queues or self.queues(), **options)
+
+    def queues(self) -> list[str]:
+        """Return the queues of the registered tasks (the default queue when none)."""
+        return sorted({t.options.queue for t in self.tasks.values()}) or [
+            self.settings.default_queue
+        ]
+
+    def drain(self, queues: Sequence[str] | None = None, timeout_s: float = 10.0) -> None:
+        """Run a worker in this thread until every queued task is done (for tests).
+
+        Raises:
+            ResultTimeout: the queues were not idle within ``timeout_s``.
+            Exception: the first error a task raised (fail fast, as in a unit test).
+        """
+        self.flush()
+        worker = self.worker(queues)
+        try:
+            worker.run_until_idle(timeout_s)
+        finally:
+            worker.close()
+        if worker.task_errors:
+            raise worker.task_errors[0]
+
+    def close(self) -> None:
+        """Flush pending sends and release the broker and backend."""
+        try:
+            if self._broker is not None:
+                self.flush()
+        finally:
+            if self._broker is not None:
+                self._broker.close()
+            if self._backend is not None:
+                self._backend.close()
+
+
+def _flush_at_exit(ref: weakref.ReferenceType[App]) -> None:
+    app = ref()
+    if app is None or app._broker is None:
+        return
+    try:
+        app.flush()
+    except SendError as err:
+        log.error("unconfirmed sends at exit", error=str(err))
+
+
+def _as_dict(settings: Settings) -> dict[str, Any]:
+    import dataclasses
+
+    return {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}

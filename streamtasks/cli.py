@@ -1,0 +1,269 @@
+"""The ``streamtasks`` command: worker, send, result, tasks, migrate, topics."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from streamtasks import states
+from streamtasks.app import App
+from streamtasks.backend.base import TaskMeta
+from streamtasks.codec import to_json_text
+from streamtasks.errors import ConfigError, ResultTimeout, StreamTasksError
+from streamtasks.logs import configure_logging
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNKNOWN = 0, 1, 2, 3
+
+
+class CliError(Exception):
+    """A bad argument value; printed with the usage hint and exit code 2."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the process exit code."""
+    parser = _parser()
+    ns = parser.parse_args(argv)
+    if not getattr(ns, "command", None):
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return int(ns.handler(ns))
+    except CliError as err:
+        print(f"streamtasks {ns.command}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except ConfigError as err:
+        print(f"streamtasks {ns.command}: configuration error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except StreamTasksError as err:
+        print(f"streamtasks {ns.command}: {type(err).__name__}: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help="YAML settings file")
+    common.add_argument("--broker", help="broker URL, e.g. kafka://127.0.0.1:9092")
+    common.add_argument("--backend", help="backend URL, e.g. cassandra://127.0.0.1:9042/ks")
+    common.add_argument("--namespace", help="topic name prefix (default streamtasks)")
+    common.add_argument("--app", help="module:attribute of your App (registers the tasks)")
+
+    parser = argparse.ArgumentParser(
+        prog="streamtasks", description="Distributed tasks on Kafka and Cassandra."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("worker", parents=[common], help="run a worker")
+    p.add_argument("--queues", help="comma-separated queues (default: the app's task queues)")
+    p.add_argument("--concurrency", type=_positive_int, help="tasks running at once")
+    p.add_argument("--max-in-flight", type=_positive_int, help="records held before pausing")
+    p.add_argument("--name", help="worker name in result rows (default host:pid)")
+    p.set_defaults(handler=_cmd_worker)
+
+    p = sub.add_parser("send", parents=[common], help="send a task by name; prints its id")
+    p.add_argument("name", help="registered task name")
+    p.add_argument("--args", default="[]", help="positional arguments as a JSON list")
+    p.add_argument("--kwargs", default="{}", help="keyword arguments as a JSON object")
+    p.add_argument("--queue", help="queue (default: the app's default queue)")
+    p.add_argument("--key", help="partition key")
+    p.add_argument("--id", dest="task_id", help="task id to use")
+    p.set_defaults(handler=_cmd_send)
+
+    p = sub.add_parser("result", parents=[common], help="print a task's state and result")
+    p.add_argument("task_id", help="task id")
+    p.add_argument("--wait", type=_non_negative_float, default=0.0, metavar="SECONDS",
+                   help="wait up to SECONDS for a final state")
+    p.set_defaults(handler=_cmd_result)
+
+    p = sub.add_parser("tasks", parents=[common], help="list tasks by queue and state")
+    p.add_argument("--queue", required=True)
+    p.add_argument("--state", default=states.SUCCESS, type=str.upper, choices=states.ALL_STATES)
+    p.add_argument("--since", type=_time, help="ISO time or -30m / -2h (default -1h)")
+    p.add_argument("--until", type=_time, help="ISO time (default now)")
+    p.add_argument("--limit", type=_positive_int, default=50)
+    p.set_defaults(handler=_cmd_tasks)
+
+    p = sub.add_parser("migrate", parents=[common], help="create / upgrade the Cassandra schema")
+    p.set_defaults(handler=_cmd_migrate)
+
+    p = sub.add_parser("topics", parents=[common], help="manage topics")
+    tsub = p.add_subparsers(dest="topics_command", metavar="ACTION", required=True)
+    c = tsub.add_parser("create", parents=[common], help="create a queue's topics")
+    c.add_argument("--queue", required=True, action="append", help="queue (repeatable)")
+    c.add_argument("--partitions", type=_positive_int, help="partition count")
+    c.set_defaults(handler=_cmd_topics_create)
+    return parser
+
+
+# -- argument types --------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
+    return value
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _time(text: str) -> int:
+    """Parse an ISO-8601 time or a relative ``-30m`` into ms since the epoch."""
+    if text.startswith("-") and text[-1:] in _UNITS and text[1:-1].isdigit():
+        return int((time.time() - int(text[1:-1]) * _UNITS[text[-1]]) * 1000)
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected an ISO-8601 time (2026-11-24T16:00:00+00:00) or -30m / -2h, got {text!r}"
+        ) from None
+    return int(moment.timestamp() * 1000)
+
+
+def _json_arg(text: str, what: str, kind: type) -> Any:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise CliError(f"--{what} is not valid JSON ({err.msg} at column {err.colno})") from None
+    if not isinstance(value, kind):
+        raise CliError(f"--{what} must be a JSON {'list' if kind is list else 'object'}")
+    return value
+
+
+# -- app loading -----------------------------------------------------------------
+
+
+def _app(ns: argparse.Namespace) -> App:
+    if ns.app:
+        if ns.broker or ns.backend or ns.namespace or ns.config:
+            raise CliError("--broker/--backend/--namespace/--config cannot be combined with "
+                           "--app (the app has its settings); set them where the app is made")
+        app = _import_app(ns.app)
+    else:
+        app = App.from_env(
+            config_file=ns.config, broker=ns.broker, backend=ns.backend, namespace=ns.namespace
+        )
+    configure_logging(app.settings)
+    return app
+
+
+def _import_app(spec: str) -> App:
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise CliError(f"--app must look like module:attribute, got {spec!r}")
+    sys.path.insert(0, ".")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise CliError(f"--app: cannot import {module_name!r}: {err}") from err
+    app = getattr(module, attr, None)
+    if not isinstance(app, App):
+        raise CliError(f"--app: {spec!r} is not a streamtasks App")
+    return app
+
+
+# -- commands --------------------------------------------------------------------
+
+
+def _cmd_worker(ns: argparse.Namespace) -> int:
+    if not ns.app:
+        raise CliError("worker needs --app module:app (the tasks it runs are registered there)")
+    app = _app(ns)
+    queues = [q.strip() for q in ns.queues.split(",") if q.strip()] if ns.queues else None
+    worker = app.worker(queues, concurrency=ns.concurrency, max_in_flight=ns.max_in_flight,
+                        name=ns.name)
+    return worker.run()
+
+
+def _cmd_send(ns: argparse.Namespace) -> int:
+    args = _json_arg(ns.args, "args", list)
+    kwargs = _json_arg(ns.kwargs, "kwargs", dict)
+    app = _app(ns)
+    result = app.send(ns.name, args=args, kwargs=kwargs, queue=ns.queue, key=ns.key,
+                      task_id=ns.task_id, confirm=True)
+    print(result.id)
+    return EXIT_OK
+
+
+def _meta_json(meta: TaskMeta) -> str:
+    body = {
+        "id": meta.task_id,
+        "name": meta.name,
+        "queue": meta.queue,
+        "state": meta.state,
+        "result": meta.result,
+        "error": None if meta.error_type is None else f"{meta.error_type}: {meta.error_message}",
+        "attempts": meta.attempts,
+        "worker": meta.worker,
+    }
+    return to_json_text(body)
+
+
+def _cmd_result(ns: argparse.Namespace) -> int:
+    app = _app(ns)
+    try:
+        meta = app.backend.wait(ns.task_id, ns.wait) if ns.wait else app.backend.fetch(ns.task_id)
+    except ResultTimeout:
+        meta = app.backend.fetch(ns.task_id)
+    if meta is None:
+        print(f"streamtasks result: no task with id {ns.task_id} is known (yet)", file=sys.stderr)
+        return EXIT_UNKNOWN
+    print(_meta_json(meta))
+    if meta.state in (states.FAILURE, states.REVOKED):
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _cmd_tasks(ns: argparse.Namespace) -> int:
+    until = ns.until if ns.until is not None else int(time.time() * 1000)
+    since = ns.since if ns.since is not None else until - 3600 * 1000
+    if since >= until:
+        raise CliError("--since must be before --until")
+    app = _app(ns)
+    for meta in app.backend.list_tasks(ns.queue, ns.state, since, until, ns.limit):
+        print(_meta_json(meta))
+    return EXIT_OK
+
+
+def _cmd_migrate(ns: argparse.Namespace) -> int:
+    app = _app(ns)
+    applied = app.backend.migrate()
+    for name in applied:
+        print(f"applied {name}")
+    print(f"schema up to date ({len(applied)} migration(s) applied)")
+    return EXIT_OK
+
+
+def _cmd_topics_create(ns: argparse.Namespace) -> int:
+    app = _app(ns)
+    specs = [spec for q in ns.queue for spec in app.topic_specs(q, ns.partitions)]
+    created = app.broker.create_topics(specs)
+    for spec in specs:
+        print(f"{spec.name}: {'created' if spec.name in created else 'exists'} "
+              f"({spec.partitions} partitions)")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

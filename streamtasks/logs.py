@@ -1,0 +1,32 @@
+"""Structured logging (structlog): JSON lines in production, readable lines on a console."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import structlog
+
+from streamtasks.settings import Settings
+
+
+def configure_logging(settings: Settings) -> None:
+    """Configure structlog and stdlib logging from ``log_format`` and ``log_level``."""
+    level = getattr(logging, settings.log_level.upper(), logging.INFO)
+    renderer: structlog.typing.Processor = (
+        structlog.processors.JSONRenderer()
+        if settings.log_format == "json"
+        else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+    logging.basicConfig(level=max(level, logging.WARNING), stream=sys.stderr)

@@ -1,0 +1,1 @@
+"""The worker: consumer loop, offsets, executor, effects and dead letters."""

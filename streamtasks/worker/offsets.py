@@ -1,0 +1,123 @@
+"""Which offsets may be committed: the contiguous done watermark per partition.
+
+Tasks of one partition may finish out of order. A partition's committed offset may
+only move past records whose effects (result row, follow-up messages) are durable,
+so the tracker commits the lowest offset not yet done: a crash then repeats the
+records above it, and never skips one.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+
+from streamtasks.broker.base import TopicPartition
+
+
+class PartitionOffsets:
+    """Offsets of one partition taken in, in order, and which of them are done."""
+
+    __slots__ = ("_committed", "_done", "_pending", "_released")
+
+    def __init__(self) -> None:
+        self._pending: deque[int] = deque()
+        self._done: set[int] = set()
+        self._released: int | None = None
+        self._committed: int | None = None
+
+    def add(self, offset: int) -> None:
+        """Track a record taken in; offsets must rise within a partition.
+
+        Raises:
+            ValueError: ``offset`` is not above the last one added.
+        """
+        if self._pending and offset <= self._pending[-1]:
+            raise ValueError(f"offset {offset} added after {self._pending[-1]}")
+        self._pending.append(offset)
+
+    def mark_done(self, offset: int) -> None:
+        """Record that the effects of ``offset`` are durable."""
+        self._done.add(offset)
+
+    @property
+    def in_flight(self) -> int:
+        """Records taken in and not yet released by the watermark."""
+        return len(self._pending)
+
+    def watermark(self) -> int | None:
+        """Return the offset to commit (next record to read), or None if nothing new.
+
+        Pops every done offset at the head of the pending queue: the last one popped
+        plus one is the watermark. It stays due until :meth:`committed` is told of it,
+        so a failed commit is simply retried.
+        """
+        pending, done = self._pending, self._done
+        while pending and pending[0] in done:
+            last = pending.popleft()
+            done.discard(last)
+            self._released = last + 1
+        if self._released is None or self._released == self._committed:
+            return None
+        return self._released
+
+    def committed(self, offset: int) -> None:
+        """Remember that ``offset`` was committed."""
+        self._committed = offset
+
+
+class OffsetTracker:
+    """Done watermarks for every partition a worker owns."""
+
+    def __init__(self) -> None:
+        self._parts: dict[TopicPartition, PartitionOffsets] = {}
+
+    def add(self, tp: TopicPartition, offset: int) -> None:
+        """Track a record of ``tp`` taken in."""
+        part = self._parts.get(tp)
+        if part is None:
+            part = self._parts[tp] = PartitionOffsets()
+        part.add(offset)
+
+    def mark_done(self, tp: TopicPartition, offset: int) -> None:
+        """Record that a record's effects are durable (no-op for a dropped partition)."""
+        part = self._parts.get(tp)
+        if part is not None:
+            part.mark_done(offset)
+
+    def watermarks(self, partitions: Iterable[TopicPartition] | None = None) -> dict[
+        TopicPartition, int
+    ]:
+        """Return the offsets to commit, for partitions whose watermark moved."""
+        chosen = self._parts.keys() if partitions is None else partitions
+        marks: dict[TopicPartition, int] = {}
+        for tp in list(chosen):
+            part = self._parts.get(tp)
+            if part is None:
+                continue
+            mark = part.watermark()
+            if mark is not None:
+                marks[tp] = mark
+        return marks
+
+    def committed(self, marks: dict[TopicPartition, int]) -> None:
+        """Remember offsets that were committed."""
+        for tp, offset in marks.items():
+            part = self._parts.get(tp)
+            if part is not None:
+                part.committed(offset)
+
+    def in_flight(self, tp: TopicPartition | None = None) -> int:
+        """Records not yet released, for one partition or all."""
+        if tp is not None:
+            part = self._parts.get(tp)
+            return part.in_flight if part else 0
+        return sum(p.in_flight for p in self._parts.values())
+
+    def drop(self, partitions: Iterable[TopicPartition]) -> None:
+        """Forget partitions (revoked or lost); late completions for them are ignored."""
+        for tp in partitions:
+            self._parts.pop(tp, None)
+
+    def partitions(self) -> list[TopicPartition]:
+        """Partitions being tracked."""
+        return list(self._parts)
