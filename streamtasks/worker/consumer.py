@@ -387,8 +387,9 @@ class Worker:
         self.tracker.committed(marks)
 
     def _apply_pauses(self) -> None:
-        """Pause every partition while full (until half the room is free) or draining;
-        otherwise only partitions whose slow head holds too many records behind it.
+        """Pause partitions: all while full (until half the room is free) or draining.
+
+        Otherwise only partitions whose slow head holds too many records behind it.
         """
         if self.outstanding >= self.max_in_flight:
             self._full = True
