@@ -1,0 +1,142 @@
+"""The backend contract on a real Cassandra (STREAMTASKS_BACKEND, a test keyspace).
+
+Fails (never skips) when Cassandra is not reachable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+
+from streamtasks import states
+from streamtasks.backend.base import ResultBackend, TaskMeta
+from streamtasks.backend.cassandra import CassandraBackend, load_migrations
+from streamtasks.errors import BackendError
+from streamtasks.settings import Settings
+from tests.contracts.backend_contract import BackendContract, json_text, make_codec
+
+pytestmark = pytest.mark.integration
+
+DEFAULT_URL = "cassandra://127.0.0.1:9042/streamtasks_test"
+TTL_S = 3600
+
+
+def backend_url() -> str:
+    return os.environ.get("STREAMTASKS_BACKEND") or DEFAULT_URL
+
+
+def url_with_keyspace(url: str, keyspace: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path="/" + keyspace))
+
+
+def make_backend(url: str) -> CassandraBackend:
+    settings = Settings(result_expires_s=TTL_S, backend_max_in_flight=64)
+    return CassandraBackend(url, settings, make_codec(), json_text)
+
+
+@pytest.fixture(scope="module")
+def cassandra() -> Iterator[CassandraBackend]:
+    backend = make_backend(backend_url())
+    backend.migrate()  # raises BackendError (the tests error, never skip) when unreachable
+    yield backend
+    backend.close()
+
+
+class TestCassandraBackend(BackendContract):
+    @pytest.fixture
+    def backend(self, cassandra: CassandraBackend) -> Iterator[ResultBackend]:
+        yield cassandra
+
+
+def test_result_json_text_readable_by_plain_cql(cassandra: CassandraBackend) -> None:
+    task_id = str(uuid.uuid4())
+    result = {"sum": [1, 2, 3], "name": "ok", "big": 2**70}
+    meta = TaskMeta(task_id=task_id, state=states.SUCCESS, queue="json", result=result)
+    cassandra.store(meta).result(timeout=30)
+    row = cassandra.session.execute(
+        f'SELECT result, state FROM "{cassandra.keyspace}".tasks WHERE task_id = %s', (task_id,)
+    ).one()
+    assert row["state"] == "SUCCESS"
+    assert json.loads(row["result"]) == result
+
+
+def test_rows_carry_the_ttl(cassandra: CassandraBackend) -> None:
+    task_id = str(uuid.uuid4())
+    cassandra.store(TaskMeta(task_id=task_id, state=states.STARTED, queue="ttl",
+                             started_ms=int(time.time() * 1000))).result(timeout=30)
+    ks = cassandra.keyspace
+    row = cassandra.session.execute(
+        f'SELECT TTL(state) AS ttl FROM "{ks}".tasks WHERE task_id = %s', (task_id,)
+    ).one()
+    assert 0 < row["ttl"] <= TTL_S
+    rows = cassandra.session.execute(
+        f'SELECT TTL(name) AS ttl, task_id FROM "{ks}".tasks_by_queue '
+        "WHERE queue = 'ttl' AND state = 'STARTED' ALLOW FILTERING"
+    )
+    ttls = [r["ttl"] for r in rows if r["task_id"] == task_id]
+    assert len(ttls) == 1
+    assert 0 < ttls[0] <= TTL_S
+
+
+def test_migrate_is_idempotent_on_a_fresh_keyspace() -> None:
+    keyspace = "streamtasks_mig_" + uuid.uuid4().hex[:8]
+    backend = make_backend(url_with_keyspace(backend_url(), keyspace))
+    try:
+        names = [m.name for m in load_migrations()]
+        assert backend.applied_migrations() == []
+        assert backend.migrate() == names
+        assert backend.migrate() == []
+        assert backend.applied_migrations() == names
+        meta = TaskMeta(task_id="t", state=states.SUCCESS, result=1)
+        backend.store(meta).result(timeout=30)
+        assert backend.fetch("t") == meta
+    finally:
+        backend.session.execute(f'DROP KEYSPACE IF EXISTS "{keyspace}"', timeout=60)
+        backend.close()
+
+
+def test_migrate_twice_on_the_test_keyspace_applies_nothing(cassandra: CassandraBackend) -> None:
+    assert cassandra.migrate() == []
+    assert cassandra.applied_migrations() == [m.name for m in load_migrations()]
+
+
+def test_missing_tables_say_run_migrate() -> None:
+    backend = make_backend(url_with_keyspace(backend_url(), "streamtasks_never_migrated"))
+    try:
+        with pytest.raises(BackendError, match="streamtasks migrate"):
+            backend.fetch("x")
+        future = backend.store(TaskMeta(task_id="x", state=states.SUCCESS))
+        with pytest.raises(BackendError, match="streamtasks migrate"):
+            future.result(timeout=30)
+    finally:
+        backend.close()
+
+
+def test_unreachable_cassandra_fails_fast_and_clearly() -> None:
+    backend = make_backend("cassandra://127.0.0.1:1/streamtasks_test?username=u&password=hunter2")
+    started = time.monotonic()
+    with pytest.raises(BackendError) as caught:
+        backend.fetch("x")
+    message = str(caught.value)
+    assert "127.0.0.1:1" in message
+    assert "check that Cassandra is running" in message
+    assert "hunter2" not in message
+    with pytest.raises(BackendError, match=r"127\.0\.0\.1:1\b"):
+        backend.store(TaskMeta(task_id="x", state=states.SUCCESS)).result(timeout=30)
+    assert time.monotonic() - started < 15
+    backend.close()
+
+
+def test_closed_backend_refuses(cassandra: CassandraBackend) -> None:
+    backend = make_backend(backend_url())
+    backend.store(TaskMeta(task_id=str(uuid.uuid4()), state=states.SUCCESS))
+    backend.close()
+    with pytest.raises(BackendError, match="closed"):
+        backend.fetch("x")

@@ -1,0 +1,841 @@
+"""The Cassandra result backend: a row per task, a time-bucketed listing, CQL migrations.
+
+URL: ``cassandra://h1:9042[,h2:9042]/keyspace?option=value&...`` with options
+
+- ``username``, ``password``: plain-text authentication (never logged);
+- ``ssl=true``, ``ssl_ca``, ``ssl_cert``, ``ssl_key``, ``ssl_check_hostname=false``: TLS;
+- ``local_dc``: the data center whose nodes are queried first (and, with
+  ``replication_factor``, the keyspace is replicated in by ``migrate``);
+- ``replication_factor``: replicas of the keyspace ``migrate`` creates (default 1);
+- ``consistency``: overrides ``Settings.consistency`` (default ``LOCAL_QUORUM``);
+- ``connect_timeout``, ``request_timeout``: seconds (default 5 and 10);
+- ``protocol_version``: native protocol version (default 5, Cassandra 4.0+; use 4 for 3.x).
+
+Writes are asynchronous (``execute_async`` of prepared statements) and bounded by
+``Settings.backend_max_in_flight``; reads are synchronous.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import importlib.resources
+import logging
+import re
+import ssl
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from importlib.resources.abc import Traversable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from streamtasks.backend.base import ResultBackend, TaskMeta
+from streamtasks.backend.memory import state_time_ms
+from streamtasks.codec.base import Codec
+from streamtasks.errors import BackendError, ConfigError, StreamTasksError
+from streamtasks.message import now_ms
+from streamtasks.settings import Settings, parse_url
+
+log = logging.getLogger(__name__)
+
+HOUR_MS = 3_600_000
+_EPOCH = datetime(1970, 1, 1)  # the driver returns naive UTC datetimes
+_KEYSPACE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,47}$")
+_MIGRATION_RE = re.compile(r"^(\d+)_([A-Za-z0-9_]+)\.cql$")
+_MAX_BUCKETS = 24 * 400  # a listing never scans more hours than this
+_DDL_TIMEOUT_S = 60.0
+
+_TASK_COLUMNS = (
+    "task_id", "name", "queue", "state", "result", "result_value", "error_type",
+    "error_message", "traceback", "attempts", "worker", "created_at", "started_at",
+    "finished_at", "updated_at", "parent_id", "root_id", "group_id", "group_index", "extra",
+)
+
+
+# --------------------------------------------------------------------------- migrations
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """One versioned CQL file, ``NNN_name.cql``.
+
+    Attributes:
+        version: the number ``NNN``.
+        name: the file name without ``.cql`` (e.g. ``001_initial``).
+        text: the CQL, with ``{keyspace}`` and ``{replication}`` placeholders.
+
+    """
+
+    version: int
+    name: str
+    text: str
+
+    def statements(self, keyspace: str, replication: str) -> list[str]:
+        """Return the statements with the placeholders filled in."""
+        text = self.text.replace("{keyspace}", keyspace).replace("{replication}", replication)
+        return split_statements(text)
+
+
+def schema_dir() -> Traversable:
+    """Return the directory of the CQL migrations.
+
+    The packaged copy (``streamtasks/_schemas/cql``) when installed from a wheel, else
+    ``schemas/cql`` of the source tree.
+    """
+    packaged = importlib.resources.files("streamtasks").joinpath("_schemas", "cql")
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parents[2] / "schemas" / "cql"
+
+
+def load_migrations(directory: Traversable | None = None) -> list[Migration]:
+    """Read every ``NNN_name.cql`` file of ``directory`` (default :func:`schema_dir`).
+
+    Returns:
+        The migrations ordered by version.
+
+    Raises:
+        ConfigError: the directory is missing, or two files share a version.
+
+    """
+    directory = schema_dir() if directory is None else directory
+    if not directory.is_dir():
+        raise ConfigError(f"CQL migrations directory {directory} not found")
+    found: dict[int, Migration] = {}
+    for entry in directory.iterdir():
+        match = _MIGRATION_RE.match(entry.name)
+        if not match or not entry.is_file():
+            continue
+        version = int(match.group(1))
+        if version in found:
+            raise ConfigError(
+                f"two CQL migrations with version {version}: {found[version].name}.cql and "
+                f"{entry.name}"
+            )
+        found[version] = Migration(version, entry.name[: -len(".cql")], entry.read_text())
+    return [found[v] for v in sorted(found)]
+
+
+def split_statements(text: str) -> list[str]:
+    """Split CQL text into statements: whole-line ``--`` / ``//`` comments dropped, split on ``;``.
+
+    A ``;`` inside a string literal is not supported.
+    """
+    lines = [
+        line for line in text.splitlines() if not line.lstrip().startswith(("--", "//"))
+    ]
+    return [part.strip() for part in "\n".join(lines).split(";") if part.strip()]
+
+
+# --------------------------------------------------------------------------- options
+
+
+@dataclass(frozen=True, slots=True)
+class CassandraOptions:
+    """A parsed ``cassandra://`` URL (see the module docstring for the options)."""
+
+    hosts: tuple[tuple[str, int], ...]
+    keyspace: str
+    consistency: str = "LOCAL_QUORUM"
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    ssl: bool = False
+    ssl_ca: str | None = None
+    ssl_cert: str | None = None
+    ssl_key: str | None = None
+    ssl_check_hostname: bool = True
+    local_dc: str | None = None
+    replication_factor: int = 1
+    connect_timeout_s: float = 5.0
+    request_timeout_s: float = 10.0
+    protocol_version: int = 5
+
+    @classmethod
+    def from_url(cls, url: str, settings: Settings) -> CassandraOptions:
+        """Parse ``url``; ``settings.consistency`` applies unless the URL names one.
+
+        Raises:
+            ConfigError: a malformed URL, keyspace or option (the password is never shown).
+
+        """
+        parsed = parse_url(url, "backend")
+        if parsed.scheme != "cassandra":
+            raise ConfigError(f"not a cassandra:// backend URL (scheme {parsed.scheme!r})")
+        opts = dict(parsed.options)
+        keyspace = parsed.path
+        if not _KEYSPACE_RE.match(keyspace):
+            raise ConfigError(
+                f"backend URL: keyspace {keyspace!r} must be 1-48 letters, digits or _ "
+                "starting with a letter (cassandra://host:9042/keyspace)"
+            )
+        known = {
+            "username", "password", "ssl", "ssl_ca", "ssl_cert", "ssl_key",
+            "ssl_check_hostname", "local_dc", "replication_factor", "consistency",
+            "connect_timeout", "request_timeout", "protocol_version",
+        }
+        unknown = sorted(set(opts) - known)
+        if unknown:
+            raise ConfigError(
+                f"backend URL: unknown option(s) {', '.join(unknown)}; known: "
+                f"{', '.join(sorted(known))}"
+            )
+        consistency = opts.get("consistency", settings.consistency).upper()
+        _consistency_level(consistency)  # validates
+        return cls(
+            hosts=parsed.hosts,
+            keyspace=keyspace,
+            consistency=consistency,
+            username=opts.get("username"),
+            password=opts.get("password"),
+            ssl=_flag(opts, "ssl", False),
+            ssl_ca=opts.get("ssl_ca"),
+            ssl_cert=opts.get("ssl_cert"),
+            ssl_key=opts.get("ssl_key"),
+            ssl_check_hostname=_flag(opts, "ssl_check_hostname", True),
+            local_dc=opts.get("local_dc"),
+            replication_factor=_number(opts, "replication_factor", 1, int),
+            connect_timeout_s=_number(opts, "connect_timeout", 5.0, float),
+            request_timeout_s=_number(opts, "request_timeout", 10.0, float),
+            protocol_version=_number(opts, "protocol_version", 5, int),
+        )
+
+    @property
+    def hosts_text(self) -> str:
+        """Return the hosts as ``h1:9042,h2:9042``."""
+        return ",".join(f"{host}:{port}" for host, port in self.hosts)
+
+    def replication(self) -> str:
+        """Return the CQL replication map of the keyspace ``migrate`` creates."""
+        if self.local_dc:
+            return (
+                f"{{'class': 'NetworkTopologyStrategy', '{self.local_dc}': "
+                f"{self.replication_factor}}}"
+            )
+        return f"{{'class': 'SimpleStrategy', 'replication_factor': {self.replication_factor}}}"
+
+
+def _flag(opts: dict[str, str], name: str, default: bool) -> bool:
+    raw = opts.get(name)
+    if raw is None:
+        return default
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"backend URL: option {name} must be true or false, got {raw!r}")
+
+
+_N = TypeVar("_N", int, float)
+
+
+def _number(opts: dict[str, str], name: str, default: _N, kind: Callable[[str], _N]) -> _N:
+    raw = opts.get(name)
+    if raw is None:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ConfigError(f"backend URL: option {name} must be a number, got {raw!r}") from None
+    if value <= 0:
+        raise ConfigError(f"backend URL: option {name} must be positive, got {raw!r}")
+    return value
+
+
+def _consistency_level(name: str) -> int:
+    from cassandra import ConsistencyLevel
+
+    try:
+        return int(ConsistencyLevel.name_to_value[name.upper()])
+    except KeyError:
+        names = ", ".join(sorted(ConsistencyLevel.name_to_value))
+        raise ConfigError(f"unknown Cassandra consistency {name!r}; use one of {names}") from None
+
+
+# --------------------------------------------------------------------------- backend
+
+
+@dataclass(slots=True)
+class _Statements:
+    insert_task: Any
+    insert_index: Any
+    select_task: Any
+    select_index: Any
+
+
+class CassandraBackend(ResultBackend):
+    """Task rows in Cassandra.
+
+    Connects lazily on first use. Call :meth:`migrate` once (``streamtasks migrate``)
+    to create the keyspace and tables.
+
+    Args:
+        url: ``cassandra://host:9042[,host2]/keyspace[?options]`` (see the module docs).
+        settings: ``result_expires_s`` (row TTL), ``consistency`` and
+            ``backend_max_in_flight`` (concurrent stores) apply.
+        codec: encodes results with their exact types (``result_value`` column).
+        json_text: renders a result as JSON text (``result`` column, for cqlsh).
+
+    Raises:
+        ConfigError: a malformed URL.
+
+    """
+
+    def __init__(
+        self,
+        url: str,
+        settings: Settings,
+        codec: Codec,
+        json_text: Callable[[Any], str],
+    ) -> None:
+        self.options = CassandraOptions.from_url(url, settings)
+        self._ttl_s = max(int(settings.result_expires_s), 0)
+        self._codec = codec
+        self._json_text = json_text
+        self._consistency = _consistency_level(self.options.consistency)
+        self._slots = threading.BoundedSemaphore(settings.backend_max_in_flight)
+        self._lock = threading.Lock()
+        self._cluster: Any = None
+        self._session: Any = None
+        self._statements: _Statements | None = None
+        self._pending: set[Future[None]] = set()
+        self._pending_lock = threading.Lock()
+        self._closed = False
+        self._ks = f'"{self.options.keyspace}"'
+
+    def __repr__(self) -> str:
+        return (
+            f"CassandraBackend(hosts={self.options.hosts_text!r}, "
+            f"keyspace={self.options.keyspace!r}, consistency={self.options.consistency!r})"
+        )
+
+    # ---------------------------------------------------------------- connection
+
+    @property
+    def keyspace(self) -> str:
+        """The keyspace of the task tables."""
+        return self.options.keyspace
+
+    @property
+    def session(self) -> Any:
+        """The driver session (connecting if needed), for operators' and tests' own CQL.
+
+        Queries must name the keyspace; rows come back as dicts.
+
+        Raises:
+            BackendError: Cassandra is not reachable.
+
+        """
+        return self._connect()
+
+    def _connect(self) -> Any:
+        session = self._session
+        if session is not None:
+            return session
+        with self._lock:
+            if self._closed:
+                raise BackendError(f"{self!r} is closed")
+            if self._session is None:
+                cluster = self._make_cluster()
+                try:
+                    self._session = cluster.connect()
+                except Exception as err:
+                    cluster.shutdown()
+                    raise self._error(err, "connecting") from err
+                self._cluster = cluster
+                log.info(
+                    "connected to Cassandra at %s (keyspace %s, consistency %s)",
+                    self.options.hosts_text, self.options.keyspace, self.options.consistency,
+                )
+            return self._session
+
+    def _make_cluster(self) -> Any:
+        from cassandra.auth import PlainTextAuthProvider
+        from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile
+        from cassandra.policies import (
+            DCAwareRoundRobinPolicy,
+            ExponentialReconnectionPolicy,
+            TokenAwarePolicy,
+        )
+        from cassandra.query import dict_factory
+
+        opts = self.options
+        profile = ExecutionProfile(
+            load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy(local_dc=opts.local_dc)),
+            consistency_level=self._consistency,
+            request_timeout=opts.request_timeout_s,
+            row_factory=dict_factory,
+        )
+        kwargs: dict[str, Any] = {
+            "contact_points": list(opts.hosts),
+            "port": opts.hosts[0][1],
+            "execution_profiles": {EXEC_PROFILE_DEFAULT: profile},
+            "connect_timeout": opts.connect_timeout_s,
+            "control_connection_timeout": opts.connect_timeout_s,
+            "protocol_version": opts.protocol_version,
+            # the driver's default backs off to 10 minutes; a worker should see a node
+            # that came back within seconds
+            "reconnection_policy": ExponentialReconnectionPolicy(0.5, 10.0),
+        }
+        if opts.username is not None:
+            kwargs["auth_provider"] = PlainTextAuthProvider(
+                username=opts.username, password=opts.password or ""
+            )
+        if opts.ssl or opts.ssl_ca or opts.ssl_cert:
+            kwargs["ssl_context"] = self._ssl_context()
+        try:
+            return Cluster(**kwargs)
+        except Exception as err:  # e.g. UnresolvableContactPoints
+            raise self._error(err, "connecting") from err
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        opts = self.options
+        context = ssl.create_default_context(cafile=opts.ssl_ca)
+        context.check_hostname = opts.ssl_check_hostname
+        if not opts.ssl_check_hostname:
+            context.verify_mode = ssl.CERT_NONE if not opts.ssl_ca else ssl.CERT_REQUIRED
+        if opts.ssl_cert:
+            context.load_cert_chain(opts.ssl_cert, opts.ssl_key)
+        return context
+
+    def _ready(self) -> tuple[Any, _Statements]:
+        """Return the session and the prepared statements, preparing them once."""
+        statements = self._statements
+        if statements is not None:
+            return self._session, statements
+        session = self._connect()
+        with self._lock:
+            if self._statements is None:
+                self._statements = self._prepare(session)
+            return session, self._statements
+
+    def _prepare(self, session: Any) -> _Statements:
+        ks = self._ks
+        columns = ", ".join(_TASK_COLUMNS)
+        marks = ", ".join("?" for _ in _TASK_COLUMNS)
+        texts = (
+            f"INSERT INTO {ks}.tasks ({columns}) VALUES ({marks}) USING TTL ?",
+            f"INSERT INTO {ks}.tasks_by_queue (queue, state, bucket, updated_at, task_id, name) "
+            "VALUES (?, ?, ?, ?, ?, ?) USING TTL ?",
+            f"SELECT {columns} FROM {ks}.tasks WHERE task_id = ?",
+            f"SELECT task_id, updated_at FROM {ks}.tasks_by_queue WHERE queue = ? AND state = ? "
+            "AND bucket = ? AND updated_at >= ? AND updated_at < ?",
+        )
+        prepared = []
+        for text in texts:
+            try:
+                statement = session.prepare(text)
+            except Exception as err:
+                raise self._error(err, "preparing statements") from err
+            statement.consistency_level = self._consistency
+            prepared.append(statement)
+        insert_task, insert_index, select_task, select_index = prepared
+        return _Statements(insert_task, insert_index, select_task, select_index)
+
+    # ---------------------------------------------------------------- migrations
+
+    def migrate(self) -> list[str]:
+        """Apply the pending CQL migrations in version order and record them.
+
+        Idempotent: versions already in ``schema_migrations`` are skipped.
+
+        Returns:
+            The names of the migrations applied (e.g. ``["001_initial"]``), empty when
+            the schema was up to date.
+
+        Raises:
+            BackendError: Cassandra failed a statement (the message names the migration).
+
+        """
+        from cassandra.query import SimpleStatement
+
+        session = self._connect()
+        applied = self._applied_versions(session)
+        done: list[str] = []
+        for migration in load_migrations():
+            if migration.version in applied:
+                continue
+            log.info("applying CQL migration %s to keyspace %s", migration.name, self.keyspace)
+            for text in migration.statements(self._ks, self.options.replication()):
+                try:
+                    session.execute(SimpleStatement(text), timeout=_DDL_TIMEOUT_S)
+                except Exception as err:
+                    raise self._error(err, f"migration {migration.name}") from err
+            insert = SimpleStatement(
+                f"INSERT INTO {self._ks}.schema_migrations (version, name, applied_at) "
+                "VALUES (%s, %s, %s)",
+                consistency_level=self._consistency,
+            )
+            try:
+                session.execute(insert, (migration.version, migration.name, now_ms()))
+            except Exception as err:
+                raise self._error(err, f"recording migration {migration.name}") from err
+            done.append(migration.name)
+        if done:
+            with self._lock:
+                self._statements = None  # tables may have changed: prepare again
+        return done
+
+    def applied_migrations(self) -> list[str]:
+        """Return the names of the migrations recorded in ``schema_migrations``, in order.
+
+        Raises:
+            BackendError: Cassandra is not reachable.
+
+        """
+        session = self._connect()
+        if not self._has_migrations_table(session):
+            return []
+        rows = self._run(
+            session, f"SELECT version, name FROM {self._ks}.schema_migrations", "reading migrations"
+        )
+        return [row["name"] for row in sorted(rows, key=lambda r: int(r["version"]))]
+
+    def _applied_versions(self, session: Any) -> set[int]:
+        if not self._has_migrations_table(session):
+            return set()
+        rows = self._run(
+            session, f"SELECT version FROM {self._ks}.schema_migrations", "reading migrations"
+        )
+        return {int(row["version"]) for row in rows}
+
+    def _has_migrations_table(self, session: Any) -> bool:
+        rows = self._run(
+            session,
+            "SELECT table_name FROM system_schema.tables WHERE keyspace_name = %s "
+            "AND table_name = 'schema_migrations'",
+            "reading the schema",
+            (self.keyspace,),
+        )
+        return bool(list(rows))
+
+    def _run(self, session: Any, cql: str, action: str, params: tuple[Any, ...] = ()) -> Any:
+        from cassandra.query import SimpleStatement
+
+        try:
+            return session.execute(
+                SimpleStatement(cql, consistency_level=self._consistency), params or None
+            )
+        except Exception as err:
+            raise self._error(err, action) from err
+
+    # ---------------------------------------------------------------- writes
+
+    def store(self, meta: TaskMeta) -> Future[None]:
+        """Upsert the row of ``meta.task_id`` and its listing entry, asynchronously.
+
+        Blocks only while ``backend_max_in_flight`` stores are already in flight (and, once,
+        to connect). The future completes on the driver's I/O thread, so callbacks added
+        to it must be short and must not call :meth:`store` themselves.
+
+        Returns:
+            A future done when both writes are acknowledged at the configured
+            consistency, or failed with BackendError.
+
+        Raises:
+            EncodeError: the result cannot be encoded (nothing is written).
+
+        """
+        future: Future[None] = Future()
+        try:
+            session, statements = self._ready()
+        except BackendError as err:
+            future.set_exception(err)
+            return future
+        task_params, index_params = self._write_params(meta)
+        self._slots.acquire()
+        with self._pending_lock:
+            self._pending.add(future)
+        write = _StoreWrite(future, 2, self._write_done, self._store_error(meta.task_id))
+        for statement, params in (
+            (statements.insert_task, task_params),
+            (statements.insert_index, index_params),
+        ):
+            try:
+                response = session.execute_async(statement, params)
+            except Exception as err:  # e.g. the session was shut down
+                write.failed(err)
+                continue
+            response.add_callbacks(write.succeeded, write.failed)
+        return future
+
+    def _write_params(self, meta: TaskMeta) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+        if meta.result is None:
+            text: str | None = None
+            value: bytes | None = None
+        else:
+            text = self._json_text(meta.result)
+            value = self._codec.encode_value(meta.result)
+        updated = state_time_ms(meta)
+        ttl = self._ttl_s
+        task_params = (
+            meta.task_id, meta.name, meta.queue, meta.state, text, value, meta.error_type,
+            meta.error_message, meta.traceback, meta.attempts, meta.worker, meta.created_ms,
+            meta.started_ms, meta.finished_ms, updated, meta.parent_id, meta.root_id,
+            meta.group_id, meta.group_index, dict(meta.extra) or None, ttl,
+        )
+        index_params = (
+            meta.queue, meta.state, updated - updated % HOUR_MS, updated, meta.task_id,
+            meta.name, ttl,
+        )
+        return task_params, index_params
+
+    def _write_done(self, future: Future[None]) -> None:
+        with self._pending_lock:
+            self._pending.discard(future)
+        self._slots.release()
+
+    def _store_error(self, task_id: str) -> Callable[[BaseException], BackendError]:
+        def wrap(err: BaseException) -> BackendError:
+            return self._error(err, f"storing task {task_id}")
+
+        return wrap
+
+    # ---------------------------------------------------------------- reads
+
+    def fetch(self, task_id: str) -> TaskMeta | None:
+        """Return the row of ``task_id``, or None when there is none (or it expired).
+
+        Raises:
+            BackendError: Cassandra failed the read.
+
+        """
+        session, statements = self._ready()
+        try:
+            row = session.execute(statements.select_task, (task_id,)).one()
+        except Exception as err:
+            raise self._error(err, f"fetching task {task_id}") from err
+        return None if row is None else self._to_meta(row)
+
+    def list_tasks(
+        self,
+        queue: str,
+        state: str,
+        since_ms: int,
+        until_ms: int,
+        limit: int = 100,
+    ) -> list[TaskMeta]:
+        """List tasks of ``queue`` now in ``state`` whose last update is in the window.
+
+        Reads the hour buckets from ``until_ms`` back to ``since_ms``, newest first, until
+        ``limit`` tasks are found. Listing entries of tasks that moved on to another state
+        (or were updated again) are skipped. Buckets older than the row TTL
+        (``result_expires_s``) hold nothing and are not read; at most 400 days are read.
+
+        Raises:
+            BackendError: Cassandra failed a read.
+
+        """
+        session, statements = self._ready()
+        now = now_ms()
+        if self._ttl_s:
+            since_ms = max(since_ms, now - self._ttl_s * 1000 - HOUR_MS)
+        until_ms = min(until_ms, now + _MAX_BUCKETS * HOUR_MS)
+        since_ms = max(since_ms, until_ms - _MAX_BUCKETS * HOUR_MS)
+        found: list[TaskMeta] = []
+        if limit <= 0 or since_ms >= until_ms:
+            return found
+        bucket = (until_ms - 1) - (until_ms - 1) % HOUR_MS
+        while bucket >= since_ms - since_ms % HOUR_MS and len(found) < limit:
+            params = (queue, state, bucket, since_ms, until_ms)
+            for page in self._index_pages(session, statements.select_index, params, limit):
+                found.extend(self._current_rows(session, statements, page, state))
+                if len(found) >= limit:
+                    break
+            bucket -= HOUR_MS
+        return found[:limit]
+
+    def _index_pages(
+        self, session: Any, statement: Any, params: tuple[Any, ...], limit: int
+    ) -> Iterator[list[tuple[str, int]]]:
+        bound = statement.bind(params)
+        bound.fetch_size = min(max(limit, 50), 1000)
+        try:
+            rows = session.execute(bound)
+            while True:
+                yield [
+                    (row["task_id"], _to_ms(row["updated_at"]) or 0) for row in rows.current_rows
+                ]
+                if not rows.has_more_pages:
+                    return
+                rows.fetch_next_page()
+        except StreamTasksError:
+            raise
+        except Exception as err:
+            raise self._error(err, f"listing queue {params[0]} state {params[1]}") from err
+
+    def _current_rows(
+        self, session: Any, statements: _Statements, entries: list[tuple[str, int]], state: str
+    ) -> list[TaskMeta]:
+        """Fetch the task rows of listing entries; keep those still as listed."""
+        responses = [
+            (task_id, updated, session.execute_async(statements.select_task, (task_id,)))
+            for task_id, updated in entries
+        ]
+        kept = []
+        for task_id, updated, response in responses:
+            try:
+                row = response.result().one()
+            except Exception as err:
+                raise self._error(err, f"fetching task {task_id}") from err
+            if row is None or row["state"] != state or _to_ms(row["updated_at"]) != updated:
+                continue
+            kept.append(self._to_meta(row))
+        return kept
+
+    def _to_meta(self, row: dict[str, Any]) -> TaskMeta:
+        result: Any = None
+        blob = row["result_value"]
+        if blob is not None:
+            try:
+                result = self._codec.decode_value(bytes(blob))
+            except Exception as err:
+                log.warning(
+                    "task %s: stored result cannot be decoded (%s); returning None",
+                    row["task_id"], err,
+                )
+        return TaskMeta(
+            task_id=row["task_id"],
+            state=row["state"] or "",
+            name=row["name"] or "",
+            queue=row["queue"] or "",
+            result=result,
+            error_type=row["error_type"],
+            error_message=row["error_message"],
+            traceback=row["traceback"],
+            attempts=row["attempts"] or 0,
+            worker=row["worker"],
+            created_ms=_to_ms(row["created_at"]),
+            started_ms=_to_ms(row["started_at"]),
+            finished_ms=_to_ms(row["finished_at"]),
+            parent_id=row["parent_id"],
+            root_id=row["root_id"],
+            group_id=row["group_id"],
+            group_index=row["group_index"],
+            extra=dict(row["extra"] or {}),
+        )
+
+    # ---------------------------------------------------------------- errors, close
+
+    def _error(self, err: BaseException, action: str) -> BackendError:
+        """Return a BackendError naming the hosts and what to check."""
+        if isinstance(err, BackendError):
+            return err
+        from cassandra import (
+            AuthenticationFailed,
+            OperationTimedOut,
+            ReadTimeout,
+            Unavailable,
+            WriteTimeout,
+        )
+        from cassandra.cluster import NoHostAvailable
+        from cassandra.protocol import SyntaxException
+
+        opts = self.options
+        where = f"Cassandra at {opts.hosts_text} (keyspace {opts.keyspace})"
+        if isinstance(err, NoHostAvailable):
+            errors = getattr(err, "errors", None) or {}
+            detail = "; ".join(f"{host}: {why}" for host, why in errors.items()) or str(err)
+            hint = "that Cassandra is running and listening there, and the host:port in the URL"
+            if any(isinstance(why, AuthenticationFailed) for why in errors.values()):
+                hint = "the username and password options of the backend URL"
+            elif "protocol" in detail.lower():
+                hint = "the protocol_version option of the backend URL (4 for Cassandra 3.x)"
+            elif opts.ssl:
+                hint += ", and the TLS options (ssl_ca, ssl_cert, ssl_check_hostname)"
+            return BackendError(f"{where}: {action} failed, no host available ({detail}); "
+                                f"check {hint}")
+        if isinstance(err, OperationTimedOut):
+            return BackendError(
+                f"{where}: {action} timed out after {opts.request_timeout_s}s ({err}); check "
+                "that the nodes are up and not overloaded, or raise request_timeout"
+            )
+        if isinstance(err, Unavailable):
+            return BackendError(
+                f"{where}: {action} failed, not enough live replicas for consistency "
+                f"{opts.consistency} ({err}); check that the nodes are up and that the "
+                "keyspace's replication (replication_factor, local_dc) fits the consistency"
+            )
+        if isinstance(err, ReadTimeout | WriteTimeout):
+            return BackendError(
+                f"{where}: {action} failed, replicas did not answer in time at consistency "
+                f"{opts.consistency} ({err}); check node health and load"
+            )
+        message = str(err)
+        if "unconfigured table" in message or (
+            "does not exist" in message and "eyspace" in message
+        ):
+            return BackendError(
+                f"{where}: {action} failed, the tables do not exist ({message}); run "
+                "`streamtasks migrate`"
+            )
+        if isinstance(err, SyntaxException):
+            return BackendError(f"{where}: {action} failed, invalid CQL ({message})")
+        return BackendError(f"{where}: {action} failed: {type(err).__name__}: {message}")
+
+    def close(self, timeout_s: float | None = None) -> None:
+        """Wait for in-flight stores (up to ``timeout_s``, default the request timeout).
+
+        Then shut the cluster connection down. Later calls raise BackendError.
+        """
+        with self._pending_lock:
+            pending = list(self._pending)
+        if pending:
+            wait_s = self.options.request_timeout_s if timeout_s is None else timeout_s
+            concurrent.futures.wait(pending, timeout=wait_s)
+        with self._lock:
+            self._closed = True
+            cluster, self._cluster, self._session = self._cluster, None, None
+            self._statements = None
+        if cluster is not None:
+            cluster.shutdown()
+
+
+class _StoreWrite:
+    """Completes a store's future once all of its statements answered."""
+
+    __slots__ = ("_done", "_error", "_future", "_left", "_lock", "_wrap")
+
+    def __init__(
+        self,
+        future: Future[None],
+        parts: int,
+        done: Callable[[Future[None]], None],
+        wrap: Callable[[BaseException], BackendError],
+    ) -> None:
+        self._future = future
+        self._left = parts
+        self._done = done
+        self._wrap = wrap
+        self._error: BaseException | None = None
+        self._lock = threading.Lock()
+
+    def succeeded(self, _rows: object) -> None:
+        """Driver callback: one statement succeeded."""
+        self._finish(None)
+
+    def failed(self, err: BaseException) -> None:
+        """Driver errback: one statement failed."""
+        self._finish(err)
+
+    def _finish(self, err: BaseException | None) -> None:
+        with self._lock:
+            if err is not None and self._error is None:
+                self._error = err
+            self._left -= 1
+            if self._left:
+                return
+            error = self._error
+        self._done(self._future)
+        if error is None:
+            self._future.set_result(None)
+        else:
+            self._future.set_exception(self._wrap(error))
+
+
+def _to_ms(value: datetime | None) -> int | None:
+    if value is None:
+        return None
+    return round((value - _EPOCH) / timedelta(milliseconds=1))
