@@ -1,0 +1,113 @@
+"""The broker contract on the real Kafka (STREAMTASKS_BROKER, default kafka://127.0.0.1:9092).
+
+These tests fail, never skip, when Kafka cannot be reached.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from streamtasks.broker import broker_from_url
+from streamtasks.broker.base import Broker, TopicPartition, TopicSpec
+from streamtasks.broker.kafka import KafkaBroker, redact
+from streamtasks.errors import BrokerError
+from streamtasks.settings import Settings
+from tests.contracts.broker_contract import BrokerContract
+
+pytestmark = pytest.mark.integration
+
+BROKER_URL = os.environ.get("STREAMTASKS_BROKER") or "kafka://127.0.0.1:9092"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kafka_reachable() -> None:
+    broker = KafkaBroker(BROKER_URL, Settings())
+    try:
+        broker.partition_count(f"reachability.{uuid.uuid4().hex}")
+    except BrokerError as err:
+        if "does not exist" not in str(err):
+            pytest.fail(f"Kafka at {BROKER_URL} is not reachable: {err}")
+    finally:
+        broker.close()
+
+
+class TestKafkaBroker(BrokerContract):
+    timeout_s = 45.0
+
+    def make_broker(self, settings: Settings) -> Broker:
+        return broker_from_url(BROKER_URL, settings)
+
+    def topic_name(self) -> str:
+        return f"it.broker.{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def kafka() -> Iterator[KafkaBroker]:
+    broker = KafkaBroker(BROKER_URL, Settings(max_message_bytes=1_000_000))
+    yield broker
+    broker.close()
+
+
+def test_offsets_for_times(kafka: KafkaBroker) -> None:
+    topic = f"it.broker.{uuid.uuid4().hex[:12]}"
+    kafka.create_topics([TopicSpec(topic, 2)])
+    tp0, tp1 = TopicPartition(topic, 0), TopicPartition(topic, 1)
+    for _ in range(3):
+        kafka.send(topic, b"old", partition=0)
+    assert kafka.flush(30) == 0
+    time.sleep(0.05)
+    middle_ms = int(time.time() * 1000)
+    time.sleep(0.05)
+    kafka.send(topic, b"new", partition=0)
+    assert kafka.flush(30) == 0
+
+    assert kafka.offsets_for_times(topic, 0) == {tp0: 0, tp1: 0}
+    assert kafka.offsets_for_times(topic, middle_ms) == {tp0: 3, tp1: 0}
+    assert kafka.offsets_for_times(topic, middle_ms + 3_600_000) == {tp0: 4, tp1: 0}
+    assert kafka.watermarks(tp0) == (0, 4)
+
+
+def test_url_options_reach_the_clients_and_secrets_are_redacted() -> None:
+    url = BROKER_URL + "?client.rack=r1&sasl.password=hunter2&ssl.key.password=k"
+    broker = KafkaBroker(url, Settings())
+    config = broker.consumer_config("g")
+    assert config["client.rack"] == "r1"
+    assert config["sasl.password"] == "hunter2"
+    assert config["enable.auto.commit"] is False
+    assert broker.producer_config()["enable.idempotence"] is True
+    shown = redact(config)
+    assert shown["sasl.password"] == "***"
+    assert shown["ssl.key.password"] == "***"
+    assert "hunter2" not in repr(shown)
+
+
+def test_url_cannot_turn_off_the_delivery_guarantees() -> None:
+    url = BROKER_URL + "?enable.auto.commit=true&acks=1&partition.assignment.strategy=range"
+    broker = KafkaBroker(url, Settings())
+    assert broker.consumer_config("g")["enable.auto.commit"] is False
+    assert broker.consumer_config("g")["partition.assignment.strategy"] == "cooperative-sticky"
+    assert broker.producer_config()["acks"] == "all"
+
+
+def test_delivery_failure_is_reported_to_the_callback(kafka: KafkaBroker) -> None:
+    topic = f"it.broker.{uuid.uuid4().hex[:12]}"
+    kafka.create_topics([TopicSpec(topic, 1)])
+    reports: list[str | None] = []
+    try:
+        kafka.send(topic, b"v", partition=9, on_delivery=reports.append)
+    except BrokerError:
+        reports.append("refused at once")  # when the producer already knew the topic
+    assert kafka.flush(30) == 0
+    assert len(reports) == 1 and reports[0] is not None
+    # A record larger than the topic allows is refused by Kafka, reported, not lost silently.
+    small = f"it.broker.{uuid.uuid4().hex[:12]}"
+    kafka.create_topics([TopicSpec(small, 1, 1, {"max.message.bytes": "2000"})])
+    reports.clear()
+    kafka.send(small, os.urandom(50_000), on_delivery=reports.append)
+    assert kafka.flush(30) == 0
+    assert len(reports) == 1 and reports[0] is not None

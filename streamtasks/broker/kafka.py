@@ -1,0 +1,657 @@
+"""The Kafka broker, on confluent-kafka (librdkafka).
+
+Every option of the broker URL's query string (``kafka://h:9092?security.protocol=SASL_SSL``)
+goes straight into the librdkafka configuration of the producer, the consumers and the admin
+client, so SASL and TLS need nothing more. Options that the delivery promise depends on
+(idempotence, manual commits, cooperative rebalancing) cannot be overridden.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import confluent_kafka as ck
+import structlog
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewTopic
+
+from streamtasks.broker.base import (
+    Broker,
+    Consumer,
+    DeliveryCallback,
+    RebalanceListener,
+    Record,
+    TopicPartition,
+    TopicSpec,
+)
+from streamtasks.errors import BrokerError, MessageTooLargeError
+from streamtasks.settings import Settings, parse_url
+
+log = structlog.get_logger("streamtasks.broker")
+
+#: Room above ``max_message_bytes`` for the key, headers and record framing.
+RECORD_OVERHEAD_BYTES = 512 * 1024
+#: How often ``send`` waits for room when the producer's local queue is full.
+QUEUE_FULL_RETRIES = 50
+#: Timeout of metadata, watermark and offset look-ups.
+REQUEST_TIMEOUT_S = 10.0
+#: How long ``create_topics`` waits for new topics to show in the metadata.
+TOPIC_VISIBLE_TIMEOUT_S = 30.0
+
+_SECRET_MARKERS = ("password", "secret", "sasl.jaas", "oauthbearer.config", "key.pem", "token")
+
+
+def redact(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Return ``config`` with every secret-looking value replaced, for logs and errors.
+
+    Args:
+        config: a librdkafka configuration.
+
+    Returns:
+        A copy safe to log: passwords, keys and tokens read ``***``.
+
+    """
+    return {
+        k: "***" if any(m in k.lower() for m in _SECRET_MARKERS) else v for k, v in config.items()
+    }
+
+
+def _ck_partitions(tps: Sequence[TopicPartition]) -> list[ck.TopicPartition]:
+    return [ck.TopicPartition(tp.topic, tp.partition) for tp in tps]
+
+
+def _our_partitions(tps: Sequence[ck.TopicPartition]) -> list[TopicPartition]:
+    return sorted(TopicPartition(tp.topic, tp.partition) for tp in tps)
+
+
+def _error_code(err: BaseException) -> int | None:
+    if isinstance(err, ck.KafkaException) and err.args and isinstance(err.args[0], ck.KafkaError):
+        code: int = err.args[0].code()
+        return code
+    return None
+
+
+_TRANSIENT_CODES = frozenset(
+    {
+        ck.KafkaError.NOT_LEADER_FOR_PARTITION,
+        ck.KafkaError.LEADER_NOT_AVAILABLE,
+        ck.KafkaError.REQUEST_TIMED_OUT,
+        ck.KafkaError._TRANSPORT,
+        ck.KafkaError._TIMED_OUT,
+    }
+)
+
+
+def _retriable(err: BaseException) -> bool:
+    if isinstance(err, ck.KafkaException) and err.args and isinstance(err.args[0], ck.KafkaError):
+        return bool(err.args[0].retriable()) or err.args[0].code() in _TRANSIENT_CODES
+    return False
+
+
+def _log_client_error(err: ck.KafkaError) -> None:
+    log.warning("kafka client error", error=err.str(), code=err.name(), fatal=err.fatal())
+
+
+class KafkaBroker(Broker):
+    """A broker on an Apache Kafka cluster.
+
+    The producer is created on first use and shared by every thread; it is idempotent
+    with ``acks=all``, so a confirmed record is durable and never duplicated by retries.
+
+    Args:
+        url: ``kafka://host:9092[,host2:9092][?librdkafka.option=value&...]``.
+        settings: the app settings (``max_message_bytes`` is enforced on send).
+
+    Raises:
+        ConfigError: the URL is malformed.
+
+    """
+
+    def __init__(self, url: str, settings: Settings) -> None:
+        parsed = parse_url(url, "broker")
+        if parsed.scheme != "kafka":
+            raise BrokerError(f"KafkaBroker needs a kafka:// URL, got scheme {parsed.scheme!r}")
+        self.max_message_bytes = settings.max_message_bytes
+        self._common: dict[str, Any] = {
+            "bootstrap.servers": ",".join(f"{h}:{p}" for h, p in parsed.hosts),
+            "client.id": "streamtasks",
+            "error_cb": _log_client_error,
+            # librdkafka's own log lines go to stdlib logging instead of stderr.
+            "logger": logging.getLogger("streamtasks.broker.librdkafka"),
+            **parsed.options,
+        }
+        self._lock = threading.Lock()
+        self._producer: ck.Producer | None = None
+        self._admin: AdminClient | None = None
+        self._lookup: ck.Consumer | None = None
+        log.debug("kafka broker configured", config=redact(self._common))
+
+    # -- configuration -------------------------------------------------------------------
+
+    @property
+    def _limit_bytes(self) -> int:
+        return self.max_message_bytes + RECORD_OVERHEAD_BYTES
+
+    def producer_config(self) -> dict[str, Any]:
+        """Return the librdkafka configuration of the producer (secrets included)."""
+        return {
+            "linger.ms": 5,
+            "compression.type": "lz4",
+            "queue.buffering.max.messages": 1_000_000,
+            "message.max.bytes": self._limit_bytes,
+            **self._common,
+            # The delivery promise depends on these; the URL cannot turn them off.
+            "enable.idempotence": True,
+            "acks": "all",
+        }
+
+    def consumer_config(self, group_id: str) -> dict[str, Any]:
+        """Return the librdkafka configuration of a consumer of ``group_id``."""
+        fetch_max = max(52_428_800, self._limit_bytes)
+        return {
+            "auto.offset.reset": "earliest",
+            "max.poll.interval.ms": 300_000,
+            "session.timeout.ms": 10_000,
+            "heartbeat.interval.ms": 2_000,
+            "fetch.max.bytes": fetch_max,
+            "max.partition.fetch.bytes": self._limit_bytes,
+            "receive.message.max.bytes": fetch_max + 1_048_576,
+            **self._common,
+            "group.id": group_id,
+            # Offsets move only when the worker says a record's effects are durable.
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "partition.assignment.strategy": "cooperative-sticky",
+        }
+
+    # -- lazily created clients ----------------------------------------------------------
+
+    def _get_producer(self) -> ck.Producer:
+        with self._lock:
+            if self._producer is None:
+                try:
+                    self._producer = ck.Producer(self.producer_config())
+                except ck.KafkaException as err:
+                    raise BrokerError(f"cannot create the Kafka producer: {err}") from err
+            return self._producer
+
+    def _get_admin(self) -> AdminClient:
+        with self._lock:
+            if self._admin is None:
+                # A metadata request for a missing topic must not create it (the local
+                # broker has auto.create.topics.enable=true).
+                self._admin = AdminClient({**self._common, "allow.auto.create.topics": False})
+            return self._admin
+
+    def _get_lookup(self) -> ck.Consumer:
+        """Return a consumer that never subscribes, for watermark and time look-ups."""
+        with self._lock:
+            if self._lookup is None:
+                config = self.consumer_config("streamtasks.lookup")
+                config["allow.auto.create.topics"] = False
+                self._lookup = ck.Consumer(config)
+            return self._lookup
+
+    # -- producing -----------------------------------------------------------------------
+
+    def send(
+        self,
+        topic: str,
+        value: bytes,
+        *,
+        key: bytes | None = None,
+        headers: Mapping[str, bytes] | None = None,
+        partition: int | None = None,
+        on_delivery: DeliveryCallback | None = None,
+    ) -> None:
+        """Queue one record for sending and return at once.
+
+        ``on_delivery`` runs from :meth:`poll` or :meth:`flush` (also from a later
+        ``send`` that waits for room in a full queue).
+
+        Raises:
+            MessageTooLargeError: the value exceeds :attr:`max_message_bytes`.
+            BrokerError: the record could not be queued (queue full for too long, an
+                unknown partition, a closed producer).
+
+        """
+        if len(value) > self.max_message_bytes:
+            raise MessageTooLargeError(
+                f"record for topic {topic!r} is {len(value)} bytes, over the limit of "
+                f"{self.max_message_bytes} bytes (setting max_message_bytes); nothing was sent"
+            )
+        producer = self._get_producer()
+        callback = _delivery_adapter(on_delivery)
+        header_list = list(headers.items()) if headers else None
+        for _ in range(QUEUE_FULL_RETRIES):
+            try:
+                producer.produce(
+                    topic,
+                    value,
+                    key,
+                    partition=-1 if partition is None else partition,
+                    on_delivery=callback,
+                    headers=header_list,  # type: ignore[arg-type]
+                )
+                return
+            except BufferError:
+                # The local queue is full: serve delivery reports to make room.
+                producer.poll(0.1)
+            except ck.KafkaException as err:
+                if _error_code(err) == ck.KafkaError.MSG_SIZE_TOO_LARGE:
+                    raise MessageTooLargeError(
+                        f"record for topic {topic!r} is too large for the producer: {err}"
+                    ) from err
+                raise BrokerError(f"cannot queue a record for topic {topic!r}: {err}") from err
+        raise BrokerError(
+            f"the producer queue stayed full for {QUEUE_FULL_RETRIES * 0.1:.0f}s; "
+            "Kafka is slow or unreachable (call flush() more often or check the brokers)"
+        )
+
+    def poll(self, timeout_s: float = 0.0) -> int:
+        """Serve pending delivery callbacks; return how many were served."""
+        if self._producer is None:
+            return 0
+        return self._producer.poll(timeout_s)
+
+    def flush(self, timeout_s: float) -> int:
+        """Wait until every queued record is confirmed or failed; return how many remain."""
+        if self._producer is None:
+            return 0
+        return self._producer.flush(timeout_s)
+
+    # -- consuming -----------------------------------------------------------------------
+
+    def consumer(
+        self, group_id: str, topics: Sequence[str], listener: RebalanceListener
+    ) -> KafkaConsumer:
+        """Join ``group_id`` and subscribe to ``topics`` (the join completes in ``poll``)."""
+        return KafkaConsumer(self.consumer_config(group_id), topics, listener)
+
+    # -- topics and offsets --------------------------------------------------------------
+
+    def create_topics(self, specs: Sequence[TopicSpec]) -> list[str]:
+        """Create the topics that do not exist yet; return the names created.
+
+        Waits until every topic of ``specs`` shows in the cluster metadata.
+
+        Raises:
+            BrokerError: a topic could not be created or did not show in time.
+
+        """
+        if not specs:
+            return []
+        admin = self._get_admin()
+        new = [
+            NewTopic(s.name, s.partitions, s.replication_factor, config=dict(s.config))
+            for s in specs
+        ]
+        try:
+            futures = admin.create_topics(new, operation_timeout=30, request_timeout=30)
+        except ck.KafkaException as err:
+            raise BrokerError(f"cannot create topics: {err}") from err
+        created: list[str] = []
+        for name, future in futures.items():
+            try:
+                future.result(timeout=60)
+                created.append(name)
+            except ck.KafkaException as err:
+                if _error_code(err) != ck.KafkaError.TOPIC_ALREADY_EXISTS:
+                    raise BrokerError(f"cannot create topic {name!r}: {err}") from err
+        for spec in specs:
+            self._wait_visible(spec.name)
+        if created:
+            log.info("topics created", topics=created)
+        return created
+
+    def _wait_visible(self, topic: str) -> None:
+        """Wait until ``topic`` shows in the metadata with a leader for every partition."""
+        deadline = time.monotonic() + TOPIC_VISIBLE_TIMEOUT_S
+        while True:
+            try:
+                metadata = self._get_admin().list_topics(topic, timeout=REQUEST_TIMEOUT_S)
+                info = metadata.topics.get(topic)
+                if (
+                    info is not None
+                    and info.error is None
+                    and info.partitions
+                    and all(p.leader >= 0 and p.error is None for p in info.partitions.values())
+                ):
+                    return
+            except ck.KafkaException as err:
+                if time.monotonic() > deadline:
+                    raise BrokerError(f"cannot read metadata of topic {topic!r}: {err}") from err
+            if time.monotonic() > deadline:
+                raise BrokerError(
+                    f"topic {topic!r} has no leader for every partition "
+                    f"after {TOPIC_VISIBLE_TIMEOUT_S:.0f}s"
+                )
+            time.sleep(0.1)
+
+    def partition_count(self, topic: str) -> int:
+        """Return the number of partitions of ``topic`` (BrokerError if it does not exist)."""
+        try:
+            metadata = self._get_admin().list_topics(topic, timeout=REQUEST_TIMEOUT_S)
+        except ck.KafkaException as err:
+            raise BrokerError(f"cannot read metadata of topic {topic!r}: {err}") from err
+        info = metadata.topics.get(topic)
+        if info is None or (info.error is not None and not info.partitions):
+            reason = "unknown" if info is None or info.error is None else info.error.str()
+            raise BrokerError(f"topic {topic!r} does not exist ({reason})")
+        return len(info.partitions)
+
+    def watermarks(self, tp: TopicPartition) -> tuple[int, int]:
+        """Return the (low, high) offsets of a partition.
+
+        Raises:
+            BrokerError: the partition is unknown or Kafka did not answer in time.
+
+        """
+        lookup = self._get_lookup()
+        deadline = time.monotonic() + REQUEST_TIMEOUT_S
+        while True:
+            remaining = max(0.1, deadline - time.monotonic())
+            try:
+                marks = lookup.get_watermark_offsets(
+                    ck.TopicPartition(tp.topic, tp.partition), timeout=remaining
+                )
+            except ck.KafkaException as err:
+                # Right after a topic is created or a broker restarted, the leader may
+                # not be known yet (NOT_LEADER_FOR_PARTITION, retriable): ask again.
+                if _retriable(err) and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                    continue
+                raise BrokerError(f"cannot read watermarks of {tp}: {err}") from err
+            if marks is None:
+                raise BrokerError(f"no watermarks of {tp} within {REQUEST_TIMEOUT_S}s")
+            return int(marks[0]), int(marks[1])
+
+    def offsets_for_times(self, topic: str, timestamp_ms: int) -> dict[TopicPartition, int]:
+        """Return, per partition, the first offset whose timestamp is at or after ``timestamp_ms``.
+
+        Where no record is that new, the partition's high watermark is returned (the
+        offset the next record will get), so a replay from there reads nothing old.
+
+        Raises:
+            BrokerError: the topic does not exist or Kafka did not answer in time.
+
+        """
+        count = self.partition_count(topic)
+        query = [ck.TopicPartition(topic, p, timestamp_ms) for p in range(count)]
+        try:
+            found = self._get_lookup().offsets_for_times(query, timeout=REQUEST_TIMEOUT_S)
+        except ck.KafkaException as err:
+            raise BrokerError(f"cannot look up offsets of {topic!r} by time: {err}") from err
+        result: dict[TopicPartition, int] = {}
+        for tp in found:
+            ours = TopicPartition(tp.topic, tp.partition)
+            if tp.error is not None:
+                raise BrokerError(f"cannot look up offsets of {ours} by time: {tp.error.str()}")
+            result[ours] = tp.offset if tp.offset >= 0 else self.watermarks(ours)[1]
+        return result
+
+    def close(self) -> None:
+        """Flush what can be flushed (up to 30 s) and release connections."""
+        with self._lock:
+            producer, self._producer = self._producer, None
+            lookup, self._lookup = self._lookup, None
+            self._admin = None
+        if producer is not None:
+            remaining = producer.flush(30.0)
+            if remaining:
+                log.warning("records not confirmed at close", remaining=remaining)
+        if lookup is not None:
+            lookup.close()
+
+
+def _delivery_adapter(
+    on_delivery: DeliveryCallback | None,
+) -> Callable[[ck.KafkaError | None, ck.Message], None] | None:
+    if on_delivery is None:
+        return None
+    callback = on_delivery
+
+    def report(err: ck.KafkaError | None, _msg: ck.Message) -> None:
+        callback(None if err is None else err.str())
+
+    return report
+
+
+class KafkaConsumer(Consumer):
+    """A member of a Kafka consumer group (cooperative-sticky, manual commits).
+
+    Rebalance callbacks run inside :meth:`poll` (and :meth:`close`). On assignment the
+    partitions are added before the listener's ``on_assign`` runs, so it may seek or pause
+    them; on revocation the listener's ``on_revoke`` runs while the partitions are still
+    assigned, so it can commit their progress synchronously, and they are removed after it
+    returns. Empty assignment changes, which a cooperative rebalance reports too, are not
+    passed on.
+
+    Args:
+        config: the librdkafka consumer configuration.
+        topics: topics to subscribe to.
+        listener: told about assignment changes.
+
+    Raises:
+        BrokerError: the consumer could not be created or subscribed.
+
+    """
+
+    def __init__(
+        self, config: Mapping[str, Any], topics: Sequence[str], listener: RebalanceListener
+    ) -> None:
+        self._listener = listener
+        self._closed = False
+        # Partitions being assigned while the listener's on_assign runs (see _on_assign).
+        self._pending: dict[tuple[str, int], ck.TopicPartition] = {}
+        self._pending_pauses: list[ck.TopicPartition] = []
+        conf = dict(config)
+        conf["on_commit"] = self._on_commit
+        try:
+            self._consumer = ck.Consumer(conf)
+            self._consumer.subscribe(
+                list(topics),
+                on_assign=self._on_assign,
+                on_revoke=self._on_revoke,
+                on_lost=self._on_lost,
+            )
+        except ck.KafkaException as err:
+            raise BrokerError(f"cannot join group {conf.get('group.id')!r}: {err}") from err
+
+    # -- rebalance trampolines (run inside consume() / close()) ---------------------------
+
+    def _on_assign(self, consumer: ck.Consumer, partitions: list[ck.TopicPartition]) -> None:
+        # librdkafka refuses seek() on a partition whose fetcher has not started yet
+        # (_STATE), which is the case right after incremental_assign. So the listener runs
+        # first with the new partitions "pending": its seeks become the start offsets passed
+        # to incremental_assign, its pauses are applied right after. Assigning here also
+        # keeps confluent-kafka from doing its own incremental_assign afterwards.
+        self._pending = {(tp.topic, tp.partition): tp for tp in partitions}
+        self._pending_pauses = []
+        try:
+            if partitions:
+                self._listener.on_assign(_our_partitions(partitions))
+        finally:
+            starts, pauses = list(self._pending.values()), self._pending_pauses
+            self._pending, self._pending_pauses = {}, []
+            consumer.incremental_assign(starts)
+            if pauses:
+                consumer.pause(pauses)
+
+    def _on_revoke(self, _consumer: ck.Consumer, partitions: list[ck.TopicPartition]) -> None:
+        # The partitions stay assigned until this returns (confluent-kafka then calls
+        # incremental_unassign), so the listener can still commit them.
+        if partitions:
+            self._listener.on_revoke(_our_partitions(partitions))
+
+    def _on_lost(self, _consumer: ck.Consumer, partitions: list[ck.TopicPartition]) -> None:
+        if partitions:
+            self._listener.on_lost(_our_partitions(partitions))
+
+    @staticmethod
+    def _on_commit(err: ck.KafkaError | None, partitions: list[ck.TopicPartition]) -> None:
+        failed = [tp for tp in partitions if tp.error is not None]
+        if err is not None and err.code() != ck.KafkaError._NO_OFFSET:
+            log.warning("offset commit failed", error=err.str())
+        elif failed:
+            log.warning(
+                "offset commit failed for some partitions",
+                partitions=[f"{tp.topic}[{tp.partition}]: {tp.error}" for tp in failed],
+            )
+
+    # -- Consumer ------------------------------------------------------------------------
+
+    def poll(self, timeout_s: float, max_records: int) -> list[Record]:
+        """Return up to ``max_records`` records, waiting at most ``timeout_s``.
+
+        Rebalance callbacks run inside this call; an exception raised by the listener
+        comes out of it unchanged.
+
+        Raises:
+            BrokerError: a fatal consumer error, or the consumer is closed.
+
+        """
+        try:
+            messages = self._consumer.consume(max_records, timeout_s)
+        except ck.KafkaException as err:
+            raise BrokerError(f"consume failed: {err}") from err
+        except RuntimeError as err:
+            raise BrokerError(f"consume failed: {err}") from err
+        records: list[Record] = []
+        for msg in messages:
+            problem = msg.error()
+            if problem is None:
+                records.append(_record(msg))
+            elif problem.code() == ck.KafkaError._PARTITION_EOF:
+                continue
+            elif problem.fatal():
+                raise BrokerError(f"fatal consumer error: {problem.str()}")
+            else:
+                log.warning(
+                    "consumer error",
+                    error=problem.str(),
+                    topic=msg.topic(),
+                    partition=msg.partition(),
+                )
+        return records
+
+    def pause(self, partitions: Sequence[TopicPartition]) -> None:
+        """Stop fetching from these partitions (records already fetched are dropped)."""
+        parts = _ck_partitions(partitions)
+        pending = [tp for tp in parts if (tp.topic, tp.partition) in self._pending]
+        self._pending_pauses.extend(pending)
+        assigned = [tp for tp in parts if (tp.topic, tp.partition) not in self._pending]
+        if assigned:
+            self._call("pause", self._consumer.pause, assigned)
+
+    def resume(self, partitions: Sequence[TopicPartition]) -> None:
+        """Fetch again from these partitions, from the position after the last record read."""
+        keys = {(tp.topic, tp.partition) for tp in partitions}
+        self._pending_pauses = [
+            tp for tp in self._pending_pauses if (tp.topic, tp.partition) not in keys
+        ]
+        if partitions:
+            self._call("resume", self._consumer.resume, _ck_partitions(partitions))
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        """Read ``tp`` from ``offset`` next (``tp`` must be assigned, or being assigned)."""
+        pending = self._pending.get((tp.topic, tp.partition))
+        if pending is not None:
+            pending.offset = offset
+            return
+        self._call("seek", self._consumer.seek, ck.TopicPartition(tp.topic, tp.partition, offset))
+
+    def commit(self, offsets: Mapping[TopicPartition, int], *, asynchronous: bool) -> None:
+        """Commit, per partition, the offset of the next record to read.
+
+        A synchronous commit returns when Kafka stored the offsets. Asynchronous commit
+        failures are logged (the next commit carries the same or newer offsets).
+
+        Raises:
+            BrokerError: a synchronous commit failed.
+
+        """
+        if not offsets:
+            return
+        parts = [ck.TopicPartition(tp.topic, tp.partition, off) for tp, off in offsets.items()]
+        try:
+            if asynchronous:
+                self._consumer.commit(offsets=parts, asynchronous=True)
+                return
+            result = self._consumer.commit(offsets=parts, asynchronous=False)
+        except ck.KafkaException as err:
+            if _error_code(err) == ck.KafkaError._NO_OFFSET:
+                return
+            raise BrokerError(f"offset commit failed: {err}") from err
+        except RuntimeError as err:
+            raise BrokerError(f"offset commit failed: {err}") from err
+        failed = [tp for tp in result or [] if tp.error is not None]
+        if failed:
+            shown = ", ".join(f"{tp.topic}[{tp.partition}]: {tp.error}" for tp in failed)
+            raise BrokerError(f"offset commit failed for {shown}")
+
+    def committed(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int | None]:
+        """Return the group's committed offsets (None where nothing is committed).
+
+        Raises:
+            BrokerError: Kafka did not answer in time.
+
+        """
+        if not partitions:
+            return {}
+        try:
+            found = self._consumer.committed(_ck_partitions(partitions), timeout=REQUEST_TIMEOUT_S)
+        except (ck.KafkaException, RuntimeError) as err:
+            raise BrokerError(f"cannot read committed offsets: {err}") from err
+        return {
+            TopicPartition(tp.topic, tp.partition): tp.offset if tp.offset >= 0 else None
+            for tp in found
+        }
+
+    def assignment(self) -> list[TopicPartition]:
+        """Return the partitions assigned to this consumer (in ``on_assign``: with the new)."""
+        current = self._call("assignment", self._consumer.assignment)
+        pending = _our_partitions(list(self._pending.values()))
+        return sorted(set(_our_partitions(current)) | set(pending))
+
+    def close(self) -> None:
+        """Leave the group; the listener's ``on_revoke`` runs for what is still assigned."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._consumer.close()
+        except (ck.KafkaException, RuntimeError) as err:
+            raise BrokerError(f"consumer close failed: {err}") from err
+
+    @staticmethod
+    def _call(what: str, fn: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except (ck.KafkaException, RuntimeError) as err:
+            raise BrokerError(f"consumer {what} failed: {err}") from err
+
+
+def _record(msg: ck.Message) -> Record:
+    ts_type, ts = msg.timestamp()
+    return Record(
+        topic=msg.topic() or "",
+        partition=msg.partition() or 0,
+        offset=msg.offset() or 0,
+        key=msg.key(),
+        value=msg.value(),
+        headers=_headers(msg.headers()),
+        timestamp_ms=ts if ts_type != ck.TIMESTAMP_NOT_AVAILABLE else 0,
+    )
+
+
+def _headers(raw: Any) -> dict[str, bytes]:
+    items = raw.items() if isinstance(raw, dict) else raw or []
+    return {
+        str(name): value if isinstance(value, bytes) else (value or "").encode()
+        for name, value in items
+    }
