@@ -138,11 +138,12 @@ def main() -> int:
 
     print()
     print(f"{'measure':58} {'tasks/s':>10}")
-    print(f"{'send: app.send x%d + flush' % ns.tasks:58} {send_rate:>10,.0f}")
+    send_label = f"send: app.send x{ns.tasks} + flush"
+    print(f"{send_label:58} {send_rate:>10,.0f}")
     print(f"{'drain: 1 worker process, concurrency 8 (steady)':58} {steady:>10,.0f}")
     print(f"{'drain: same, including worker start-up':58} {overall:>10,.0f}")
-    print(f"{'alternative: sync INSERT + sync commit per record (%d)' % ns.baseline_tasks:58} "
-          f"{naive:>10,.0f}")
+    naive_label = f"alternative: sync INSERT + sync commit per record ({ns.baseline_tasks})"
+    print(f"{naive_label:58} {naive:>10,.0f}")
     app.close()
     base_app.close()
     return 0
