@@ -7,6 +7,7 @@ failure is raised at the leaf and each container adds its own segment on the way
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Iterable
 from enum import Enum
 from typing import Any
 
@@ -83,3 +84,15 @@ def object_to_mapping(value: Any) -> Any:
     if dump is not None and not isinstance(value, type) and callable(dump):
         return dump(mode="python")
     return NOT_AN_OBJECT
+
+
+def map_items(convert: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
+    """Convert every item of a sequence; a failure names the index where it happened."""
+    out = []
+    for index, item in enumerate(items):
+        try:
+            out.append(convert(item))
+        except PathFailure as failure:
+            failure.add_index(index)
+            raise
+    return out

@@ -25,6 +25,7 @@ from streamtasks.codec._paths import (
     NOT_AN_OBJECT,
     PathFailure,
     bad_key,
+    map_items,
     object_to_mapping,
     type_name,
     unsupported,
@@ -73,14 +74,7 @@ def _plain(value: Any) -> Any:
     if kind is list or kind is tuple:
         if kind is list and set(map(type, value)) <= _LEAF_TYPES:
             return value
-        out = []
-        for index, item in enumerate(value):
-            try:
-                out.append(_plain(item))
-            except PathFailure as failure:
-                failure.add_index(index)
-                raise
-        return out
+        return map_items(_plain, value)
     if isinstance(value, Mapping):
         return _plain_mapping(value)
     if isinstance(value, Enum):

@@ -19,6 +19,7 @@ from streamtasks.codec._paths import (
     NOT_AN_OBJECT,
     PathFailure,
     bad_key,
+    map_items,
     object_to_mapping,
     unsupported,
 )
@@ -109,14 +110,7 @@ def _jsonable(value: Any) -> Any:  # noqa: C901 - one flat type switch
             return value
         return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
     if isinstance(value, list | tuple):
-        out = []
-        for index, item in enumerate(value):
-            try:
-                out.append(_jsonable(item))
-            except PathFailure as failure:
-                failure.add_index(index)
-                raise
-        return out
+        return map_items(_jsonable, value)
     if isinstance(value, Mapping):
         result = {}
         for key, item in value.items():
