@@ -14,7 +14,7 @@ from pathlib import Path
 from integration._services import REPO, backend_url, broker_url
 
 
-def test_env(namespace: str, **extra: str) -> dict[str, str]:
+def worker_env(namespace: str, **extra: str) -> dict[str, str]:
     """Environment for the test process and its workers: one fresh namespace per test."""
     env = {
         "STREAMTASKS_BROKER": broker_url(),

@@ -14,7 +14,7 @@ from confluent_kafka import Consumer
 
 from integration._rows import Rows
 from integration._services import REPO, broker_is_external, kafka_bootstrap, services
-from integration._workers import WorkerProcess, new_namespace, test_env, workers
+from integration._workers import WorkerProcess, new_namespace, worker_env, workers
 from streamtasks import App, Settings, TaskFailed, states
 
 pytestmark = pytest.mark.integration
@@ -26,7 +26,7 @@ def make_app(env: dict[str, str]) -> App:
 
 @pytest.fixture(scope="module", autouse=True)
 def migrated() -> None:
-    app = make_app(test_env("migrate"))
+    app = make_app(worker_env("migrate"))
     app.backend.migrate()
     app.close()
 
@@ -47,7 +47,7 @@ def dlq_records(topic: str, expected: int, timeout_s: float = 30) -> list:
 
 @pytest.mark.timeout(240)
 def test_tasks_run_on_a_worker_process_and_results_are_read_back() -> None:
-    env = test_env(new_namespace("flow"))
+    env = worker_env(new_namespace("flow"))
     app = make_app(env)
     with workers(env, 1):
         results = [app.send("it.add", args=[i, i]) for i in range(200)]
@@ -60,7 +60,7 @@ def test_tasks_run_on_a_worker_process_and_results_are_read_back() -> None:
 
 @pytest.mark.timeout(240)
 def test_cli_send_and_result() -> None:
-    env = test_env(new_namespace("cli"))
+    env = worker_env(new_namespace("cli"))
     cli = [sys.executable, "-m", "streamtasks.cli"]
     run_env = {**__import__("os").environ, **env}
     with workers(env, 1):
@@ -83,7 +83,7 @@ def test_cli_send_and_result() -> None:
 
 @pytest.mark.timeout(240)
 def test_bad_input_is_dead_lettered_and_the_worker_keeps_serving() -> None:
-    env = test_env(new_namespace("dlq"))
+    env = worker_env(new_namespace("dlq"))
     app = make_app(env)
     app.ensure_queue("default")
     topic, dlq = app.settings.topic("default"), app.settings.dlq_topic("default")
@@ -114,7 +114,7 @@ def test_a_worker_killed_mid_run_loses_nothing(tmp_path: Path) -> None:
     # Given 3 workers on a 6-partition queue and 20,000 tasks
     total = 20_000
     log = tmp_path / "executions.log"
-    env = test_env(new_namespace("crash"), IT_EXEC_LOG=str(log))
+    env = worker_env(new_namespace("crash"), IT_EXEC_LOG=str(log))
     app = make_app(env)
     app.ensure_queue("default")
     rows = Rows()
@@ -143,7 +143,7 @@ def test_a_worker_killed_mid_run_loses_nothing(tmp_path: Path) -> None:
 @pytest.mark.parametrize("service", ["cassandra", "kafka"])
 def test_an_outage_under_load_loses_nothing(service: str) -> None:
     total = 3_000
-    env = test_env(new_namespace(f"outage-{service}"))
+    env = worker_env(new_namespace(f"outage-{service}"))
     app = make_app(env)
     app.ensure_queue("default")
     rows = Rows()
