@@ -49,10 +49,12 @@ def dlq_records(topic: str, expected: int, timeout_s: float = 30) -> list:
 def test_tasks_run_on_a_worker_process_and_results_are_read_back() -> None:
     env = worker_env(new_namespace("flow"))
     app = make_app(env)
-    with workers(env, 1):
+    with workers(env, 1) as procs:
         results = [app.send("it.add", args=[i, i]) for i in range(200)]
         app.flush()
         assert [r.get(timeout=120) for r in results] == [2 * i for i in range(200)]
+        # SIGTERM drains and exits 0
+        assert procs[0].terminate() == 0
     meta = results[0].meta()
     assert meta is not None and meta.state == states.SUCCESS and meta.worker
     app.close()

@@ -10,6 +10,10 @@ import structlog
 from streamtasks.settings import Settings
 
 
+def _stderr_logger(*_args: object) -> structlog.PrintLogger:
+    return structlog.PrintLogger(sys.stderr)
+
+
 def configure_logging(settings: Settings) -> None:
     """Configure structlog and stdlib logging from ``log_format`` and ``log_level``."""
     level = getattr(logging, settings.log_level.upper(), logging.INFO)
@@ -26,7 +30,8 @@ def configure_logging(settings: Settings) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-        cache_logger_on_first_use=True,
+        # Resolve sys.stderr per logger, so a replaced stream (tests, daemons) is followed.
+        logger_factory=_stderr_logger,
+        cache_logger_on_first_use=False,
     )
     logging.basicConfig(level=max(level, logging.WARNING), stream=sys.stderr)
