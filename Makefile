@@ -59,4 +59,5 @@ demo: up
 	$(PYTHON) examples/demo.py
 
 bench: up
+	$(PYTHON) bench/codec.py
 	$(PYTHON) bench/run.py
