@@ -14,22 +14,12 @@ import uuid
 
 import pytest
 
-try:  # the smoke test lives next to its helpers; work with or without integration/__init__.py
-    from _services import (
-        backend_is_external,
-        broker_is_external,
-        cassandra_backend,
-        kafka_bootstrap,
-        restart,
-    )
-except ImportError:  # pragma: no cover
-    from integration._services import (  # type: ignore[no-redef]
-        backend_is_external,
-        broker_is_external,
-        cassandra_backend,
-        kafka_bootstrap,
-        restart,
-    )
+from integration._services import (
+    cassandra_backend,
+    kafka_bootstrap,
+    require_restartable,
+    restart,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -170,8 +160,7 @@ def test_kafka_avro_roundtrip_commit_survives_restart() -> None:
     assert sum(ends.values()) == N_RECORDS
     assert committed == ends
 
-    if broker_is_external():
-        pytest.skip("STREAMTASKS_BROKER is an external cluster: cannot restart it")
+    require_restartable("kafka")
     restart("kafka")
     assert _committed(topic, group) == ends
 
@@ -216,8 +205,7 @@ def test_cassandra_roundtrip_survives_restart() -> None:
     finally:
         cluster.shutdown()
 
-    if backend_is_external():
-        pytest.skip("STREAMTASKS_BACKEND is an external cluster: cannot restart it")
+    require_restartable("cassandra")
     restart("cassandra")
 
     cluster, session = _session()

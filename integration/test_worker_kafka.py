@@ -13,7 +13,7 @@ import pytest
 from confluent_kafka import Consumer
 
 from integration._rows import Rows
-from integration._services import REPO, broker_is_external, kafka_bootstrap, services
+from integration._services import REPO, kafka_bootstrap, require_restartable, services
 from integration._workers import WorkerProcess, new_namespace, worker_env, workers
 from streamtasks import App, Settings, TaskFailed, states
 
@@ -141,9 +141,9 @@ def test_a_worker_killed_mid_run_loses_nothing(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.skipif(broker_is_external(), reason="needs the local services to stop them")
 @pytest.mark.parametrize("service", ["cassandra", "kafka"])
 def test_an_outage_under_load_loses_nothing(service: str) -> None:
+    require_restartable(service)
     total = 3_000
     env = worker_env(new_namespace(f"outage-{service}"))
     app = make_app(env)
