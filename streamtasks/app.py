@@ -14,7 +14,7 @@ import structlog
 
 from streamtasks.backend.base import ResultBackend
 from streamtasks.broker.base import Broker, TopicSpec
-from streamtasks.codec import AvroCodec, Codec, check_arguments, to_json_text, to_plain
+from streamtasks.codec import AvroCodec, Codec, check_arguments, to_json_text
 from streamtasks.errors import ConfigError, SendError, UnknownTaskError
 from streamtasks.headers import task_headers
 from streamtasks.message import TaskMessage, new_task_id, now_ms
@@ -212,8 +212,9 @@ class App:
             id=task_id or new_task_id(),
             name=name,
             queue=queue or (task.options.queue if task else self.settings.default_queue),
-            args=to_plain(list(args), "args"),
-            kwargs=to_plain(kwargs, "kwargs"),
+            # encode_task converts dataclasses / pydantic models and refuses what it cannot
+            args=list(args),
+            kwargs=kwargs,
             key=key,
             expires_ms=None if expires_s is None else now_ms() + int(expires_s * 1000),
         )

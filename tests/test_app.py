@@ -224,3 +224,15 @@ def test_the_result_row_is_written_before_the_offset_is_committed(app: App) -> N
 
 def _all_records(app: App, topic: str) -> list:
     return app.broker.records(topic)  # type: ignore[attr-defined]
+
+
+def test_a_result_that_cannot_be_stored_is_the_tasks_failure(app: App) -> None:
+    @app.task(name="gives_a_set")
+    def gives_a_set() -> set[int]:
+        return {1, 2}
+
+    result = gives_a_set.delay()
+    app.drain()  # the worker does not retry this for ever: it is not the backend's fault
+    with pytest.raises(TaskFailed) as info:
+        result.get(timeout=1)
+    assert info.value.error_type == "EncodeError"

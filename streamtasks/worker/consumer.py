@@ -27,7 +27,7 @@ import structlog
 from streamtasks import states
 from streamtasks.backend.base import TaskMeta
 from streamtasks.broker.base import Consumer, Record, TopicPartition
-from streamtasks.codec import bind_arguments, to_plain
+from streamtasks.codec import bind_arguments
 from streamtasks.errors import (
     BrokerError,
     DecodeError,
@@ -288,8 +288,7 @@ class Worker:
 
         def step(done: StepDone) -> None:
             try:
-                meta.result = to_plain(meta.result, "result")
-                future = backend.store(meta)
+                future = backend.store(meta)  # the codec converts dataclasses / models
             except EncodeError as err:
                 # The task ran, but its result cannot be stored: that is the task's
                 # failure (retrying would give the same), not the backend's.
