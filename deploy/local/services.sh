@@ -206,17 +206,19 @@ kafka_launch() {
     "${log_opts[@]}" -cp "$cp" kafka.Kafka "$props"
 }
 
-kafka_wait() {
-  local pid rc=0
-  pid="$(running_pid kafka)" || fail_with_log kafka "kafka is not running (it exited during startup)"
-  "$PYTHON" "$HERE/wait_ready.py" kafka "$KAFKA_ADDR" --timeout "$KAFKA_START_TIMEOUT" --pid "$pid" || rc=$?
+wait_service() {  # service address timeout_s stop_timeout_s
+  local svc=$1 addr=$2 timeout=$3 stop_timeout=$4 pid rc=0
+  pid="$(running_pid "$svc")" || fail_with_log "$svc" "$svc is not running (it exited during startup)"
+  "$PYTHON" "$HERE/wait_ready.py" "$svc" "$addr" --timeout "$timeout" --pid "$pid" || rc=$?
   case $rc in
     0) ;;
-    2) fail_with_log kafka "kafka exited during startup" ;;
-    *) stop_service kafka 10 >&2
-       fail_with_log kafka "kafka did not become ready within ${KAFKA_START_TIMEOUT}s (stopped it)" ;;
+    2) fail_with_log "$svc" "$svc exited during startup" ;;
+    *) stop_service "$svc" "$stop_timeout" >&2
+       fail_with_log "$svc" "$svc did not become ready within ${timeout}s (stopped it)" ;;
   esac
 }
+
+kafka_wait() { wait_service kafka "$KAFKA_ADDR" "$KAFKA_START_TIMEOUT" 10; }
 
 # ---------------------------------------------------------------- cassandra
 
@@ -283,17 +285,7 @@ cassandra_launch() {
     -cp "$lib/*" org.apache.cassandra.service.CassandraDaemon
 }
 
-cassandra_wait() {
-  local pid rc=0
-  pid="$(running_pid cassandra)" || fail_with_log cassandra "cassandra is not running (it exited during startup)"
-  "$PYTHON" "$HERE/wait_ready.py" cassandra "$CASSANDRA_ADDR" --timeout "$CASSANDRA_START_TIMEOUT" --pid "$pid" || rc=$?
-  case $rc in
-    0) ;;
-    2) fail_with_log cassandra "cassandra exited during startup" ;;
-    *) stop_service cassandra 20 >&2
-       fail_with_log cassandra "cassandra did not become ready within ${CASSANDRA_START_TIMEOUT}s (stopped it)" ;;
-  esac
-}
+cassandra_wait() { wait_service cassandra "$CASSANDRA_ADDR" "$CASSANDRA_START_TIMEOUT" 20; }
 
 # ---------------------------------------------------------------- external services
 
