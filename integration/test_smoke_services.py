@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import time
 import uuid
+from typing import Any
 
 import pytest
 
@@ -64,6 +65,22 @@ def _create_topic(topic: str) -> None:
     raise AssertionError(f"topic {topic} has no leaders after 30s")
 
 
+def _retry_while_coordinator_loads(call: Any, timeout_s: float = 60) -> Any:
+    """Call ``call`` again while the group coordinator is still moving in after a restart."""
+    from confluent_kafka import KafkaError, KafkaException
+
+    transient = {KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+                 KafkaError.COORDINATOR_NOT_AVAILABLE}
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return call()
+        except KafkaException as err:
+            if err.args[0].code() not in transient or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
 def _committed(topic: str, group: str) -> dict[int, int]:
     from confluent_kafka import Consumer, TopicPartition
 
@@ -75,7 +92,11 @@ def _committed(topic: str, group: str) -> dict[int, int]:
         }
     )
     try:
-        tps = consumer.committed([TopicPartition(topic, p) for p in range(PARTITIONS)], timeout=60)
+        tps = _retry_while_coordinator_loads(
+            lambda: consumer.committed(
+                [TopicPartition(topic, p) for p in range(PARTITIONS)], timeout=60
+            )
+        )
         for tp in tps:
             assert tp.error is None, tp.error
         return {tp.partition: tp.offset for tp in tps}
