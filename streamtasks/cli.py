@@ -1,4 +1,4 @@
-"""The ``streamtasks`` command: worker, send, result, tasks, migrate, topics."""
+"""The ``streamtasks`` command: worker, send, result, tasks, migrate, topics, dlq, replay."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import importlib
 import json
 import sys
 import time
-from collections.abc import Sequence
-from datetime import datetime
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from streamtasks import states
@@ -28,7 +28,7 @@ class CliError(Exception):
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the process exit code."""
     parser = _parser()
-    ns = parser.parse_args(argv)
+    ns = parser.parse_args(_glue_relative_times(sys.argv[1:] if argv is None else argv))
     if not getattr(ns, "command", None):
         parser.print_help(sys.stderr)
         return EXIT_USAGE
@@ -99,7 +99,46 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--queue", required=True, action="append", help="queue (repeatable)")
     c.add_argument("--partitions", type=_positive_int, help="partition count")
     c.set_defaults(handler=_cmd_topics_create)
+
+    _add_ops_commands(sub, common)
     return parser
+
+
+def _add_ops_commands(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
+    p = sub.add_parser("dlq", parents=[common], help="list, requeue or purge dead letters")
+    dsub = p.add_subparsers(dest="dlq_command", metavar="ACTION", required=True)
+    c = dsub.add_parser("list", parents=[common], help="print a queue's dead letters")
+    c.add_argument("--queue", required=True)
+    c.add_argument("--limit", type=_positive_int, default=50)
+    c.set_defaults(handler=_cmd_dlq_list)
+    c = dsub.add_parser("requeue", parents=[common], help="send dead letters back to run again")
+    c.add_argument("--queue", required=True)
+    which = c.add_mutually_exclusive_group(required=True)
+    which.add_argument("--id", dest="task_id", help="requeue this task id")
+    which.add_argument("--all", dest="all_", action="store_true", help="requeue every one")
+    c.add_argument("--reason", help="only dead letters of this reason (e.g. unknown-task)")
+    c.set_defaults(handler=_cmd_dlq_requeue)
+    c = dsub.add_parser("purge", parents=[common], help="delete every dead letter of a queue")
+    c.add_argument("--queue", required=True)
+    c.set_defaults(handler=_cmd_dlq_purge)
+
+    p = sub.add_parser("replay", parents=[common], help="send a range of a queue's tasks again")
+    p.add_argument("--queue", required=True)
+    p.add_argument("--since", type=_time, help="ISO time or -30m: records stamped at or after")
+    p.add_argument("--until", type=_time, help="ISO time or -5m: records stamped before "
+                   "(default: up to the end)")
+    p.add_argument("--from-offset", type=_partition_offset, metavar="P:O",
+                   help="first record: partition P, offset O")
+    p.add_argument("--to-offset", type=_partition_offset, metavar="P:O",
+                   help="last record (inclusive), same partition")
+    p.add_argument("--name", help="replay only tasks of this name")
+    p.add_argument("--into", help="send to this queue (default: the same queue)")
+    p.add_argument("--dry-run", action="store_true", help="count only, send nothing")
+    p.add_argument("--same-ids", action="store_true",
+                   help="keep task ids (result rows are overwritten); default: new ids")
+    p.set_defaults(handler=_cmd_replay)
 
 
 # -- argument types --------------------------------------------------------------
@@ -123,6 +162,19 @@ _non_negative_float = _number(float, 0, "seconds")
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_TIME_FLAGS = ("--since", "--until")
+
+
+def _glue_relative_times(argv: Sequence[str]) -> list[str]:
+    """Turn ``--since -30m`` into ``--since=-30m``: argparse takes ``-30m`` for a flag."""
+    out: list[str] = []
+    for arg in argv:
+        relative = arg.startswith("-") and arg[-1:] in _UNITS and arg[1:-1].isdigit()
+        if relative and out and out[-1] in _TIME_FLAGS:
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
 
 
 def _time(text: str) -> int:
@@ -136,6 +188,16 @@ def _time(text: str) -> int:
             f"expected an ISO-8601 time (2026-11-24T16:00:00+00:00) or -30m / -2h, got {text!r}"
         ) from None
     return int(moment.timestamp() * 1000)
+
+
+def _partition_offset(text: str) -> tuple[int, int]:
+    """Parse ``P:O`` (partition, offset) into a pair of whole numbers."""
+    partition, sep, offset = text.partition(":")
+    if sep and partition.isdigit() and offset.isdigit():
+        return int(partition), int(offset)
+    raise argparse.ArgumentTypeError(
+        f"expected PARTITION:OFFSET as whole numbers (e.g. 0:1200), got {text!r}"
+    )
 
 
 def _json_arg(text: str, what: str, kind: type) -> Any:
@@ -259,6 +321,121 @@ def _cmd_topics_create(ns: argparse.Namespace) -> int:
     for spec in specs:
         print(f"{spec.name}: {'created' if spec.name in created else 'exists'} "
               f"({spec.partitions} partitions)")
+    return EXIT_OK
+
+
+# -- operator tools: dead letters and replay ---------------------------------------
+
+
+def _require_topic(app: App, queue: str, topic: str) -> None:
+    if not app.broker.topic_exists(topic):
+        raise CliError(f"queue {queue} has no topic {topic}; "
+                       f"create it with streamtasks topics create --queue {queue}")
+
+
+def _progress(what: str) -> Callable[[int, int], None]:
+    def show(done: int, total: int) -> None:
+        print(f"{what}: {done}/{total} records read", file=sys.stderr, flush=True)
+
+    return show
+
+
+def _iso(ms: int | None) -> str:
+    if ms is None:
+        return "-"
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="milliseconds")
+
+
+def _one_line(text: str | None) -> str:
+    return " ".join(text.split()) if text else "-"
+
+
+def _cmd_dlq_list(ns: argparse.Namespace) -> int:
+    from streamtasks.ops import list_dead_letters
+
+    app = _app(ns)
+    _require_topic(app, ns.queue, app.settings.dlq_topic(ns.queue))
+    for letter in list_dead_letters(app, ns.queue, ns.limit):
+        fields = (letter.task_id, letter.task_name, letter.reason, letter.error)
+        print("\t".join([*(_one_line(f) for f in fields), _iso(letter.dead_at_ms)]))
+    return EXIT_OK
+
+
+def _cmd_dlq_requeue(ns: argparse.Namespace) -> int:
+    from streamtasks.ops import DeadLetter, requeue
+
+    app = _app(ns)
+    topic = app.settings.dlq_topic(ns.queue)
+    _require_topic(app, ns.queue, topic)
+    skipped: list[DeadLetter] = []
+
+    def skip(letter: DeadLetter, why: str) -> None:
+        skipped.append(letter)
+        print(f"skipped {letter.partition}:{letter.offset} (id {letter.task_id or '-'}): "
+              f"cannot decode: {_one_line(why)}", file=sys.stderr)
+
+    count = requeue(app, ns.queue, task_id=ns.task_id, all_=ns.all_, reason=ns.reason,
+                    progress=_progress("requeue"), on_skip=skip)
+    print(f"requeued {count}")
+    if skipped:
+        print(f"skipped {len(skipped)} undecodable dead letter(s)", file=sys.stderr)
+    if ns.task_id is not None and count == 0 and not skipped:
+        print(f"streamtasks dlq: no dead letter with id {ns.task_id} in {topic}",
+              file=sys.stderr)
+        return EXIT_UNKNOWN
+    return EXIT_OK
+
+
+def _cmd_dlq_purge(ns: argparse.Namespace) -> int:
+    from streamtasks.ops import purge
+
+    app = _app(ns)
+    topic = app.settings.dlq_topic(ns.queue)
+    _require_topic(app, ns.queue, topic)
+    print(f"purged {purge(app, ns.queue)} dead letter(s) from {topic}")
+    return EXIT_OK
+
+
+def _replay_range(ns: argparse.Namespace) -> dict[str, Any]:
+    """Check the replay range flags; return the matching keyword arguments of replay()."""
+    by_time = ns.since is not None or ns.until is not None
+    by_offset = ns.from_offset is not None or ns.to_offset is not None
+    if by_time and by_offset:
+        raise CliError("use --since/--until or --from-offset/--to-offset, not both")
+    if by_offset:
+        if ns.from_offset is None or ns.to_offset is None:
+            raise CliError("an offset range needs both --from-offset P:O and --to-offset P:O")
+        (p1, o1), (p2, o2) = ns.from_offset, ns.to_offset
+        if p1 != p2:
+            raise CliError(f"--from-offset and --to-offset must name the same partition "
+                           f"(got {p1} and {p2})")
+        if o1 > o2:
+            raise CliError(f"--from-offset ({p1}:{o1}) is after --to-offset ({p2}:{o2})")
+        return {"from_offsets": {p1: o1}, "to_offsets": {p2: o2}}
+    if ns.since is None:
+        raise CliError("give a range: --since T [--until T] or --from-offset P:O --to-offset P:O")
+    if ns.until is not None and ns.since >= ns.until:
+        raise CliError("--since must be before --until")
+    return {"since_ms": ns.since, "until_ms": ns.until}
+
+
+def _cmd_replay(ns: argparse.Namespace) -> int:
+    from streamtasks.ops import RangeError, replay
+
+    window = _replay_range(ns)
+    app = _app(ns)
+    _require_topic(app, ns.queue, app.settings.topic(ns.queue))
+    if ns.into and not app.settings.create_topics:
+        _require_topic(app, ns.into, app.settings.topic(ns.into))
+    try:
+        report = replay(app, ns.queue, name=ns.name, into=ns.into, dry_run=ns.dry_run,
+                        same_ids=ns.same_ids, progress=_progress("replay"), **window)
+    except RangeError as err:
+        raise CliError(str(err)) from err
+    sent = f"would send {report.matched}" if ns.dry_run else f"sent {report.sent}"
+    print(f"read {report.read}, matched {report.matched}, {sent}")
+    if report.skipped:
+        print(f"skipped {report.skipped} undecodable record(s)", file=sys.stderr)
     return EXIT_OK
 
 

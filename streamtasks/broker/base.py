@@ -7,9 +7,11 @@ this module knows Kafka's client; the Kafka specifics stay in ``broker.kafka``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
+
+from streamtasks.errors import BrokerError
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -162,3 +164,59 @@ class Broker(ABC):
     @abstractmethod
     def close(self) -> None:
         """Flush what can be flushed and release connections."""
+
+    # -- operator tools (dead letters, replay); not used on the task path ----------------
+
+    def topic_exists(self, topic: str) -> bool:
+        """Return whether ``topic`` exists.
+
+        This default takes any :class:`BrokerError` of :meth:`partition_count` for a
+        missing topic; a broker that can tell "missing" from "unreachable" overrides it
+        and raises ``BrokerError`` for the latter.
+        """
+        try:
+            self.partition_count(topic)
+        except BrokerError:
+            return False
+        return True
+
+    def offsets_for_times(self, topic: str, timestamp_ms: int) -> dict[TopicPartition, int]:
+        """Return, per partition, the first offset stamped at or after ``timestamp_ms``.
+
+        Where no record is that new, the partition's high watermark is returned.
+
+        Raises:
+            BrokerError: the topic does not exist or the broker did not answer.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot look up offsets by time")
+
+    def read(
+        self, tp: TopicPartition, start: int, end: int, timeout_s: float = 30.0
+    ) -> Iterator[Record]:
+        """Yield the records of ``tp`` with ``start <= offset < end``, in offset order.
+
+        A plain read: no consumer group is joined and no offset is committed. It stops
+        at ``end`` or at the partition's high watermark, whichever comes first; records
+        already deleted (below the low watermark) are skipped.
+
+        Args:
+            tp: the partition to read.
+            start: the first offset to read.
+            end: the offset after the last one to read.
+            timeout_s: the longest wait for the next record.
+
+        Raises:
+            BrokerError: the partition does not exist, or no record came within
+                ``timeout_s`` although the partition holds more.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot read a partition range")
+
+    def delete_records(self, offsets: Mapping[TopicPartition, int]) -> None:
+        """Delete, per partition, every record before the given offset.
+
+        The low watermark moves to that offset; offsets of the records kept do not change.
+
+        Raises:
+            BrokerError: the records could not be deleted.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot delete records")

@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import confluent_kafka as ck
@@ -41,6 +42,10 @@ QUEUE_FULL_RETRIES = 50
 REQUEST_TIMEOUT_S = 10.0
 #: How long ``create_topics`` waits for new topics to show in the metadata.
 TOPIC_VISIBLE_TIMEOUT_S = 30.0
+#: Records fetched per ``consume`` call of a range read.
+READ_BATCH = 1000
+#: How long ``delete_records`` waits for the brokers to confirm.
+DELETE_TIMEOUT_S = 60.0
 
 _SECRET_MARKERS = ("password", "secret", "sasl.jaas", "oauthbearer.config", "key.pem", "token")
 
@@ -393,6 +398,114 @@ class KafkaBroker(Broker):
                 raise BrokerError(f"cannot look up offsets of {ours} by time: {tp.error.str()}")
             result[ours] = tp.offset if tp.offset >= 0 else self.watermarks(ours)[1]
         return result
+
+    # -- operator tools: plain reads and deletes -----------------------------------------
+
+    def topic_exists(self, topic: str) -> bool:
+        """Return whether ``topic`` exists (the metadata request creates nothing).
+
+        Raises:
+            BrokerError: Kafka did not answer in time.
+
+        """
+        try:
+            metadata = self._get_admin().list_topics(topic, timeout=REQUEST_TIMEOUT_S)
+        except ck.KafkaException as err:
+            raise BrokerError(f"cannot read metadata of topic {topic!r}: {err}") from err
+        info = metadata.topics.get(topic)
+        if info is None:
+            return False
+        if info.error is not None and info.error.code() == ck.KafkaError.UNKNOWN_TOPIC_OR_PART:
+            return False
+        return bool(info.partitions)
+
+    def read(
+        self, tp: TopicPartition, start: int, end: int, timeout_s: float = 30.0
+    ) -> Iterator[Record]:
+        """Yield the records of ``tp`` with ``start <= offset < end``, in offset order.
+
+        Uses a consumer that is only assigned the partition: it joins no group and
+        commits nothing (its ``group.id`` is a throwaway). Stops at ``end`` or at the
+        high watermark seen when the read started, whichever comes first.
+
+        Raises:
+            BrokerError: the partition does not exist, or no record came within
+                ``timeout_s`` although the range holds more.
+
+        """
+        low, high = self.watermarks(tp)
+        start, end = max(start, low), min(end, high)
+        if start >= end:
+            return
+        config = self.consumer_config(f"streamtasks.read.{uuid.uuid4().hex}")
+        config.update({"enable.partition.eof": True, "allow.auto.create.topics": False})
+        try:
+            consumer = ck.Consumer(config)
+            consumer.assign([ck.TopicPartition(tp.topic, tp.partition, start)])
+        except ck.KafkaException as err:
+            raise BrokerError(f"cannot read {tp}: {err}") from err
+        try:
+            yield from self._read_assigned(consumer, tp, end, timeout_s)
+        finally:
+            consumer.close()
+
+    @staticmethod
+    def _read_assigned(
+        consumer: ck.Consumer, tp: TopicPartition, end: int, timeout_s: float
+    ) -> Iterator[Record]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                messages = consumer.consume(READ_BATCH, 0.5)
+            except ck.KafkaException as err:
+                raise BrokerError(f"cannot read {tp}: {err}") from err
+            for msg in messages:
+                problem = msg.error()
+                if problem is not None:
+                    if problem.code() == ck.KafkaError._PARTITION_EOF:
+                        return  # the high watermark: nothing more to read now
+                    if problem.fatal():
+                        raise BrokerError(f"cannot read {tp}: {problem.str()}")
+                    log.warning("read error", error=problem.str(), partition=str(tp))
+                    continue
+                record = _record(msg)
+                if record.offset >= end:
+                    return
+                yield record
+                if record.offset >= end - 1:
+                    return
+            if messages:
+                deadline = time.monotonic() + timeout_s
+            elif time.monotonic() > deadline:
+                raise BrokerError(
+                    f"no record of {tp} within {timeout_s}s although offsets up to {end} remain"
+                )
+
+    def delete_records(self, offsets: Mapping[TopicPartition, int]) -> None:
+        """Delete, per partition, every record before the given offset.
+
+        The low watermark moves to that offset (Kafka's DeleteRecords); offsets of the
+        records kept do not change.
+
+        Raises:
+            BrokerError: Kafka refused or did not confirm in time (naming the partition).
+
+        """
+        if not offsets:
+            return
+        parts = [ck.TopicPartition(tp.topic, tp.partition, off) for tp, off in offsets.items()]
+        try:
+            futures = self._get_admin().delete_records(
+                parts, request_timeout=DELETE_TIMEOUT_S, operation_timeout=DELETE_TIMEOUT_S
+            )
+        except ck.KafkaException as err:
+            raise BrokerError(f"cannot delete records: {err}") from err
+        for part, future in futures.items():
+            try:
+                future.result(timeout=DELETE_TIMEOUT_S)
+            except (ck.KafkaException, TimeoutError) as err:
+                ours = TopicPartition(part.topic, part.partition)
+                raise BrokerError(f"cannot delete records of {ours}: {err!r}") from err
 
     def close(self) -> None:
         """Flush what can be flushed (up to 30 s) and release connections."""

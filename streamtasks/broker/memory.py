@@ -13,7 +13,7 @@ import threading
 import time
 import zlib
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from streamtasks.broker.base import (
@@ -56,6 +56,9 @@ class MemoryBroker(Broker):
         self._groups: dict[str, _Group] = {}
         self._reports: deque[tuple[DeliveryCallback, str | None]] = deque()
         self._failures: deque[str] = deque()
+        # Low watermarks moved by delete_records; records below stay in the lists (so
+        # an offset stays a list index) but are never read again.
+        self._low: dict[TopicPartition, int] = {}
 
     def fail_next_sends(self, count: int, reason: str = "simulated delivery failure") -> None:
         """Make the next ``count`` sends fail: not stored, reported with ``reason``."""
@@ -65,7 +68,11 @@ class MemoryBroker(Broker):
     def records(self, topic: str) -> list[Record]:
         """Return every record of ``topic``, partition by partition (for assertions)."""
         with self._cond:
-            return [r for log in self._topics.get(topic, []) for r in log]
+            return [
+                r
+                for p, log in enumerate(self._topics.get(topic, []))
+                for r in log[self._low.get(TopicPartition(topic, p), 0) :]
+            ]
 
     def send(
         self,
@@ -161,17 +168,47 @@ class MemoryBroker(Broker):
             return len(self._topics[topic])
 
     def watermarks(self, tp: TopicPartition) -> tuple[int, int]:
-        """Return the (low, high) offsets of a partition (low is always 0)."""
-        return 0, len(self._log(tp))
+        """Return the (low, high) offsets of a partition (low is 0 until records are deleted)."""
+        with self._cond:
+            return self._low.get(tp, 0), len(self._log(tp))
 
     def offsets_for_times(self, topic: str, timestamp_ms: int) -> dict[TopicPartition, int]:
         """Return, per partition, the first offset stamped at or after ``timestamp_ms``."""
         with self._cond:
             result = {}
             for p, log in enumerate(self._topics.get(topic, [])):
-                found = (r.offset for r in log if r.timestamp_ms >= timestamp_ms)
+                low = self._low.get(TopicPartition(topic, p), 0)
+                found = (r.offset for r in log[low:] if r.timestamp_ms >= timestamp_ms)
                 result[TopicPartition(topic, p)] = next(found, len(log))
             return result
+
+    def read(
+        self, tp: TopicPartition, start: int, end: int, timeout_s: float = 30.0
+    ) -> Iterator[Record]:
+        """Yield the records of ``tp`` with ``start <= offset < end`` (no group, no commit).
+
+        Raises:
+            BrokerError: the partition does not exist.
+        """
+        with self._cond:
+            log = self._log(tp)
+            first = max(start, self._low.get(tp, 0), 0)
+            chunk = [dataclasses.replace(r, headers=dict(r.headers)) for r in log[first:end]]
+        yield from chunk
+
+    def delete_records(self, offsets: Mapping[TopicPartition, int]) -> None:
+        """Delete, per partition, every record before the given offset (the low watermark).
+
+        Raises:
+            BrokerError: a partition does not exist or an offset is beyond its end.
+        """
+        with self._cond:
+            for tp, offset in offsets.items():
+                high = len(self._log(tp))
+                if not 0 <= offset <= high:
+                    raise BrokerError(f"cannot delete records of {tp} before {offset}: "
+                                      f"its offsets end at {high}")
+                self._low[tp] = max(self._low.get(tp, 0), offset)
 
     def close(self) -> None:
         """Serve the pending delivery callbacks."""
@@ -263,6 +300,8 @@ class MemoryConsumer(Consumer):
             if tp in self._paused:
                 continue
             log = self._broker._log(tp)
+            # Like auto.offset.reset=earliest: a position below deleted records moves up.
+            self._positions[tp] = max(self._positions[tp], self._broker._low.get(tp, 0))
             chunk = log[self._positions[tp] : self._positions[tp] + max_records - len(records)]
             records.extend(dataclasses.replace(r, headers=dict(r.headers)) for r in chunk)
             self._positions[tp] += len(chunk)
