@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
 
 from streamtasks.errors import ConfigError
+
+if TYPE_CHECKING:
+    from streamtasks.delays import DelayTier
 
 ENV_PREFIX = "STREAMTASKS_"
 
@@ -45,6 +48,8 @@ class Settings:
         log_format: ``json`` or ``console``.
         log_level: ``debug``, ``info``, ``warning``, ``error``.
         metrics_port: port of the worker's /metrics, /healthz, /readyz (0 disables).
+        delay_tiers: the delay tiers, comma-separated (``1s,5s,30s,2m,10m,1h``).
+        run_delayer: a worker also forwards its queues' delayed records when due.
     """
 
     broker: str = "kafka://127.0.0.1:9092"
@@ -67,6 +72,8 @@ class Settings:
     log_format: str = "console"
     log_level: str = "info"
     metrics_port: int = 0
+    delay_tiers: str = "1s,5s,30s,2m,10m,1h"
+    run_delayer: bool = True
     extra: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -132,6 +139,9 @@ class Settings:
             )
         if self.log_format not in ("json", "console"):
             raise ConfigError(f"log_format must be 'json' or 'console', got {self.log_format!r}")
+        from streamtasks.delays import parse_tiers
+
+        parse_tiers(self.delay_tiers)
         parse_url(self.broker, "broker")
         parse_url(self.backend, "backend")
 
@@ -142,6 +152,20 @@ class Settings:
     def dlq_topic(self, queue: str) -> str:
         """Return the dead-letter topic name of ``queue``."""
         return f"{self.namespace}.{queue}.dlq"
+
+    def tiers(self) -> tuple[DelayTier, ...]:
+        """Return the delay tiers, shortest first."""
+        from streamtasks.delays import parse_tiers
+
+        return parse_tiers(self.delay_tiers)
+
+    def tier_topic(self, queue: str, tier: DelayTier) -> str:
+        """Return the topic of one delay tier of ``queue``."""
+        return f"{self.namespace}.{queue}.delay.{tier.name}"
+
+    def delayer_group_id(self, queues: Sequence[str]) -> str:
+        """Return the consumer group forwarding the delay tiers of ``queues``."""
+        return f"{self.namespace}.{'+'.join(sorted(queues))}.delayer"
 
     def group_id(self, queue: str) -> str:
         """Return the worker consumer group of ``queue``."""
