@@ -45,3 +45,36 @@ def sleep_ms(ms: int, i: int) -> int:
 def add(a: int, b: int) -> int:
     """Add two integers."""
     return a + b
+
+
+def _now_ms() -> int:
+    import time
+
+    return time.time_ns() // 1_000_000
+
+
+@app.task(name="it.stamp")
+def stamp(i: int) -> int:
+    """Record when task ``i`` started (ms since the epoch) and return that time."""
+    started = _now_ms()
+    _record_execution(f"{i}:{started}")
+    return started
+
+
+@app.task(name="it.flaky", max_retries=3, backoff="fibonacci", backoff_s=1.0)
+def flaky(key: str, failures: int) -> int:
+    """Fail the first ``failures`` attempts of ``key``, then succeed; return the attempt."""
+    _record_execution(f"{key}:{_now_ms()}")
+    attempts = 0
+    if _LOG:
+        with open(_LOG) as log:
+            attempts = sum(1 for line in log if line.startswith(f"{key}:"))
+    if attempts <= failures:
+        raise RuntimeError(f"{key}: failing attempt {attempts} on purpose")
+    return attempts
+
+
+@app.task(name="it.always_fails", max_retries=2, backoff="fixed", backoff_s=0.5)
+def always_fails() -> None:
+    """Fail every attempt."""
+    raise RuntimeError("this task always fails")

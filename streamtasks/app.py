@@ -6,6 +6,7 @@ import atexit
 import threading
 import weakref
 from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
@@ -15,10 +16,12 @@ import structlog
 from streamtasks.backend.base import ResultBackend
 from streamtasks.broker.base import Broker, TopicSpec
 from streamtasks.codec import AvroCodec, Codec, check_arguments, to_json_text
+from streamtasks.delays import next_hop
 from streamtasks.errors import ConfigError, SendError, UnknownTaskError
 from streamtasks.headers import task_headers
 from streamtasks.message import TaskMessage, new_task_id, now_ms
 from streamtasks.result import AsyncResult
+from streamtasks.retry import RetryPolicy, call_options
 from streamtasks.settings import Settings
 from streamtasks.task import Task, TaskOptions
 
@@ -127,6 +130,11 @@ class App:
         queue: str | None = None,
         ordered: bool = False,
         time_limit_s: float | None = None,
+        max_retries: int = 0,
+        backoff: str = "exponential",
+        backoff_s: float = 1.0,
+        backoff_max_s: float = 600.0,
+        retry_on: tuple[type[BaseException], ...] | None = None,
     ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
     def task(
@@ -138,6 +146,11 @@ class App:
         queue: str | None = None,
         ordered: bool = False,
         time_limit_s: float | None = None,
+        max_retries: int = 0,
+        backoff: str = "exponential",
+        backoff_s: float = 1.0,
+        backoff_max_s: float = 600.0,
+        retry_on: tuple[type[BaseException], ...] | None = None,
     ) -> Task[P, R] | Callable[[Callable[P, R]], Task[P, R]]:
         """Register a function as a task (usable bare or with options).
 
@@ -147,10 +160,17 @@ class App:
             queue: its default queue (default: the app's ``default_queue``).
             ordered: run records sharing a key one after another, in order.
             time_limit_s: cancel an ``async def`` task after this many seconds.
+            max_retries: retries after a failure (0: a failure is final).
+            backoff: ``fixed``, ``exponential`` (full jitter) or ``fibonacci``.
+            backoff_s: the base delay between attempts.
+            backoff_max_s: the longest delay between attempts.
+            retry_on: exception types retried (default: any ``Exception``).
 
         Raises:
-            ConfigError: another task is registered under the same name.
+            ConfigError: another task is registered under the same name, or a bad
+                retry policy.
         """
+        policy = RetryPolicy(max_retries, backoff, backoff_s, backoff_max_s, retry_on)
 
         def register(func: Callable[P, R]) -> Task[P, R]:
             task_name = name or f"{func.__module__}.{func.__qualname__}"
@@ -160,6 +180,7 @@ class App:
                 queue=queue or self.settings.default_queue,
                 ordered=ordered,
                 time_limit_s=time_limit_s,
+                retry=policy,
             )
             registered: Task[P, R] = Task(self, func, task_name, options)
             self.tasks[task_name] = registered
@@ -178,7 +199,13 @@ class App:
         queue: str | None = None,
         key: str | None = None,
         task_id: str | None = None,
+        countdown_s: float | None = None,
+        eta: datetime | None = None,
         expires_s: float | None = None,
+        max_retries: int | None = None,
+        backoff: str | None = None,
+        backoff_s: float | None = None,
+        deadline_s: float | None = None,
         confirm: bool = False,
         _task: Task[Any, Any] | None = None,
     ) -> AsyncResult:
@@ -195,7 +222,14 @@ class App:
             key: partition key: tasks with one key share a partition (and keep order
                 for ``ordered`` tasks). Default: the task id.
             task_id: the id to use (default: a fresh UUID).
+            countdown_s: run no earlier than this many seconds from now.
+            eta: run no earlier than this time (an aware datetime, or naive UTC).
             expires_s: not to run after this many seconds from now.
+            max_retries: override the task's ``max_retries`` for this call.
+            backoff: override the task's backoff (``fixed``, ``exponential``,
+                ``fibonacci``).
+            backoff_s: override the task's base backoff delay.
+            deadline_s: schedule no retry later than this many seconds from now.
             confirm: wait until Kafka confirmed this task.
 
         Raises:
@@ -208,6 +242,7 @@ class App:
         kwargs = dict(kwargs or {})
         if task is not None:
             check_arguments(task.fn, args, kwargs)
+        now = now_ms()
         msg = TaskMessage(
             id=task_id or new_task_id(),
             name=name,
@@ -216,15 +251,32 @@ class App:
             args=list(args),
             kwargs=kwargs,
             key=key,
-            expires_ms=None if expires_s is None else now_ms() + int(expires_s * 1000),
+            created_ms=now,
+            eta_ms=_eta_ms(now, countdown_s, eta),
+            expires_ms=None if expires_s is None else now + int(expires_s * 1000),
+            options=call_options(
+                max_retries, backoff, backoff_s,
+                None if deadline_s is None else now + int(deadline_s * 1000),
+            ),
         )
         self.publish(msg)
         if confirm:
             self.flush(only=[msg.id])
         return AsyncResult(msg.id, self)
 
-    def publish(self, msg: TaskMessage, *, partition: int | None = None) -> None:
+    def publish(
+        self,
+        msg: TaskMessage,
+        *,
+        key: bytes | None = None,
+        partition: int | None = None,
+        headers: Mapping[str, bytes] | None = None,
+    ) -> None:
         """Queue an encoded task record on its queue's topic (no argument checks).
+
+        A task due later (``eta_ms`` in the future) goes to the delay tier that fits.
+        ``key`` defaults to the task key, else its id; ``headers`` are added to the task
+        headers (operator tools carry ``st-replay-of``, ``dlq-original-*``).
 
         Raises:
             EncodeError: a value in the message cannot be encoded.
@@ -236,10 +288,10 @@ class App:
             self._unconfirmed[msg.id] = msg.name
         try:
             self.broker.send(
-                self.settings.topic(msg.queue),
+                self.topic_for(msg, now_ms()),
                 value,
-                key=(msg.key or msg.id).encode(),
-                headers=task_headers(msg),
+                key=key if key is not None else (msg.key or msg.id).encode(),
+                headers={**task_headers(msg), **headers} if headers else task_headers(msg),
                 partition=partition,
                 on_delivery=partial(self._delivered, msg.id),
             )
@@ -247,6 +299,13 @@ class App:
             with self._lock:
                 self._unconfirmed.pop(msg.id, None)
             raise
+
+    def topic_for(self, msg: TaskMessage, now: int) -> str:
+        """Return the topic a task goes to now: its queue's, or the delay tier that fits."""
+        tier = None if msg.eta_ms is None else next_hop(self.settings.tiers(), msg.eta_ms - now)
+        if tier is None:
+            return self.settings.topic(msg.queue)
+        return self.settings.tier_topic(msg.queue, tier)
 
     def _delivered(self, task_id: str, error: str | None) -> None:
         with self._lock:
@@ -291,10 +350,9 @@ class App:
             "retention.ms": str(s.retention_ms),
         }
         count = partitions or s.partitions
-        return [
-            TopicSpec(s.topic(queue), count, s.replication_factor, dict(config)),
-            TopicSpec(s.dlq_topic(queue), count, s.replication_factor, dict(config)),
-        ]
+        names = [s.topic(queue), s.dlq_topic(queue)]
+        names += [s.tier_topic(queue, tier) for tier in s.tiers()]
+        return [TopicSpec(name, count, s.replication_factor, dict(config)) for name in names]
 
     # -- results -----------------------------------------------------------------
 
@@ -356,6 +414,17 @@ class App:
                 self._broker.close()
             if self._backend is not None:
                 self._backend.close()
+
+
+def _eta_ms(now: int, countdown_s: float | None, eta: datetime | None) -> int | None:
+    if countdown_s is not None and eta is not None:
+        raise ConfigError("give countdown_s or eta, not both")
+    if countdown_s is not None:
+        return now + int(countdown_s * 1000)
+    if eta is not None:
+        aware = eta if eta.tzinfo is not None else eta.replace(tzinfo=UTC)
+        return int(aware.timestamp() * 1000)
+    return None
 
 
 def _flush_at_exit(ref: weakref.ReferenceType[App]) -> None:

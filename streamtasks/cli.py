@@ -67,6 +67,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="worker name in result rows (default host:pid)")
     p.set_defaults(handler=_cmd_worker)
 
+    p = sub.add_parser("delayer", parents=[common],
+                       help="forward delayed and retried tasks when due (alone)")
+    p.add_argument("--queues", required=True, help="comma-separated queues")
+    p.set_defaults(handler=_cmd_delayer)
+
     p = sub.add_parser("send", parents=[common], help="send a task by name; prints its id")
     p.add_argument("name", help="registered task name")
     p.add_argument("--args", default="[]", help="positional arguments as a JSON list")
@@ -253,6 +258,23 @@ def _cmd_worker(ns: argparse.Namespace) -> int:
     worker = app.worker(queues, concurrency=ns.concurrency, max_in_flight=ns.max_in_flight,
                         name=ns.name)
     return worker.run()
+
+
+def _cmd_delayer(ns: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from streamtasks.worker.delayer import DelayForwarder
+
+    queues = [q.strip() for q in ns.queues.split(",") if q.strip()]
+    if not queues:
+        raise CliError("--queues names no queue")
+    app = _app(ns)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    DelayForwarder(app, queues).run(stop)
+    return EXIT_OK
 
 
 def _cmd_send(ns: argparse.Namespace) -> int:

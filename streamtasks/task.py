@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+
+from streamtasks.retry import RetryPolicy
 
 if TYPE_CHECKING:
     from streamtasks.app import App
@@ -23,11 +26,13 @@ class TaskOptions:
         queue: the queue it is sent to unless the call names another.
         ordered: records of one key run one after another (in partition order).
         time_limit_s: an ``async def`` task is cancelled after this many seconds.
+        retry: when and how a failure is tried again.
     """
 
     queue: str
     ordered: bool = False
     time_limit_s: float | None = None
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
 
 
 class Task(Generic[P, R]):
@@ -70,7 +75,13 @@ class Task(Generic[P, R]):
         queue: str | None = None,
         key: str | None = None,
         task_id: str | None = None,
+        countdown_s: float | None = None,
+        eta: datetime | None = None,
         expires_s: float | None = None,
+        max_retries: int | None = None,
+        backoff: str | None = None,
+        backoff_s: float | None = None,
+        deadline_s: float | None = None,
         confirm: bool = False,
     ) -> AsyncResult:
         """Send the task with options; see :meth:`App.send` for the arguments."""
@@ -81,7 +92,13 @@ class Task(Generic[P, R]):
             queue=queue or self.options.queue,
             key=key,
             task_id=task_id,
+            countdown_s=countdown_s,
+            eta=eta,
             expires_s=expires_s,
+            max_retries=max_retries,
+            backoff=backoff,
+            backoff_s=backoff_s,
+            deadline_s=deadline_s,
             confirm=confirm,
             _task=self,
         )

@@ -9,6 +9,7 @@ from streamtasks import (
     ArgumentError,
     EncodeError,
     MessageTooLargeError,
+    Retry,
     SendError,
     Settings,
     TaskFailed,
@@ -236,3 +237,99 @@ def test_a_result_that_cannot_be_stored_is_the_tasks_failure(app: App) -> None:
     with pytest.raises(TaskFailed) as info:
         result.get(timeout=1)
     assert info.value.error_type == "EncodeError"
+
+
+def _fast_tiers_app() -> App:
+    return App("t", settings=Settings(broker="memory://", backend="memory://", partitions=2,
+                                      commit_interval_s=0.0, delay_tiers="50ms,200ms"))
+
+
+def test_countdown_tasks_wait_in_the_tiers_and_never_run_early() -> None:
+    import time
+
+    app = _fast_tiers_app()
+    ran_at: dict[int, float] = {}
+
+    @app.task(name="when")
+    def when(i: int) -> None:
+        ran_at[i] = time.time()
+
+    sent_at = time.time()
+    for i, countdown in enumerate([0.0, 0.1, 0.3, 0.45]):
+        when.apply_async([i], countdown_s=countdown)
+    app.drain(timeout_s=10)
+    for i, countdown in enumerate([0.0, 0.1, 0.3, 0.45]):
+        assert ran_at[i] >= sent_at + countdown
+    assert app.broker.records("streamtasks.default.delay.200ms")  # type: ignore[attr-defined]
+    app.close()
+
+
+def test_retries_with_backoff_then_success_and_retry_raised_by_the_task() -> None:
+    app = _fast_tiers_app()
+    calls: list[int] = []
+
+    @app.task(name="flaky", max_retries=3, backoff="fixed", backoff_s=0.05)
+    def flaky() -> int:
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionError("try again")
+        return len(calls)
+
+    asked: list[int] = []
+
+    @app.task(name="asks")
+    def asks() -> str:
+        asked.append(1)
+        if len(asked) == 1:
+            raise Retry(countdown_s=0.05, reason="not ready")
+        return "ready"
+
+    r1, r2 = flaky.delay(), asks.delay()
+    app.drain(timeout_s=10)
+    assert r1.get(timeout=1) == 3
+    assert r2.get(timeout=1) == "ready"
+    meta = r1.meta()
+    assert meta is not None and meta.attempts == 3
+    app.close()
+
+
+def test_exhausted_retries_fail_and_dead_letter() -> None:
+    app = _fast_tiers_app()
+
+    @app.task(name="never", max_retries=2, backoff="fixed", backoff_s=0.01,
+              retry_on=(ValueError,))
+    def never() -> None:
+        raise ValueError("no")
+
+    @app.task(name="not_retried", max_retries=5, retry_on=(ValueError,))
+    def not_retried() -> None:
+        raise KeyError("not a ValueError")
+
+    r1, r2 = never.delay(), not_retried.delay()
+    with pytest.raises((ValueError, KeyError)):
+        app.drain(timeout_s=10)
+    for result in (r1, r2):
+        with pytest.raises(TaskFailed):
+            result.get(timeout=1)
+    assert r1.meta().attempts == 3  # type: ignore[union-attr]
+    assert r2.meta().attempts == 1  # type: ignore[union-attr]
+    reasons = sorted(r.headers["dlq-reason"] for r in _all_records(app, "streamtasks.default.dlq"))
+    assert reasons == [b"retries-exhausted", b"task-failed"]
+    app.close()
+
+
+def test_per_call_max_retries_overrides_the_task() -> None:
+    app = _fast_tiers_app()
+    calls: list[int] = []
+
+    @app.task(name="twice")
+    def twice() -> None:
+        calls.append(1)
+        raise RuntimeError("fails")
+
+    result = twice.apply_async(max_retries=1, backoff="fixed", backoff_s=0.01)
+    with pytest.raises(RuntimeError):
+        app.drain(timeout_s=10)
+    assert len(calls) == 2
+    assert result.state == states.FAILURE
+    app.close()

@@ -9,6 +9,7 @@ done watermark of each partition is ever committed.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import queue
 import signal
@@ -34,10 +35,14 @@ from streamtasks.errors import (
     EncodeError,
     MessageError,
     ResultTimeout,
+    Retry,
+    StreamTasksError,
 )
+from streamtasks.headers import task_headers
 from streamtasks.message import TaskMessage, now_ms
 from streamtasks.task import Task
 from streamtasks.worker.deadletter import dead_letter_headers
+from streamtasks.worker.delayer import DelayForwarder
 from streamtasks.worker.effects import EffectRunner, Step, StepDone
 from streamtasks.worker.executor import Executor, Outcome
 from streamtasks.worker.offsets import OffsetTracker
@@ -98,6 +103,8 @@ class Worker:
         #: Errors raised by tasks here, newest last (kept for :meth:`App.drain`).
         self.task_errors: list[BaseException] = []
         self._consumer: Consumer | None = None
+        #: Forwards this worker's delayed records when due (``run_delayer``), or None.
+        self.delayer: DelayForwarder | None = None
         self._done: queue.SimpleQueue[
             tuple[TopicPartition, int, int, tuple[TopicPartition, str] | None]
         ] = queue.SimpleQueue()
@@ -110,7 +117,8 @@ class Worker:
         self._stop = threading.Event()
         self._reapply_pauses = False
         self._last_commit = 0.0
-        self.stats = {"received": 0, "succeeded": 0, "failed": 0, "dead_lettered": 0}
+        self.stats = {"received": 0, "succeeded": 0, "failed": 0, "retried": 0,
+                      "dead_lettered": 0}
 
     # -- life cycle --------------------------------------------------------------
 
@@ -119,6 +127,9 @@ class Worker:
         for q in self.queues:
             self.app.ensure_queue(q)
         self._consumer = self.app.broker.consumer(self.group_id, list(self._topic_queue), self)
+        if self.settings.run_delayer and self.delayer is None:
+            self.delayer = DelayForwarder(self.app, self.queues)
+            self.delayer.start()
         log.info("worker started", worker=self.name, queues=self.queues, group=self.group_id,
                  concurrency=self.concurrency, max_in_flight=self.max_in_flight)
 
@@ -130,11 +141,23 @@ class Worker:
         if install_signals:
             self._install_signals()
         self.start()
+        delayer_stop = threading.Event()
+        delayer_thread = None
+        if self.delayer is not None:
+            # Its own consumer group and thread: waiting records are not this group's lag.
+            delayer_thread = threading.Thread(
+                target=self.delayer.run, args=(delayer_stop,), name="streamtasks-delayer",
+                daemon=True,
+            )
+            delayer_thread.start()
         try:
             while not self._stop.is_set():
                 self._step(self._poll_timeout())
         finally:
+            delayer_stop.set()
             self._drain(self.settings.shutdown_grace_s)
+            if delayer_thread is not None:
+                delayer_thread.join(self.settings.shutdown_grace_s + 5)
             self.close()
         return 0
 
@@ -149,7 +172,9 @@ class Worker:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             self._step(0.01)
-            if self._idle():
+            if self.delayer is not None:
+                self.delayer.step(0.0)
+            if self._idle() and (self.delayer is None or self.delayer.idle()):
                 return
         raise ResultTimeout(f"queues {self.queues} not drained within {timeout_s}s")
 
@@ -159,6 +184,8 @@ class Worker:
 
     def close(self) -> None:
         """Leave the group and stop the executor (does not wait for running tasks)."""
+        if self.delayer is not None:
+            self.delayer.close()  # a no-op when its own run() closed it
         if self._consumer is not None:
             self._consumer.close()
             self._consumer = None
@@ -221,8 +248,12 @@ class Worker:
                 raise DecodeError("record has no value (a tombstone?)")
             msg = self.app.codec.decode_task(record.value)
             task = self.app.get_task(msg.name)
-            if msg.expires_ms is not None and now_ms() > msg.expires_ms:
+            now = now_ms()
+            if msg.expires_ms is not None and now > msg.expires_ms:
                 self._expired(record, generation, msg)
+                return
+            if msg.eta_ms is not None and msg.eta_ms > now:
+                self._postpone(record, generation, msg, now)
                 return
             args, kwargs = bind_arguments(task.fn, msg.args, msg.kwargs)
         except MessageError as err:
@@ -248,18 +279,60 @@ class Worker:
 
     def _ran(self, job: _Job, outcome: Outcome) -> None:
         """Runs in an executor thread: make the outcome durable, then mark the offset."""
-        self.stats["succeeded" if outcome.error is None else "failed"] += 1
-        if outcome.error is not None:
-            if len(self.task_errors) < _MAX_KEPT_ERRORS:
-                self.task_errors.append(outcome.error)
-            log.info("task failed", task=job.msg.name, id=job.msg.id,
-                     error=f"{type(outcome.error).__name__}: {outcome.error}")
-        meta = self._meta(job.msg, outcome)
+        done = partial(self._mark_done, job.record, job.generation, self._slot(job))
+        what = f"result of {job.msg.name} {job.msg.id}"
+        error = outcome.error
+        if error is None:
+            self.stats["succeeded"] += 1
+            self.effects.run([self._store_step(self._meta(job.msg, outcome))], done, what)
+            return
+        delay_s = self._retry_delay_s(job, error)
+        if delay_s is not None:
+            self.stats["retried"] += 1
+            self.effects.run(self._retry_steps(job, outcome, delay_s), done, what)
+            return
+        self.stats["failed"] += 1
+        if len(self.task_errors) < _MAX_KEPT_ERRORS:
+            self.task_errors.append(error)
+        log.info("task failed", task=job.msg.name, id=job.msg.id, attempt=job.msg.attempt,
+                 error=f"{type(error).__name__}: {error}")
+        reason = "retries-exhausted" if job.msg.attempt > 1 else "task-failed"
         self.effects.run(
-            [self._store_step(meta)],
-            partial(self._mark_done, job.record, job.generation, self._slot(job)),
-            f"result of {job.msg.name} {job.msg.id}",
+            [self._store_step(self._meta(job.msg, outcome)),
+             self._dead_letter_step(job.record, reason, error)],
+            done, what,
         )
+
+    def _retry_delay_s(self, job: _Job, error: BaseException) -> float | None:
+        """Return the delay before the next attempt, or None when the failure is final."""
+        policy = job.task.options.retry
+        try:
+            policy = policy.with_options(job.msg.options)
+        except (ValueError, StreamTasksError) as err:
+            log.warning("malformed retry options ignored", id=job.msg.id, error=str(err))
+        if not policy.allows(error, job.msg.attempt):
+            return None
+        if isinstance(error, Retry) and error.countdown_s is not None:
+            delay_s = error.countdown_s
+        else:
+            delay_s = policy.delay_s(job.msg.attempt)
+        if policy.deadline_ms is not None and now_ms() + delay_s * 1000 > policy.deadline_ms:
+            return None
+        return delay_s
+
+    def _retry_steps(self, job: _Job, outcome: Outcome, delay_s: float) -> list[Step]:
+        """RETRY row with the last error, then the next attempt into the delay tier."""
+        meta = self._meta(job.msg, outcome)
+        meta.state = states.RETRY
+        now = now_ms()
+        again = dataclasses.replace(
+            job.msg, attempt=job.msg.attempt + 1, eta_ms=now + int(delay_s * 1000)
+        )
+        return [
+            self._store_step(meta),
+            self._send_step(self.app.topic_for(again, now), self.app.codec.encode_task(again),
+                            job.record.key, task_headers(again), job.record.partition),
+        ]
 
     def _meta(self, msg: TaskMessage, outcome: Outcome) -> TaskMeta:
         err = outcome.error
@@ -313,26 +386,33 @@ class Worker:
 
         return step
 
+    def _dead_letter_step(self, record: Record, reason: str, error: BaseException) -> Step:
+        """Send the record's original bytes to its queue's DLQ, with the reason."""
+        queue_name = self._topic_queue.get(record.topic, record.topic)
+        headers = dead_letter_headers(record, reason, error, self.group_id)
+        self.stats["dead_lettered"] += 1
+        log.warning("dead-lettered", topic=record.topic, partition=record.partition,
+                    offset=record.offset, reason=reason, error=str(error))
+        return self._send_step(self.settings.dlq_topic(queue_name), record.value or b"",
+                               record.key, headers, record.partition)
+
     def _dead_letter(
         self, record: Record, generation: int, msg: TaskMessage | None, err: MessageError
     ) -> None:
         """Send a record that can never run to the DLQ; write FAILURE when its id is known."""
-        queue_name = self._topic_queue.get(record.topic, record.topic)
-        headers = dead_letter_headers(record, err.reason, err, self.group_id)
-        steps = [
-            self._send_step(
-                self.settings.dlq_topic(queue_name), record.value or b"", record.key, headers,
-                record.partition,
-            )
-        ]
+        steps = [self._dead_letter_step(record, err.reason, err)]
         if msg is not None:
             failed = Outcome(states.FAILURE, None, err, None, now_ms(), now_ms())
             steps.insert(0, self._store_step(self._meta(msg, failed)))
-        self.stats["dead_lettered"] += 1
-        log.warning("dead-lettered", topic=record.topic, partition=record.partition,
-                    offset=record.offset, reason=err.reason, error=str(err))
         self.effects.run(steps, partial(self._mark_done, record, generation),
                          f"dead letter of {record.topic}/{record.partition}@{record.offset}")
+
+    def _postpone(self, record: Record, generation: int, msg: TaskMessage, now: int) -> None:
+        """A task not yet due (sent or replayed straight to the queue): to its delay tier."""
+        step = self._send_step(self.app.topic_for(msg, now), record.value or b"", record.key,
+                               record.headers, record.partition)
+        self.effects.run([step], partial(self._mark_done, record, generation),
+                         f"postponing {msg.id}")
 
     def _expired(self, record: Record, generation: int, msg: TaskMessage) -> None:
         meta = self._meta(msg, Outcome(states.REVOKED, None, None, None, now_ms(), now_ms()))
