@@ -45,7 +45,7 @@ from streamtasks.worker.deadletter import dead_letter_headers
 from streamtasks.worker.delayer import DelayForwarder
 from streamtasks.worker.effects import EffectRunner, Step, StepDone
 from streamtasks.worker.executor import Executor, Outcome
-from streamtasks.worker.offsets import OffsetTracker
+from streamtasks.worker.offsets import OffsetTracker, caught_up, commit_watermarks
 
 if TYPE_CHECKING:
     from streamtasks.app import App
@@ -455,15 +455,7 @@ class Worker:
         if not force and now - self._last_commit < self.settings.commit_interval_s:
             return
         self._last_commit = now
-        marks = self.tracker.watermarks()
-        if not marks:
-            return
-        try:
-            self.consumer.commit(marks, asynchronous=not force)
-        except BrokerError as err:
-            log.warning("commit failed, will retry", error=str(err))
-            return
-        self.tracker.committed(marks)
+        commit_watermarks(self.consumer, self.tracker, asynchronous=not force)
 
     def _apply_pauses(self) -> None:
         """Pause partitions: all while full (until half the room is free) or draining.
@@ -509,12 +501,7 @@ class Worker:
         while any(self._held[tp] for tp in mine) and time.monotonic() < deadline:
             self._service()
             time.sleep(0.005)
-        marks = self.tracker.watermarks(mine)
-        if marks:
-            try:
-                self.consumer.commit(marks, asynchronous=False)
-            except BrokerError as err:
-                log.warning("commit on revoke failed; records will be repeated", error=str(err))
+        commit_watermarks(self.consumer, self.tracker, mine, asynchronous=False)
         self._release(mine)
         log.info("partitions revoked", partitions=_names(mine))
 
@@ -559,13 +546,7 @@ class Worker:
         if self.outstanding or self.effects.active or not self._assigned:
             return False
         self._maybe_commit(force=True)
-        committed = self.consumer.committed(sorted(self._assigned))
-        for tp in self._assigned:
-            low, high = self.app.broker.watermarks(tp)
-            position = committed.get(tp)
-            if (position if position is not None else low) < high:
-                return False
-        return True
+        return caught_up(self.consumer, self.app.broker, self._assigned)
 
 
 def _names(partitions: Sequence[TopicPartition]) -> list[str]:

@@ -34,7 +34,7 @@ from streamtasks.errors import BrokerError, ConfigError
 from streamtasks.headers import ETA_MS, header_text
 from streamtasks.message import now_ms
 from streamtasks.worker.effects import EffectRunner, Step, StepDone
-from streamtasks.worker.offsets import OffsetTracker
+from streamtasks.worker.offsets import OffsetTracker, caught_up, commit_watermarks
 
 if TYPE_CHECKING:
     from streamtasks.app import App
@@ -197,14 +197,7 @@ class DelayForwarder:
         if self.unconfirmed or self.effects.active or self._held or not self._assigned:
             return False
         self._maybe_commit(force=True)
-        assigned = sorted(self._assigned)
-        committed = self.consumer.committed(assigned)
-        for tp in assigned:
-            low, high = self.app.broker.watermarks(tp)
-            position = committed.get(tp)
-            if (position if position is not None else low) < high:
-                return False
-        return True
+        return caught_up(self.consumer, self.app.broker, self._assigned)
 
     def _poll_timeout(self, timeout_s: float) -> float:
         wait = timeout_s
@@ -330,18 +323,7 @@ class DelayForwarder:
         if not force and now - self._last_commit < self.settings.commit_interval_s:
             return
         self._last_commit = now
-        self._commit(self.tracker.watermarks(), asynchronous=not force)
-
-    def _commit(self, marks: Mapping[TopicPartition, int], *, asynchronous: bool) -> bool:
-        if not marks:
-            return True
-        try:
-            self.consumer.commit(marks, asynchronous=asynchronous)
-        except BrokerError as err:
-            log.warning("delayer commit failed, will retry", error=str(err))
-            return False
-        self.tracker.committed(dict(marks))
-        return True
+        commit_watermarks(self.consumer, self.tracker, asynchronous=not force)
 
     def _apply_pauses(self) -> None:
         """Resume partitions whose head is due; pause everything while too much is unconfirmed.
@@ -376,7 +358,7 @@ class DelayForwarder:
         while self.unconfirmed and time.monotonic() < self._drain_deadline:
             self._service()
             time.sleep(_CONFIRM_POLL_S)
-        self._commit(self.tracker.watermarks(), asynchronous=False)
+        commit_watermarks(self.consumer, self.tracker, asynchronous=False)
         if self.unconfirmed:
             log.warning("forwards unconfirmed at stop; they will be forwarded again",
                         unconfirmed=self.unconfirmed)
@@ -405,7 +387,7 @@ class DelayForwarder:
         while any(self._unconfirmed[tp] for tp in mine) and time.monotonic() < deadline:
             self._service()
             time.sleep(_CONFIRM_POLL_S)
-        if not self._commit(self.tracker.watermarks(mine), asynchronous=False):
+        if not commit_watermarks(self.consumer, self.tracker, mine, asynchronous=False):
             log.warning("commit on revoke failed; forwards will be repeated",
                         partitions=_names(mine))
         self._release(mine)

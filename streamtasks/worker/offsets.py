@@ -9,9 +9,14 @@ records above it, and never skips one.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
-from streamtasks.broker.base import TopicPartition
+import structlog
+
+from streamtasks.broker.base import Broker, Consumer, TopicPartition
+from streamtasks.errors import BrokerError
+
+log = structlog.get_logger("streamtasks.worker")
 
 
 class PartitionOffsets:
@@ -121,3 +126,38 @@ class OffsetTracker:
     def partitions(self) -> list[TopicPartition]:
         """Partitions being tracked."""
         return list(self._parts)
+
+
+def commit_watermarks(
+    consumer: Consumer,
+    tracker: OffsetTracker,
+    partitions: Iterable[TopicPartition] | None = None,
+    *,
+    asynchronous: bool,
+) -> bool:
+    """Commit the done watermarks that moved; return False (logged) when the commit failed.
+
+    A failed commit leaves the watermarks due, so the next call commits them again.
+    """
+    marks = tracker.watermarks(partitions)
+    if not marks:
+        return True
+    try:
+        consumer.commit(marks, asynchronous=asynchronous)
+    except BrokerError as err:
+        log.warning("commit failed; it is retried, or the records are repeated",
+                    error=str(err))
+        return False
+    tracker.committed(marks)
+    return True
+
+
+def caught_up(consumer: Consumer, broker: Broker, partitions: Collection[TopicPartition]) -> bool:
+    """Whether the group's committed offset of every partition is its high watermark."""
+    committed = consumer.committed(sorted(partitions))
+    for tp in partitions:
+        low, high = broker.watermarks(tp)
+        position = committed.get(tp)
+        if (position if position is not None else low) < high:
+            return False
+    return True
