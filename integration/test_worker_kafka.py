@@ -24,13 +24,6 @@ def make_app(env: dict[str, str]) -> App:
     return App("it", settings=Settings.from_env(env=env))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def migrated() -> None:
-    app = make_app(worker_env("migrate"))
-    app.backend.migrate()
-    app.close()
-
-
 def dlq_records(topic: str, expected: int, timeout_s: float = 30) -> list:
     consumer = Consumer({"bootstrap.servers": kafka_bootstrap(), "group.id": f"read-{topic}",
                          "auto.offset.reset": "earliest", "enable.auto.commit": False})
