@@ -15,7 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 
 from streamtasks import states
-from streamtasks.backend.base import ResultBackend, TaskMeta
+from streamtasks.backend.base import GROUP_FIRED, ResultBackend, TaskMeta
 from streamtasks.backend.cassandra import CassandraBackend, load_migrations
 from streamtasks.errors import BackendError
 from streamtasks.settings import Settings
@@ -85,6 +85,24 @@ def test_rows_carry_the_ttl(cassandra: CassandraBackend) -> None:
     assert 0 < ttls[0] <= TTL_S
 
 
+def test_group_rows_carry_the_ttl(cassandra: CassandraBackend) -> None:
+    group_id = str(uuid.uuid4())
+    assert cassandra.join_group(group_id, 0, 1, {"x": 1}).result(timeout=30)
+    assert cassandra.claim_group(group_id, "record-1", GROUP_FIRED).result(timeout=30)
+    ks = cassandra.keyspace
+    queries = (
+        f'SELECT TTL(result_value) AS ttl FROM "{ks}".group_members '
+        "WHERE group_id = %s AND shard = 0",
+        # group_shards has key columns only, which TTL() cannot read; it is written
+        # with the same USING TTL as these
+        f'SELECT TTL(claimer) AS ttl FROM "{ks}".group_triggers WHERE group_id = %s',
+    )
+    for query in queries:
+        row = cassandra.session.execute(query, (group_id,)).one()
+        assert row is not None
+        assert 0 < row["ttl"] <= TTL_S
+
+
 def test_migrate_is_idempotent_on_a_fresh_keyspace() -> None:
     keyspace = "streamtasks_mig_" + uuid.uuid4().hex[:8]
     backend = make_backend(url_with_keyspace(backend_url(), keyspace))
@@ -115,6 +133,10 @@ def test_missing_tables_say_run_migrate() -> None:
         future = backend.store(TaskMeta(task_id="x", state=states.SUCCESS))
         with pytest.raises(BackendError, match="streamtasks migrate"):
             future.result(timeout=30)
+        with pytest.raises(BackendError, match="streamtasks migrate"):
+            backend.join_group("g", 0, 1, None).result(timeout=30)
+        with pytest.raises(BackendError, match="streamtasks migrate"):
+            backend.group_claim("g")
     finally:
         backend.close()
 

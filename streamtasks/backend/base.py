@@ -4,12 +4,30 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
 from streamtasks import states
 from streamtasks.errors import ResultTimeout
+
+#: Group members per shard of a group's join rows: a member reads only its shard to learn
+#: whether the shard is complete, so no partition or counter is shared by a whole group.
+GROUP_SHARD_SIZE = 64
+
+#: Outcomes recorded by :meth:`ResultBackend.claim_group`.
+GROUP_FIRED = "fired"
+GROUP_FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class GroupClaim:
+    """Who decided a group's outcome, and which (a chord's trigger row)."""
+
+    claimer: str
+    outcome: str
+    claimed_ms: int | None = None
 
 
 @dataclass(slots=True)
@@ -69,6 +87,60 @@ class ResultBackend(ABC):
         limit: int = 100,
     ) -> list[TaskMeta]:
         """List tasks of ``queue`` that entered ``state`` in ``[since_ms, until_ms)``."""
+
+    def fetch_many(self, task_ids: Sequence[str]) -> list[TaskMeta | None]:
+        """Return the rows of ``task_ids`` in the same order (None where there is none).
+
+        The default reads one by one; backends override it with concurrent reads.
+        """
+        return [self.fetch(task_id) for task_id in task_ids]
+
+    # -- groups (chords) -----------------------------------------------------------
+
+    @abstractmethod
+    def join_group(self, group_id: str, index: int, size: int, result: Any) -> Future[bool]:
+        """Record member ``index`` of group ``group_id`` (``size`` members) as succeeded.
+
+        Idempotent per (group, index): a member that runs twice overwrites its entry.
+        Members are stored in shards of :data:`GROUP_SHARD_SIZE`; a member reads only its
+        own shard, and the member completing a shard reads only the group's shard marks.
+
+        Returns:
+            A future whose value is True when, after this write, all ``size`` members are
+            recorded. Of members joining concurrently at least the last one sees True
+            (several may: :meth:`claim_group` decides who fires). Fails with BackendError.
+
+        Raises:
+            EncodeError: the result cannot be encoded (nothing is written).
+            ValueError: ``index`` is not in ``0 .. size-1`` (nothing is written).
+        """
+
+    @abstractmethod
+    def claim_group(self, group_id: str, claimer: str, outcome: str) -> Future[bool]:
+        """Decide a group's outcome once (a lightweight transaction on its trigger row).
+
+        Args:
+            group_id: the group.
+            claimer: who claims: a unique id of the member's record, so that the same
+                record delivered again claims again (and re-sends), while a duplicate
+                record of the same task does not.
+            outcome: :data:`GROUP_FIRED` (the callback is sent) or :data:`GROUP_FAILED`.
+
+        Returns:
+            A future whose value is True when this ``claimer`` holds the claim (it won
+            now, or it had won before), False when another claimer holds it.
+        """
+
+    @abstractmethod
+    def group_results(self, group_id: str, size: int) -> Future[list[Any]]:
+        """Return the results of members ``0 .. size-1`` of a group, in member order.
+
+        The future fails with BackendError when a member's entry is missing.
+        """
+
+    @abstractmethod
+    def group_claim(self, group_id: str) -> GroupClaim | None:
+        """Return the group's trigger row (who claimed it, and the outcome), or None."""
 
     def migrate(self) -> list[str]:
         """Create or upgrade the storage schema; return the migrations applied."""

@@ -11,8 +11,10 @@ URL: ``cassandra://h1:9042[,h2:9042]/keyspace?option=value&...`` with options
 - ``connect_timeout``, ``request_timeout``: seconds (default 5 and 10);
 - ``protocol_version``: native protocol version (default 5, Cassandra 4.0+; use 4 for 3.x).
 
-Writes are asynchronous (``execute_async`` of prepared statements) and bounded by
-``Settings.backend_max_in_flight``; reads are synchronous.
+Task writes are asynchronous (``execute_async`` of prepared statements) and bounded by
+``Settings.backend_max_in_flight``; task reads are synchronous (:meth:`fetch_many` reads
+concurrently, a window at a time). Group (chord) operations return futures completed by
+chains of statements, each sent from the driver's callback of the one before.
 """
 
 from __future__ import annotations
@@ -23,18 +25,22 @@ import logging
 import re
 import ssl
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
-from streamtasks.backend.base import ResultBackend, TaskMeta
-from streamtasks.backend.memory import state_time_ms
+from streamtasks.backend.base import GROUP_SHARD_SIZE, GroupClaim, ResultBackend, TaskMeta
+from streamtasks.backend.memory import (
+    check_group_member,
+    missing_members_message,
+    state_time_ms,
+)
 from streamtasks.codec.base import Codec
-from streamtasks.errors import BackendError, ConfigError, StreamTasksError
+from streamtasks.errors import BackendError, ConfigError, DecodeError, StreamTasksError
 from streamtasks.message import now_ms
 from streamtasks.settings import Settings, parse_url
 
@@ -46,6 +52,7 @@ _KEYSPACE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,47}$")
 _MIGRATION_RE = re.compile(r"^(\d+)_([A-Za-z0-9_]+)\.cql$")
 _MAX_BUCKETS = 24 * 400  # a listing never scans more hours than this
 _DDL_TIMEOUT_S = 60.0
+_READ_WINDOW = 256  # concurrent reads of one fetch_many / group_results
 
 _TASK_COLUMNS = (
     "task_id", "name", "queue", "state", "result", "result_value", "error_type",
@@ -229,6 +236,7 @@ def _flag(opts: dict[str, str], name: str, default: bool) -> bool:
 
 
 _N = TypeVar("_N", int, float)
+_S = TypeVar("_S")
 
 
 def _number(opts: dict[str, str], name: str, default: _N, kind: Callable[[str], _N]) -> _N:
@@ -263,6 +271,19 @@ class _Statements:
     insert_index: Any
     select_task: Any
     select_index: Any
+
+
+@dataclass(slots=True)
+class _GroupStatements:
+    """The statements of migration 002 (prepared on first use of a group operation)."""
+
+    insert_member: Any
+    count_members: Any
+    insert_shard: Any
+    count_shards: Any
+    select_members: Any
+    claim: Any
+    select_claim: Any
 
 
 class CassandraBackend(ResultBackend):
@@ -300,7 +321,8 @@ class CassandraBackend(ResultBackend):
         self._cluster: Any = None
         self._session: Any = None
         self._statements: _Statements | None = None
-        self._pending: set[Future[None]] = set()
+        self._group_statements: _GroupStatements | None = None
+        self._pending: set[Future[Any]] = set()
         self._pending_lock = threading.Lock()
         self._closed = False
         self._ks = f'"{self.options.keyspace}"'
@@ -401,38 +423,82 @@ class CassandraBackend(ResultBackend):
         return context
 
     def _ready(self) -> tuple[Any, _Statements]:
-        """Return the session and the prepared statements, preparing them once."""
-        statements = self._statements
+        """Return the session and the prepared task statements, preparing them once."""
+        return self._prepared_once("_statements", self._prepare)
+
+    def _prepared_once(self, attr: str, prepare: Callable[[Any], _S]) -> tuple[Any, _S]:
+        """Return the session and the statements held in ``attr``, preparing them once."""
+        statements: _S | None = getattr(self, attr)
         if statements is not None:
             return self._session, statements
         session = self._connect()
         with self._lock:
-            if self._statements is None:
-                self._statements = self._prepare(session)
-            return session, self._statements
+            statements = getattr(self, attr)
+            if statements is None:
+                statements = prepare(session)
+                setattr(self, attr, statements)
+            return session, statements
 
     def _prepare(self, session: Any) -> _Statements:
         ks = self._ks
         columns = ", ".join(_TASK_COLUMNS)
         marks = ", ".join("?" for _ in _TASK_COLUMNS)
-        texts = (
-            f"INSERT INTO {ks}.tasks ({columns}) VALUES ({marks}) USING TTL ?",
-            f"INSERT INTO {ks}.tasks_by_queue (queue, state, bucket, updated_at, task_id, name) "
-            "VALUES (?, ?, ?, ?, ?, ?) USING TTL ?",
-            f"SELECT {columns} FROM {ks}.tasks WHERE task_id = ?",
-            f"SELECT task_id, updated_at FROM {ks}.tasks_by_queue WHERE queue = ? AND state = ? "
-            "AND bucket = ? AND updated_at >= ? AND updated_at < ?",
+        return _Statements(**self._prepare_all(session, {
+            "insert_task": f"INSERT INTO {ks}.tasks ({columns}) VALUES ({marks}) USING TTL ?",
+            "insert_index": f"INSERT INTO {ks}.tasks_by_queue (queue, state, bucket, updated_at, "
+            "task_id, name) VALUES (?, ?, ?, ?, ?, ?) USING TTL ?",
+            "select_task": f"SELECT {columns} FROM {ks}.tasks WHERE task_id = ?",
+            "select_index": f"SELECT task_id, updated_at FROM {ks}.tasks_by_queue WHERE queue = ? "
+            "AND state = ? AND bucket = ? AND updated_at >= ? AND updated_at < ?",
+        }))
+
+    def _ready_groups(self) -> tuple[Any, _GroupStatements]:
+        """Return the session and the group statements, preparing them once.
+
+        Kept apart from :meth:`_ready`, so that task rows keep working on a keyspace
+        not yet migrated to 002.
+        """
+        return self._prepared_once("_group_statements", self._prepare_groups)
+
+    def _prepare_groups(self, session: Any) -> _GroupStatements:
+        from cassandra import ConsistencyLevel
+
+        ks = self._ks
+        statements = _GroupStatements(**self._prepare_all(session, {
+            "insert_member": f"INSERT INTO {ks}.group_members (group_id, shard, member, "
+            "result_value, joined_at) VALUES (?, ?, ?, ?, ?) USING TTL ?",
+            "count_members": f"SELECT COUNT(*) AS n FROM {ks}.group_members "
+            "WHERE group_id = ? AND shard = ?",
+            "insert_shard": f"INSERT INTO {ks}.group_shards (group_id, shard) VALUES (?, ?) "
+            "USING TTL ?",
+            "count_shards": f"SELECT COUNT(*) AS n FROM {ks}.group_shards WHERE group_id = ?",
+            "select_members": f"SELECT member, result_value FROM {ks}.group_members "
+            "WHERE group_id = ? AND shard = ?",
+            # CQL wants IF NOT EXISTS before USING TTL
+            "claim": f"INSERT INTO {ks}.group_triggers (group_id, claimer, outcome, claimed_at) "
+            "VALUES (?, ?, ?, ?) IF NOT EXISTS USING TTL ?",
+            "select_claim": f"SELECT claimer, outcome, claimed_at FROM {ks}.group_triggers "
+            "WHERE group_id = ?",
+        }))
+        # the Paxos phase of the claim: in the local data center when the configured
+        # consistency is a LOCAL_ one, else across data centers
+        local = self.options.consistency.startswith("LOCAL_")
+        statements.claim.serial_consistency_level = (
+            ConsistencyLevel.LOCAL_SERIAL if local else ConsistencyLevel.SERIAL
         )
-        prepared = []
-        for text in texts:
+        return statements
+
+    def _prepare_all(self, session: Any, texts: dict[str, str]) -> dict[str, Any]:
+        """Prepare every statement of ``texts`` (by name) at the configured consistency."""
+        prepared = {}
+        for name, text in texts.items():
             try:
                 statement = session.prepare(text)
             except Exception as err:
                 raise self._error(err, "preparing statements") from err
             statement.consistency_level = self._consistency
-            prepared.append(statement)
-        insert_task, insert_index, select_task, select_index = prepared
-        return _Statements(insert_task, insert_index, select_task, select_index)
+            prepared[name] = statement
+        return prepared
 
     # ---------------------------------------------------------------- migrations
 
@@ -475,7 +541,9 @@ class CassandraBackend(ResultBackend):
             done.append(migration.name)
         if done:
             with self._lock:
-                self._statements = None  # tables may have changed: prepare again
+                # tables may have changed: prepare again
+                self._statements = None
+                self._group_statements = None
         return done
 
     def applied_migrations(self) -> list[str]:
@@ -603,11 +671,39 @@ class CassandraBackend(ResultBackend):
 
         """
         session, statements = self._ready()
-        try:
-            row = session.execute(statements.select_task, (task_id,)).one()
-        except Exception as err:
-            raise self._error(err, f"fetching task {task_id}") from err
+        row = self._read_one(session, statements.select_task, (task_id,),
+                             f"fetching task {task_id}")
         return None if row is None else self._to_meta(row)
+
+    def _read_one(
+        self, session: Any, statement: Any, params: tuple[Any, ...], action: str
+    ) -> dict[str, Any] | None:
+        """Run a single-row read; BackendError naming ``action`` when it fails."""
+        try:
+            row: dict[str, Any] | None = session.execute(statement, params).one()
+        except Exception as err:
+            raise self._error(err, action) from err
+        return row
+
+    def fetch_many(self, task_ids: Sequence[str]) -> list[TaskMeta | None]:
+        """Return the rows of ``task_ids`` in the same order (None where there is none).
+
+        Reads concurrently, at most 256 rows in flight.
+
+        Raises:
+            BackendError: Cassandra failed a read.
+
+        """
+        if not task_ids:
+            return []
+        session, statements = self._ready()
+
+        def wrap(err: BaseException, position: int) -> BackendError:
+            return self._error(err, f"fetching task {task_ids[position]}")
+
+        requests = [(statements.select_task, (task_id,)) for task_id in task_ids]
+        pages = _Gather(session, requests, wrap, list).start().result()
+        return [self._to_meta(rows[0]) if rows else None for rows in pages]
 
     def list_tasks(
         self,
@@ -717,6 +813,150 @@ class CassandraBackend(ResultBackend):
             extra=dict(row["extra"] or {}),
         )
 
+    # ---------------------------------------------------------------- groups
+
+    def join_group(self, group_id: str, index: int, size: int, result: Any) -> Future[bool]:
+        """Record member ``index`` of the group and tell whether the group is complete.
+
+        Four statements, each sent from the driver's callback of the one before: write the
+        member's row; count the rows of its shard; when the shard is complete, write the
+        shard's mark; count the marks. Each read follows its write at the configured
+        consistency, so of members joining concurrently the last to write sees True (with
+        replication above 1 this needs a QUORUM-class consistency, as the default
+        LOCAL_QUORUM). No counter; only the shard marks share a partition per group.
+
+        Returns:
+            A future whose value is True when all ``size`` members are recorded, or
+            failed with BackendError.
+
+        Raises:
+            EncodeError: the result cannot be encoded (nothing is written).
+            ValueError: ``index`` is not in ``0 .. size-1`` (nothing is written).
+
+        """
+        check_group_member(group_id, index, size)
+        value = None if result is None else self._codec.encode_value(result)
+        future: Future[bool] = Future()
+        try:
+            session, statements = self._ready_groups()
+        except BackendError as err:
+            future.set_exception(err)
+            return future
+        self._track(future)
+
+        def wrap(err: BaseException) -> BackendError:
+            return self._error(err, f"joining group {group_id} (member {index} of {size})")
+
+        join = _GroupJoin(session, statements, future, wrap, group_id, index, size)
+        join.start(value, self._ttl_s)
+        return future
+
+    def claim_group(self, group_id: str, claimer: str, outcome: str) -> Future[bool]:
+        """Claim the group for ``claimer`` by a lightweight transaction (INSERT IF NOT EXISTS).
+
+        Returns:
+            A future whose value is True when ``claimer`` holds the claim, False when
+            another does. It fails with BackendError, also when Cassandra cannot tell
+            whether the claim was applied (a CAS write timeout, e.g. under contention):
+            claiming again with the same claimer is safe and then tells.
+
+        """
+        future: Future[bool] = Future()
+        try:
+            session, statements = self._ready_groups()
+        except BackendError as err:
+            future.set_exception(err)
+            return future
+        self._track(future)
+
+        def wrap(err: BaseException) -> BackendError:
+            return self._error(err, f"claiming group {group_id}")
+
+        def claimed(rows: list[dict[str, Any]]) -> None:
+            # not applied: the row returned is the one that exists, with its claimer
+            row = rows[0]
+            future.set_result(bool(row["[applied]"]) or row.get("claimer") == claimer)
+
+        params = (group_id, claimer, outcome, now_ms(), self._ttl_s)
+        _send_then(session, statements.claim, params, future, wrap, claimed)
+        return future
+
+    def group_results(self, group_id: str, size: int) -> Future[list[Any]]:
+        """Read the members' results, every shard concurrently, and return them in order.
+
+        Returns:
+            A future of the results of members ``0 .. size-1``; failed with BackendError
+            when Cassandra fails a read or a member's entry is missing, with DecodeError
+            when a stored result cannot be decoded.
+
+        """
+        try:
+            session, statements = self._ready_groups()
+        except BackendError as err:
+            failed: Future[list[Any]] = Future()
+            failed.set_exception(err)
+            return failed
+        shards = -(-size // GROUP_SHARD_SIZE) if size > 0 else 0
+        requests = [(statements.select_members, (group_id, shard)) for shard in range(shards)]
+
+        def wrap(err: BaseException, shard: int) -> BackendError:
+            return self._error(err, f"reading group {group_id} (shard {shard})")
+
+        def assemble(pages: list[list[dict[str, Any]]]) -> list[Any]:
+            return self._member_results(group_id, size, pages)
+
+        future = _Gather(session, requests, wrap, assemble).start()
+        self._track(future)
+        return future
+
+    def _member_results(
+        self, group_id: str, size: int, pages: list[list[dict[str, Any]]]
+    ) -> list[Any]:
+        blobs = {
+            row["member"]: row["result_value"]
+            for rows in pages
+            for row in rows
+            if row["member"] < size
+        }
+        missing = [index for index in range(size) if index not in blobs]
+        if missing:
+            raise BackendError(missing_members_message(group_id, size, missing))
+        results = []
+        for index in range(size):
+            blob = blobs[index]
+            try:
+                results.append(None if blob is None else self._codec.decode_value(bytes(blob)))
+            except Exception as err:
+                raise DecodeError(
+                    f"group {group_id}: the stored result of member {index} cannot be "
+                    f"decoded ({err})"
+                ) from err
+        return results
+
+    def group_claim(self, group_id: str) -> GroupClaim | None:
+        """Return who claimed the group and the outcome, or None when nobody has.
+
+        Raises:
+            BackendError: Cassandra failed the read.
+
+        """
+        session, statements = self._ready_groups()
+        row = self._read_one(session, statements.select_claim, (group_id,),
+                             f"reading the claim of group {group_id}")
+        if row is None:
+            return None
+        return GroupClaim(row["claimer"], row["outcome"], _to_ms(row["claimed_at"]))
+
+    def _track(self, future: Future[Any]) -> None:
+        """Keep ``future`` until it is done, so that :meth:`close` waits for it."""
+        with self._pending_lock:
+            self._pending.add(future)
+        future.add_done_callback(self._untrack)
+
+    def _untrack(self, future: Future[Any]) -> None:
+        with self._pending_lock:
+            self._pending.discard(future)
+
     # ---------------------------------------------------------------- errors, close
 
     def _error(self, err: BaseException, action: str) -> BackendError:
@@ -776,7 +1016,7 @@ class CassandraBackend(ResultBackend):
         return BackendError(f"{where}: {action} failed: {type(err).__name__}: {message}")
 
     def close(self, timeout_s: float | None = None) -> None:
-        """Wait for in-flight stores (up to ``timeout_s``, default the request timeout).
+        """Wait for in-flight writes (up to ``timeout_s``, default the request timeout).
 
         Then shut the cluster connection down. Later calls raise BackendError.
         """
@@ -789,6 +1029,7 @@ class CassandraBackend(ResultBackend):
             self._closed = True
             cluster, self._cluster, self._session = self._cluster, None, None
             self._statements = None
+            self._group_statements = None
         if cluster is not None:
             cluster.shutdown()
 
@@ -833,6 +1074,174 @@ class _StoreWrite:
             self._future.set_result(None)
         else:
             self._future.set_exception(self._wrap(error))
+
+
+_T = TypeVar("_T")
+
+
+class _Gather(Generic[_T]):
+    """Runs reads with at most ``_READ_WINDOW`` in flight, each sent from a callback.
+
+    Its future gets ``finish(pages)``, the rows of every statement in order (the first
+    page: the reads here return at most a shard or a row), or the first error, as
+    ``wrap(error, position of the statement)``. An error of ``finish`` fails it as is.
+    """
+
+    def __init__(
+        self,
+        session: Any,
+        requests: Sequence[tuple[Any, tuple[Any, ...]]],
+        wrap: Callable[[BaseException, int], BackendError],
+        finish: Callable[[list[list[dict[str, Any]]]], _T],
+    ) -> None:
+        self.future: Future[_T] = Future()
+        self._session = session
+        self._requests = requests
+        self._wrap = wrap
+        self._finish = finish
+        self._pages: list[list[dict[str, Any]]] = [[] for _ in requests]
+        self._next = 0
+        self._left = len(requests)
+        self._over = False
+        self._lock = threading.Lock()
+
+    def start(self) -> Future[_T]:
+        """Send the first window of reads; return the future."""
+        if not self._requests:
+            self._complete()
+        for _ in range(min(_READ_WINDOW, len(self._requests))):
+            self._send_next()
+        return self.future
+
+    def _send_next(self) -> None:
+        with self._lock:
+            if self._over or self._next >= len(self._requests):
+                return
+            position = self._next
+            self._next += 1
+        statement, params = self._requests[position]
+        try:
+            response = self._session.execute_async(statement, params)
+        except Exception as err:  # e.g. the session was shut down
+            self._failed(err, position)
+            return
+        response.add_callbacks(
+            self._succeeded, self._failed, callback_args=(position,), errback_args=(position,)
+        )
+
+    def _succeeded(self, rows: list[dict[str, Any]] | None, position: int) -> None:
+        with self._lock:
+            self._pages[position] = rows or []
+            self._left -= 1
+            last = self._left == 0 and not self._over
+            self._over = self._over or last
+        if last:
+            self._complete()
+        else:
+            self._send_next()
+
+    def _failed(self, err: BaseException, position: int) -> None:
+        with self._lock:
+            if self._over:
+                return
+            self._over = True
+        self.future.set_exception(self._wrap(err, position))
+
+    def _complete(self) -> None:
+        try:
+            value = self._finish(self._pages)
+        except Exception as err:
+            self.future.set_exception(err)
+            return
+        self.future.set_result(value)
+
+
+class _GroupJoin:
+    """The steps of :meth:`CassandraBackend.join_group`, each sent from a driver callback.
+
+    Member ``index`` of a group of ``size`` lies in shard ``index // GROUP_SHARD_SIZE``;
+    every shard holds ``GROUP_SHARD_SIZE`` members but the last, which holds the rest.
+    """
+
+    def __init__(
+        self,
+        session: Any,
+        statements: _GroupStatements,
+        future: Future[bool],
+        wrap: Callable[[BaseException], BackendError],
+        group_id: str,
+        index: int,
+        size: int,
+    ) -> None:
+        self._session = session
+        self._statements = statements
+        self._future = future
+        self._wrap = wrap
+        self._group_id = group_id
+        self._index = index
+        self._shard = index // GROUP_SHARD_SIZE
+        self._shard_size = min(GROUP_SHARD_SIZE, size - self._shard * GROUP_SHARD_SIZE)
+        self._shards = -(-size // GROUP_SHARD_SIZE)
+        self._ttl_s = 0
+
+    def start(self, value: bytes | None, ttl_s: int) -> None:
+        """Write the member's row (``value``, expiring after ``ttl_s``); the rest follows."""
+        self._ttl_s = ttl_s
+        params = (self._group_id, self._shard, self._index, value, now_ms(), ttl_s)
+        self._send(self._statements.insert_member, params, self._member_written)
+
+    def _member_written(self, _rows: object) -> None:
+        params = (self._group_id, self._shard)
+        self._send(self._statements.count_members, params, self._members_counted)
+
+    def _members_counted(self, rows: list[dict[str, Any]]) -> None:
+        if rows[0]["n"] < self._shard_size:
+            self._future.set_result(False)
+            return
+        params = (self._group_id, self._shard, self._ttl_s)
+        self._send(self._statements.insert_shard, params, self._shard_marked)
+
+    def _shard_marked(self, _rows: object) -> None:
+        self._send(self._statements.count_shards, (self._group_id,), self._shards_counted)
+
+    def _shards_counted(self, rows: list[dict[str, Any]]) -> None:
+        self._future.set_result(rows[0]["n"] == self._shards)
+
+    def _send(
+        self, statement: Any, params: tuple[Any, ...], then: Callable[[Any], None]
+    ) -> None:
+        _send_then(self._session, statement, params, self._future, self._wrap, then)
+
+
+def _send_then(
+    session: Any,
+    statement: Any,
+    params: tuple[Any, ...],
+    future: Future[Any],
+    wrap: Callable[[BaseException], BackendError],
+    then: Callable[[Any], None],
+) -> None:
+    """Send a statement; on success call ``then(rows)``, on any error fail ``future``.
+
+    ``then`` runs on the driver's I/O thread: it may send the next statement, never wait.
+    """
+
+    def failed(err: BaseException) -> None:
+        if not future.done():
+            future.set_exception(wrap(err))
+
+    def succeeded(rows: Any) -> None:
+        try:
+            then(rows)
+        except Exception as err:  # never let an error escape into the driver
+            failed(err)
+
+    try:
+        response = session.execute_async(statement, params)
+    except Exception as err:  # e.g. the session was shut down
+        failed(err)
+        return
+    response.add_callbacks(succeeded, failed)
 
 
 def _to_ms(value: datetime | None) -> int | None:

@@ -10,9 +10,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import threading
+from collections.abc import Sequence
 from concurrent.futures import Future
+from typing import Any
 
-from streamtasks.backend.base import ResultBackend, TaskMeta
+from streamtasks.backend.base import GroupClaim, ResultBackend, TaskMeta
 from streamtasks.codec.base import Codec
 from streamtasks.errors import BackendError
 from streamtasks.message import now_ms
@@ -30,6 +32,29 @@ def state_time_ms(meta: TaskMeta, default_ms: int | None = None) -> int:
     return now_ms() if default_ms is None else default_ms
 
 
+def check_group_member(group_id: str, index: int, size: int) -> None:
+    """Check that ``index`` can be a member of a group of ``size`` members.
+
+    Raises:
+        ValueError: ``size`` is below 1 or ``index`` is not in ``0 .. size-1``.
+
+    """
+    if size < 1 or not 0 <= index < size:
+        raise ValueError(
+            f"group {group_id}: member index {index} is not in 0 .. size-1 (size {size})"
+        )
+
+
+def missing_members_message(group_id: str, size: int, missing: Sequence[int]) -> str:
+    """Return the error message for members of a group whose entry is missing."""
+    shown = ", ".join(str(index) for index in missing[:10])
+    more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+    return (
+        f"group {group_id}: no result stored for member(s) {shown}{more} of {size}; "
+        "they have not joined yet, or their entries expired (result_expires_s)"
+    )
+
+
 class MemoryBackend(ResultBackend):
     """A dict of task rows guarded by a lock.
 
@@ -44,6 +69,8 @@ class MemoryBackend(ResultBackend):
         self._codec = codec
         self._lock = threading.Lock()
         self._rows: dict[str, tuple[TaskMeta, int]] = {}
+        self._groups: dict[str, dict[int, Any]] = {}
+        self._claims: dict[str, GroupClaim] = {}
         self._fail_next = 0
         self._fail_error: BackendError | None = None
         self._stores = 0
@@ -58,13 +85,10 @@ class MemoryBackend(ResultBackend):
         future: Future[None] = Future()
         with self._lock:
             self._stores += 1
-            if self._fail_next > 0:
-                self._fail_next -= 1
-                error = self._fail_error or BackendError(
-                    f"memory backend: injected write failure for task {meta.task_id}"
-                )
-                future.set_exception(error)
-                return future
+            error = self._injected_failure(f"task {meta.task_id}")
+        if error is not None:
+            future.set_exception(error)
+            return future
         row = self._copy(meta, from_caller=True)
         updated = state_time_ms(row)
         with self._lock:
@@ -99,11 +123,75 @@ class MemoryBackend(ResultBackend):
         found.sort(key=lambda item: (-item[0], item[1].task_id))
         return [self._copy(meta) for _, meta in found[: max(limit, 0)]]
 
+    def fetch_many(self, task_ids: Sequence[str]) -> list[TaskMeta | None]:
+        """Return copies of the rows of ``task_ids`` in order (None where there is none)."""
+        with self._lock:
+            items = [self._rows.get(task_id) for task_id in task_ids]
+        return [None if item is None else self._copy(item[0]) for item in items]
+
+    # -- groups ----------------------------------------------------------------------
+
+    def join_group(self, group_id: str, index: int, size: int, result: Any) -> Future[bool]:
+        """Record member ``index`` of the group; the returned future is already done.
+
+        Fails the future when :meth:`fail_writes` injects a failure.
+
+        Raises:
+            EncodeError: the result cannot be encoded by the codec (nothing is stored).
+            ValueError: ``index`` is not in ``0 .. size-1``.
+
+        """
+        check_group_member(group_id, index, size)
+        value = self._own(result)
+        future: Future[bool] = Future()
+        with self._lock:
+            error = self._injected_failure(f"group {group_id} member {index}")
+        if error is not None:
+            future.set_exception(error)
+            return future
+        with self._lock:
+            members = self._groups.setdefault(group_id, {})
+            members[index] = value
+            # indexes are checked against size, so a full dict holds exactly 0 .. size-1
+            complete = len(members) >= size
+        future.set_result(complete)
+        return future
+
+    def claim_group(self, group_id: str, claimer: str, outcome: str) -> Future[bool]:
+        """Claim the group for ``claimer`` unless another holds it; the future is done."""
+        future: Future[bool] = Future()
+        with self._lock:
+            held = self._claims.setdefault(group_id, GroupClaim(claimer, outcome, now_ms()))
+        future.set_result(held.claimer == claimer)
+        return future
+
+    def group_results(self, group_id: str, size: int) -> Future[list[Any]]:
+        """Return copies of the members' results in order; the future is already done."""
+        future: Future[list[Any]] = Future()
+        with self._lock:
+            members = dict(self._groups.get(group_id, {}))
+        missing = [index for index in range(size) if index not in members]
+        if missing:
+            future.set_exception(BackendError(missing_members_message(group_id, size, missing)))
+        else:
+            future.set_result([copy.deepcopy(members[index]) for index in range(size)])
+        return future
+
+    def group_claim(self, group_id: str) -> GroupClaim | None:
+        """Return who claimed the group and its outcome, or None."""
+        with self._lock:
+            return self._claims.get(group_id)
+
+    # -- test hooks --------------------------------------------------------------
+
     def fail_writes(self, n: int, error: BackendError | None = None) -> None:
-        """Test hook: make the next ``n`` stores fail with ``error`` (a BackendError).
+        """Test hook: make the next ``n`` writes fail with ``error`` (a BackendError).
+
+        Writes are :meth:`store` and :meth:`join_group` calls, counted together in call
+        order; :meth:`claim_group` is never failed.
 
         Args:
-            n: how many of the following :meth:`store` calls fail (0 stops failing).
+            n: how many of the following writes fail (0 stops failing).
             error: the error their futures fail with; a generic BackendError by default.
 
         """
@@ -118,13 +206,27 @@ class MemoryBackend(ResultBackend):
             return self._stores
 
     def clear(self) -> None:
-        """Forget every row."""
+        """Forget every row, group member and group claim."""
         with self._lock:
             self._rows.clear()
+            self._groups.clear()
+            self._claims.clear()
+
+    def _injected_failure(self, what: str) -> BackendError | None:
+        """Consume one injected failure, if any (call with the lock held)."""
+        if self._fail_next <= 0:
+            return None
+        self._fail_next -= 1
+        return self._fail_error or BackendError(
+            f"memory backend: injected write failure for {what}"
+        )
+
+    def _own(self, value: Any) -> Any:
+        """Return a copy of a caller's value, as it would come back from Cassandra."""
+        if self._codec is not None:
+            return self._codec.decode_value(self._codec.encode_value(value))
+        return copy.deepcopy(value)
 
     def _copy(self, meta: TaskMeta, from_caller: bool = False) -> TaskMeta:
-        if from_caller and self._codec is not None:
-            result = self._codec.decode_value(self._codec.encode_value(meta.result))
-        else:
-            result = copy.deepcopy(meta.result)
+        result = self._own(meta.result) if from_caller else copy.deepcopy(meta.result)
         return dataclasses.replace(meta, result=result, extra=dict(meta.extra))

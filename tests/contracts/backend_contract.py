@@ -12,18 +12,26 @@ from __future__ import annotations
 
 import base64
 import json
+import random
 import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 
 from streamtasks import states
-from streamtasks.backend.base import ResultBackend, TaskMeta
+from streamtasks.backend.base import (
+    GROUP_FAILED,
+    GROUP_FIRED,
+    GROUP_SHARD_SIZE,
+    ResultBackend,
+    TaskMeta,
+)
 from streamtasks.codec.base import Codec
-from streamtasks.errors import ResultTimeout
+from streamtasks.errors import BackendError, EncodeError, ResultTimeout
 from streamtasks.message import TaskMessage, now_ms
 
 MINUTE_MS = 60_000
@@ -281,3 +289,165 @@ class BackendContract:
                                          finished_ms=at))
         listed = backend.list_tasks(queue, states.FAILURE, at - 1, at + 1)
         assert [m.task_id for m in listed] == ids
+
+    # ------------------------------------------------------------------ fetch_many
+
+    def test_fetch_many_keeps_order_and_gives_none_for_unknown(
+        self, backend: ResultBackend, queue: str
+    ) -> None:
+        metas = [full_meta(new_id(), queue) for _ in range(3)]
+        for meta in metas:
+            self.store(backend, meta)
+        ids = [metas[2].task_id, new_id(), metas[0].task_id, metas[1].task_id, metas[2].task_id]
+        assert backend.fetch_many(ids) == [metas[2], None, metas[0], metas[1], metas[2]]
+        assert backend.fetch_many([]) == []
+
+    def test_fetch_many_of_more_rows_than_one_read_window(
+        self, backend: ResultBackend, queue: str
+    ) -> None:
+        metas = [TaskMeta(task_id=new_id(), state=states.SUCCESS, queue=queue, result=i)
+                 for i in range(600)]
+        for future in [backend.store(meta) for meta in metas]:
+            assert future.result(timeout=60) is None
+        ids = [meta.task_id for meta in reversed(metas)]
+        ids.insert(300, new_id())
+        expected: list[TaskMeta | None] = list(reversed(metas))
+        expected.insert(300, None)
+        assert backend.fetch_many(ids) == expected
+
+    # ------------------------------------------------------------------ groups
+
+    def join(self, backend: ResultBackend, group_id: str, index: int, size: int,
+             result: Any = None) -> bool:
+        complete = backend.join_group(group_id, index, size, result).result(timeout=30)
+        assert type(complete) is bool
+        return complete
+
+    def claim(self, backend: ResultBackend, group_id: str, claimer: str,
+              outcome: str = GROUP_FIRED) -> bool:
+        won = backend.claim_group(group_id, claimer, outcome).result(timeout=30)
+        assert type(won) is bool
+        return won
+
+    @pytest.mark.parametrize("size", [1, 2 * GROUP_SHARD_SIZE + 2])
+    def test_group_is_complete_only_when_the_last_member_joins(
+        self, backend: ResultBackend, size: int
+    ) -> None:
+        group_id = new_id()
+        order = list(range(size))
+        random.Random(size).shuffle(order)
+        seen = [self.join(backend, group_id, index, size, index) for index in order]
+        assert seen == [False] * (size - 1) + [True]
+        assert backend.group_results(group_id, size).result(timeout=30) == list(range(size))
+
+    def test_joining_again_is_idempotent(self, backend: ResultBackend) -> None:
+        group_id = new_id()
+        size = GROUP_SHARD_SIZE + 6  # two shards, the second one partial
+        last = size - 1
+        for index in range(last):
+            assert not self.join(backend, group_id, index, size, f"first {index}")
+        # Given all members but the last joined, when some join again (in both shards),
+        # then the group is still incomplete
+        assert not self.join(backend, group_id, 0, size, "again 0")
+        assert not self.join(backend, group_id, last - 1, size, f"first {last - 1}")
+        assert self.join(backend, group_id, last, size, f"first {last}")
+        # a member that joins again after completion still sees the group complete
+        assert self.join(backend, group_id, 3, size, "again 3")
+        assert self.join(backend, group_id, last, size, f"first {last}")
+        results = backend.group_results(group_id, size).result(timeout=30)
+        assert results[0] == "again 0" and results[3] == "again 3"  # the last write wins
+        assert results[1:3] == ["first 1", "first 2"]
+        assert results[4:] == [f"first {i}" for i in range(4, size)]
+
+    def test_group_results_in_member_order_with_exact_types(
+        self, backend: ResultBackend
+    ) -> None:
+        group_id = new_id()
+        size = GROUP_SHARD_SIZE + 3
+        results: list[Any] = [{"member": i, **exact_result()} for i in range(size)]
+        results[1] = None
+        results[2] = 2**63
+        results[GROUP_SHARD_SIZE] = b"\x00raw"
+        for index in reversed(range(size)):
+            self.join(backend, group_id, index, size, results[index])
+        got = backend.group_results(group_id, size).result(timeout=30)
+        assert got == results
+        assert got[1] is None
+        assert type(got[2]) is int
+        assert type(got[GROUP_SHARD_SIZE]) is bytes
+        for value in (got[0], got[-1]):
+            assert type(value["big"]) is int
+            assert type(value["raw"]) is bytes
+            assert type(value["items"][1]) is list
+
+    def test_group_results_name_the_missing_members(self, backend: ResultBackend) -> None:
+        group_id = new_id()
+        size = GROUP_SHARD_SIZE + 6
+        missing = (3, GROUP_SHARD_SIZE + 2)
+        for index in range(size):
+            if index not in missing:
+                assert not self.join(backend, group_id, index, size, index)
+        with pytest.raises(BackendError, match=rf"{group_id}.* 3, {GROUP_SHARD_SIZE + 2} of"):
+            backend.group_results(group_id, size).result(timeout=30)
+        with pytest.raises(BackendError, match=r"member\(s\) 0, 1 of 2"):
+            backend.group_results(new_id(), 2).result(timeout=30)
+
+    def test_join_refuses_an_index_outside_the_group(self, backend: ResultBackend) -> None:
+        group_id = new_id()
+        for index, size in ((2, 2), (-1, 2), (0, 0)):
+            with pytest.raises(ValueError, match="index"):
+                backend.join_group(group_id, index, size, None)
+        assert self.join(backend, group_id, 0, 1, "ok")  # nothing was written before
+
+    def test_join_with_an_unencodable_result_writes_nothing(
+        self, backend: ResultBackend
+    ) -> None:
+        group_id = new_id()
+        with pytest.raises(EncodeError):
+            backend.join_group(group_id, 0, 1, object())
+        with pytest.raises(BackendError, match=group_id):
+            backend.group_results(group_id, 1).result(timeout=30)
+
+    def test_claim_group_is_won_once(self, backend: ResultBackend) -> None:
+        group_id = new_id()
+        assert backend.group_claim(group_id) is None
+        before = now_ms()
+        assert self.claim(backend, group_id, "record-a", GROUP_FIRED)
+        assert not self.claim(backend, group_id, "record-b", GROUP_FIRED)
+        assert not self.claim(backend, group_id, "record-b", GROUP_FAILED)
+        # the same record delivered again claims again, whatever outcome it asks for
+        assert self.claim(backend, group_id, "record-a", GROUP_FAILED)
+        claim = backend.group_claim(group_id)
+        assert claim is not None
+        assert (claim.claimer, claim.outcome) == ("record-a", GROUP_FIRED)
+        assert claim.claimed_ms is not None
+        assert before - MINUTE_MS <= claim.claimed_ms <= now_ms() + MINUTE_MS
+        assert backend.group_claim(new_id()) is None
+
+    def test_concurrent_joins_complete_the_group_and_one_claimer_wins(
+        self, backend: ResultBackend
+    ) -> None:
+        group_id = new_id()
+        size, workers = 200, 8
+        start = threading.Barrier(workers)
+
+        def run_members(worker: int) -> dict[int, bool]:
+            """Join this worker's members; claim for each that saw the group complete."""
+            start.wait(timeout=30)
+            claims = {}
+            for index in range(worker, size, workers):
+                if self.join(backend, group_id, index, size, index):
+                    claims[index] = self.claim(backend, group_id, f"member-{index}")
+            return claims
+
+        with ThreadPoolExecutor(workers) as pool:
+            outcomes = [f.result(timeout=60)
+                        for f in [pool.submit(run_members, w) for w in range(workers)]]
+        claims = {index: won for outcome in outcomes for index, won in outcome.items()}
+        assert claims, "no member saw the group complete"
+        winners = [index for index, won in claims.items() if won]
+        assert len(winners) == 1, claims
+        claim = backend.group_claim(group_id)
+        assert claim is not None
+        assert claim.claimer == f"member-{winners[0]}"
+        assert backend.group_results(group_id, size).result(timeout=30) == list(range(size))
