@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -73,3 +74,13 @@ def workers(env: dict[str, str], count: int, **options: object) -> Iterator[list
                 p.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 p.proc.kill()
+
+
+def wait_lines(path: Path, lines: int, timeout_s: float) -> None:
+    """Wait until the file at ``path`` has ``lines`` lines (an execution log)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_bytes().count(b"\n") >= lines:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"fewer than {lines} executions within {timeout_s}s")

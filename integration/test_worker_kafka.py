@@ -14,7 +14,7 @@ from confluent_kafka import Consumer
 
 from integration._rows import Rows
 from integration._services import REPO, kafka_bootstrap, require_restartable, services
-from integration._workers import WorkerProcess, new_namespace, worker_env, workers
+from integration._workers import WorkerProcess, new_namespace, wait_lines, worker_env, workers
 from streamtasks import App, Settings, TaskFailed, states
 
 pytestmark = pytest.mark.integration
@@ -117,7 +117,7 @@ def test_a_worker_killed_mid_run_loses_nothing(tmp_path: Path) -> None:
         ids = [app.send("it.count", args=[i]).id for i in range(total)]
         app.flush(timeout_s=120)
         # When one worker is SIGKILLed mid-run and started again
-        _wait_lines(log, total // 4, timeout_s=300)
+        wait_lines(log, total // 4, timeout_s=300)
         procs[0].kill()
         procs.append(WorkerProcess(env))
         # Then every task ends with one SUCCESS row, none lost
@@ -157,12 +157,3 @@ def test_an_outage_under_load_loses_nothing(service: str) -> None:
     print(f"\n{service} outage of 20 s: {counts[states.SUCCESS]}/{total} SUCCESS")
     assert counts[states.SUCCESS] == total
     app.close()
-
-
-def _wait_lines(path: Path, lines: int, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if path.exists() and path.read_bytes().count(b"\n") >= lines:
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"fewer than {lines} executions within {timeout_s}s")

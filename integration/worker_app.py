@@ -78,3 +78,39 @@ def flaky(key: str, failures: int) -> int:
 def always_fails() -> None:
     """Fail every attempt."""
     raise RuntimeError("this task always fails")
+
+
+@app.task(name="it.mul")
+def mul(a: int, b: int) -> int:
+    """Multiply two integers."""
+    return a * b
+
+
+@app.task(name="it.sum")
+def total(numbers: list[int]) -> int:
+    """Sum a list of integers (a chord body)."""
+    return sum(numbers)
+
+
+@app.task(name="it.collect")
+def collect(results: list[int]) -> list[int]:
+    """Record one execution with how many results came, and return them (a chord body)."""
+    _record_execution(f"collect:{len(results)}")
+    return results
+
+
+@app.task(name="it.on_error")
+def on_error(task_id: str, error: str) -> str:
+    """Record one execution of an error callback."""
+    _record_execution(f"on_error:{task_id}")
+    return error
+
+
+@app.task(name="it.member")
+def member(i: int, ms: int) -> int:
+    """Hold a slot ``ms`` milliseconds, record ``i:pid`` and return ``i`` doubled."""
+    import time
+
+    time.sleep(ms / 1000)
+    _record_execution(f"{i}:{os.getpid()}")
+    return i * 2

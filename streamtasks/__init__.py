@@ -19,8 +19,9 @@ from streamtasks.errors import (
     TaskRevoked,
     UnknownTaskError,
 )
-from streamtasks.result import AsyncResult
+from streamtasks.result import AsyncResult, ChainResult, GroupResult
 from streamtasks.settings import Settings
+from streamtasks.signature import Chain, Chord, Group, Signature, chain, chord, group
 from streamtasks.task import Task
 
 __all__ = [
@@ -29,20 +30,29 @@ __all__ = [
     "AsyncResult",
     "BackendError",
     "BrokerError",
+    "Chain",
+    "ChainResult",
+    "Chord",
     "ConfigError",
     "DecodeError",
     "EncodeError",
+    "Group",
+    "GroupResult",
     "MessageTooLargeError",
     "ResultTimeout",
     "Retry",
     "SendError",
     "Settings",
+    "Signature",
     "StreamTasksError",
     "Task",
     "TaskError",
     "TaskFailed",
     "TaskRevoked",
     "UnknownTaskError",
+    "chain",
+    "chord",
+    "group",
     "states",
 ]
 __version__ = "0.1.0"

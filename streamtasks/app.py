@@ -6,6 +6,7 @@ import atexit
 import threading
 import weakref
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -17,7 +18,7 @@ from streamtasks.backend.base import ResultBackend
 from streamtasks.broker.base import Broker, TopicSpec
 from streamtasks.codec import AvroCodec, Codec, check_arguments, to_json_text
 from streamtasks.delays import next_hop
-from streamtasks.errors import ConfigError, SendError, UnknownTaskError
+from streamtasks.errors import ConfigError, MessageTooLargeError, SendError, UnknownTaskError
 from streamtasks.headers import task_headers
 from streamtasks.message import TaskMessage, new_task_id, now_ms
 from streamtasks.result import AsyncResult
@@ -32,6 +33,16 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 log = structlog.get_logger("streamtasks.app")
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """One encoded task record, ready to send: where, what, its key and headers."""
+
+    topic: str
+    value: bytes
+    key: bytes
+    headers: dict[str, bytes]
 
 
 class App:
@@ -264,6 +275,24 @@ class App:
             self.flush(only=[msg.id])
         return AsyncResult(msg.id, self)
 
+    def publish_all(self, messages: Sequence[TaskMessage], confirm: bool = False) -> None:
+        """Send the first tasks of a workflow: check them all, then queue them all.
+
+        Raises:
+            ArgumentError: a message's arguments do not fit a task registered here
+                (nothing is sent).
+            EncodeError: a value cannot be encoded.
+            SendError: with ``confirm``, Kafka did not confirm every task.
+        """
+        for msg in messages:
+            task = self.tasks.get(msg.name)
+            if task is not None:
+                check_arguments(task.fn, msg.args, msg.kwargs)
+        for msg in messages:
+            self.publish(msg)
+        if confirm:
+            self.flush(only=[msg.id for msg in messages])
+
     def publish(
         self,
         msg: TaskMessage,
@@ -282,16 +311,15 @@ class App:
             EncodeError: a value in the message cannot be encoded.
             MessageTooLargeError: the record exceeds ``max_message_bytes``.
         """
-        self.ensure_queue(msg.queue)
-        value = self.codec.encode_task(msg)
+        out = self.outgoing(msg, now_ms())
         with self._lock:
             self._unconfirmed[msg.id] = msg.name
         try:
             self.broker.send(
-                self.topic_for(msg, now_ms()),
-                value,
-                key=key if key is not None else (msg.key or msg.id).encode(),
-                headers={**task_headers(msg), **headers} if headers else task_headers(msg),
+                out.topic,
+                out.value,
+                key=key if key is not None else out.key,
+                headers={**out.headers, **headers} if headers else out.headers,
                 partition=partition,
                 on_delivery=partial(self._delivered, msg.id),
             )
@@ -299,6 +327,24 @@ class App:
             with self._lock:
                 self._unconfirmed.pop(msg.id, None)
             raise
+
+    def outgoing(self, msg: TaskMessage, now: int) -> Outgoing:
+        """Encode a task into the record that sends it now (its queue's topics made ready).
+
+        Raises:
+            EncodeError: a value in the message cannot be encoded.
+            MessageTooLargeError: the record exceeds ``max_message_bytes``.
+        """
+        self.ensure_queue(msg.queue)
+        value = self.codec.encode_task(msg)
+        limit = self.broker.max_message_bytes
+        if len(value) > limit:
+            raise MessageTooLargeError(
+                f"task {msg.name} {msg.id} is {len(value)} bytes encoded, over the limit of "
+                f"{limit} bytes (setting max_message_bytes); nothing was sent"
+            )
+        return Outgoing(self.topic_for(msg, now), value, (msg.key or msg.id).encode(),
+                        task_headers(msg))
 
     def topic_for(self, msg: TaskMessage, now: int) -> str:
         """Return the topic a task goes to now: its queue's, or the delay tier that fits."""

@@ -96,6 +96,10 @@ class TaskRevoked(TaskError):
     """The task was revoked or expired before it ran."""
 
 
+class TaskExpired(TaskRevoked):
+    """The task expired (``expires_s``) before a worker ran it."""
+
+
 class ResultTimeout(TaskError, TimeoutError):
     """The result was not final within the time asked for."""
 

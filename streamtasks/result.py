@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from streamtasks import states
 from streamtasks.backend.base import TaskMeta
-from streamtasks.errors import TaskFailed, TaskRevoked
+from streamtasks.errors import ResultTimeout, TaskFailed, TaskRevoked
 
 if TYPE_CHECKING:
     from streamtasks.app import App
@@ -17,11 +19,13 @@ class AsyncResult:
 
     Attributes:
         id: the task id.
+        parent: for a chord's result, the result of its group; else None.
     """
 
-    def __init__(self, task_id: str, app: App) -> None:
+    def __init__(self, task_id: str, app: App, parent: ResultHandle | None = None) -> None:
         self.id = task_id
         self.app = app
+        self.parent = parent
 
     def __repr__(self) -> str:
         return f"<AsyncResult {self.id}>"
@@ -79,3 +83,150 @@ def unwrap(meta: TaskMeta, propagate: bool = True) -> Any:
     raise TaskFailed(
         meta.task_id, meta.error_type or "Error", meta.error_message or "", meta.traceback or ""
     )
+
+
+class ChainResult:
+    """The result of a chain: the last step's, with every step's result reachable.
+
+    Attributes:
+        steps: one result per step, in order (a group step's :class:`GroupResult`; a
+            chord step gives its group's result, then its body's steps).
+        last: the last step's result.
+        id: the last step's id.
+        parent: for a chord whose body is this chain, the result of its group.
+    """
+
+    def __init__(self, steps: Sequence[ResultHandle]) -> None:
+        self.steps = list(steps)
+        self.last: ResultHandle = self.steps[-1]
+        self.id: str = self.last.id
+        self.parent: ResultHandle | None = None
+
+    def __repr__(self) -> str:
+        return f"<ChainResult {[step.id for step in self.steps]}>"
+
+    @property
+    def state(self) -> str:
+        """The last step's state."""
+        return self.last.state
+
+    def ready(self) -> bool:
+        """Whether the last step reached a final state."""
+        return self.last.ready()
+
+    def get(self, timeout: float | None = None, propagate: bool = True) -> Any:
+        """Wait for the last step and return its result (see :meth:`AsyncResult.get`).
+
+        A failed step fails the steps after it, so this raises the first failure.
+        """
+        return self.last.get(timeout=timeout, propagate=propagate)
+
+
+class GroupResult:
+    """The results of a group's members, in group order.
+
+    Attributes:
+        id: the group id.
+        results: one result per member (a chain member's :class:`ChainResult`).
+    """
+
+    def __init__(self, group_id: str, results: Sequence[ResultHandle], app: App) -> None:
+        self.id: str = group_id
+        self.results = list(results)
+        self.app = app
+        self.parent: ResultHandle | None = None
+
+    def __repr__(self) -> str:
+        return f"<GroupResult {self.id} ({len(self.results)} members)>"
+
+    def __len__(self) -> int:
+        return len(self.results)
+
+    @property
+    def state(self) -> str:
+        """FAILURE when a member failed, SUCCESS when all succeeded, else PENDING."""
+        rows = self._rows()
+        if any(row is not None and row.state == states.FAILURE for row in rows):
+            return states.FAILURE
+        if all(row is not None and row.state == states.SUCCESS for row in rows):
+            return states.SUCCESS
+        return states.PENDING
+
+    def completed_count(self) -> int:
+        """How many members succeeded."""
+        return sum(1 for row in self._rows() if row is not None and row.state == states.SUCCESS)
+
+    def ready(self) -> bool:
+        """Whether every member reached a final state."""
+        return all(row is not None and row.ready for row in self._rows())
+
+    def successful(self) -> bool:
+        """Whether every member succeeded."""
+        return self.completed_count() == len(self.results)
+
+    def failed(self) -> bool:
+        """Whether a member failed."""
+        return self.state == states.FAILURE
+
+    def get(
+        self, timeout: float | None = None, propagate: bool = True,
+        interval_s: float = 0.02, max_interval_s: float = 0.5,
+    ) -> list[Any]:
+        """Wait for every member and return their results in group order.
+
+        Only members not yet final are read again, in one concurrent batch per poll.
+
+        Args:
+            timeout: seconds to wait at most (None: for ever).
+            propagate: raise the first failed member's error (in group order); else a
+                failed member's result is None.
+            interval_s: the first pause between polls (it grows to ``max_interval_s``).
+            max_interval_s: the longest pause between polls.
+
+        Raises:
+            ResultTimeout: not every member finished within ``timeout``.
+            TaskFailed: a member failed (with ``propagate``).
+        """
+        ids = self._leaf_ids()
+        rows: list[TaskMeta | None] = [None] * len(ids)
+        waiting = list(range(len(ids)))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = interval_s
+        while True:
+            fetched = self.app.backend.fetch_many([ids[i] for i in waiting])
+            for i, row in zip(waiting, fetched, strict=True):
+                rows[i] = row
+            waiting = [i for i in waiting if not _final(rows[i])]
+            if not waiting:
+                return [unwrap(row, propagate) for row in rows if row is not None]
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ResultTimeout(
+                        f"group {self.id}: {len(waiting)} of {len(ids)} members not finished "
+                        f"within {timeout}s (first: {ids[waiting[0]]})"
+                    )
+                delay = min(delay, left)
+            time.sleep(delay)
+            delay = min(delay * 1.5, max_interval_s)
+
+    def _leaf_ids(self) -> list[str]:
+        """The id of the task whose result is each member's result."""
+        return [_last_task(member).id for member in self.results]
+
+    def _rows(self) -> list[TaskMeta | None]:
+        return self.app.backend.fetch_many(self._leaf_ids())
+
+
+#: Any handle on a result: a task's, a chain's or a group's.
+ResultHandle: TypeAlias = AsyncResult | ChainResult | GroupResult
+
+
+def _last_task(handle: ResultHandle) -> AsyncResult | GroupResult:
+    while isinstance(handle, ChainResult):
+        handle = handle.last
+    return handle
+
+
+def _final(row: TaskMeta | None) -> bool:
+    return row is not None and row.ready

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ from streamtasks.retry import RetryPolicy
 if TYPE_CHECKING:
     from streamtasks.app import App
     from streamtasks.result import AsyncResult
+    from streamtasks.signature import Signature
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -57,6 +59,21 @@ class Task(Generic[P, R]):
 
     def __repr__(self) -> str:
         return f"<Task {self.name} queue={self.options.queue}>"
+
+    def s(self, *args: Any, **kwargs: Any) -> Signature:
+        """Return a signature of a call (for workflows and callbacks).
+
+        In a chain, the previous step's result is appended to ``args`` when it runs
+        (see ``docs/workflows.md``).
+        """
+        from streamtasks.signature import Signature
+
+        return Signature(self.name, args, kwargs, options={"queue": self.options.queue},
+                         app=self.app)
+
+    def si(self, *args: Any, **kwargs: Any) -> Signature:
+        """Return an immutable signature: it runs with exactly these arguments."""
+        return dataclasses.replace(self.s(*args, **kwargs), immutable=True)
 
     def delay(self, *args: P.args, **kwargs: P.kwargs) -> AsyncResult:
         """Send the task with these arguments to its queue; return at once.

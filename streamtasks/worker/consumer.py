@@ -30,21 +30,21 @@ from streamtasks.backend.base import TaskMeta
 from streamtasks.broker.base import Consumer, Record, TopicPartition
 from streamtasks.codec import bind_arguments
 from streamtasks.errors import (
-    BrokerError,
     DecodeError,
-    EncodeError,
     MessageError,
     ResultTimeout,
     Retry,
     StreamTasksError,
+    TaskExpired,
 )
 from streamtasks.headers import task_headers
 from streamtasks.message import TaskMessage, now_ms
 from streamtasks.task import Task
 from streamtasks.worker.deadletter import dead_letter_headers
 from streamtasks.worker.delayer import DelayForwarder
-from streamtasks.worker.effects import EffectRunner, Step, StepDone
+from streamtasks.worker.effects import EffectRunner, Step, send_step, store_step
 from streamtasks.worker.executor import Executor, Outcome
+from streamtasks.worker.flows import FOLLOW_UP_ERRORS, FollowUps, claimer_of
 from streamtasks.worker.offsets import OffsetTracker, caught_up, commit_watermarks
 
 if TYPE_CHECKING:
@@ -99,6 +99,7 @@ class Worker:
         self._topic_queue = {self.settings.topic(q): q for q in self.queues}
         self.tracker = OffsetTracker()
         self.effects = EffectRunner()
+        self.flows = FollowUps(app, self.name)
         self.executor = Executor(self.concurrency)
         #: Errors raised by tasks here, newest last (kept for :meth:`App.drain`).
         self.task_errors: list[BaseException] = []
@@ -190,6 +191,7 @@ class Worker:
             self._consumer.close()
             self._consumer = None
         self.executor.shutdown(wait=False)
+        self.flows.close()
         self.app.broker.flush(5.0)
 
     def _install_signals(self) -> None:
@@ -283,9 +285,19 @@ class Worker:
         what = f"result of {job.msg.name} {job.msg.id}"
         error = outcome.error
         if error is None:
-            self.stats["succeeded"] += 1
-            self.effects.run([self._store_step(self._meta(job.msg, outcome))], done, what)
-            return
+            try:
+                follow_ups = self.flows.after_success(job.msg, outcome.result,
+                                                      claimer_of(job.record))
+            except FOLLOW_UP_ERRORS as err:
+                # what follows cannot be sent (and never will): the task fails visibly
+                error = err
+                outcome = Outcome(states.FAILURE, None, err, None, outcome.started_ms,
+                                  outcome.finished_ms)
+            else:
+                self.stats["succeeded"] += 1
+                meta = self._meta(job.msg, outcome)
+                self.effects.run([store_step(self.app.backend, meta), *follow_ups], done, what)
+                return
         delay_s = self._retry_delay_s(job, error)
         if delay_s is not None:
             self.stats["retried"] += 1
@@ -298,13 +310,16 @@ class Worker:
                  error=f"{type(error).__name__}: {error}")
         reason = "retries-exhausted" if job.msg.attempt > 1 else "task-failed"
         self.effects.run(
-            [self._store_step(self._meta(job.msg, outcome)),
-             self._dead_letter_step(job.record, reason, error)],
+            [store_step(self.app.backend, self._meta(job.msg, outcome)),
+             self._dead_letter_step(job.record, reason, error),
+             *self.flows.after_failure(job.msg, error, claimer_of(job.record))],
             done, what,
         )
 
     def _retry_delay_s(self, job: _Job, error: BaseException) -> float | None:
         """Return the delay before the next attempt, or None when the failure is final."""
+        if isinstance(error, FOLLOW_UP_ERRORS):
+            return None
         policy = job.task.options.retry
         try:
             policy = policy.with_options(job.msg.options)
@@ -329,9 +344,10 @@ class Worker:
             job.msg, attempt=job.msg.attempt + 1, eta_ms=now + int(delay_s * 1000)
         )
         return [
-            self._store_step(meta),
-            self._send_step(self.app.topic_for(again, now), self.app.codec.encode_task(again),
-                            job.record.key, task_headers(again), job.record.partition),
+            store_step(self.app.backend, meta),
+            send_step(self.app.broker, self.app.topic_for(again, now),
+                      self.app.codec.encode_task(again), job.record.key, task_headers(again),
+                      job.record.partition),
         ]
 
     def _meta(self, msg: TaskMessage, outcome: Outcome) -> TaskMeta:
@@ -356,36 +372,6 @@ class Worker:
             group_index=msg.group_index,
         )
 
-    def _store_step(self, meta: TaskMeta) -> Step:
-        backend = self.app.backend
-
-        def step(done: StepDone) -> None:
-            try:
-                future = backend.store(meta)  # the codec converts dataclasses / models
-            except EncodeError as err:
-                # The task ran, but its result cannot be stored: that is the task's
-                # failure (retrying would give the same), not the backend's.
-                meta.state, meta.result = states.FAILURE, None
-                meta.error_type, meta.error_message = type(err).__name__, str(err)
-                future = backend.store(meta)
-            future.add_done_callback(lambda f: done(f.exception()))
-
-        return step
-
-    def _send_step(
-        self, topic: str, value: bytes, key: bytes | None, headers: dict[str, bytes],
-        partition: int,
-    ) -> Step:
-        broker = self.app.broker
-
-        def step(done: StepDone) -> None:
-            broker.send(
-                topic, value, key=key, headers=headers, partition=partition,
-                on_delivery=lambda error: done(None if error is None else BrokerError(error)),
-            )
-
-        return step
-
     def _dead_letter_step(self, record: Record, reason: str, error: BaseException) -> Step:
         """Send the record's original bytes to its queue's DLQ, with the reason."""
         queue_name = self._topic_queue.get(record.topic, record.topic)
@@ -393,7 +379,7 @@ class Worker:
         self.stats["dead_lettered"] += 1
         log.warning("dead-lettered", topic=record.topic, partition=record.partition,
                     offset=record.offset, reason=reason, error=str(error))
-        return self._send_step(self.settings.dlq_topic(queue_name), record.value or b"",
+        return send_step(self.app.broker, self.settings.dlq_topic(queue_name), record.value or b"",
                                record.key, headers, record.partition)
 
     def _dead_letter(
@@ -403,21 +389,25 @@ class Worker:
         steps = [self._dead_letter_step(record, err.reason, err)]
         if msg is not None:
             failed = Outcome(states.FAILURE, None, err, None, now_ms(), now_ms())
-            steps.insert(0, self._store_step(self._meta(msg, failed)))
+            steps.insert(0, store_step(self.app.backend, self._meta(msg, failed)))
+            steps += self.flows.after_failure(msg, err, claimer_of(record))
         self.effects.run(steps, partial(self._mark_done, record, generation),
                          f"dead letter of {record.topic}/{record.partition}@{record.offset}")
 
     def _postpone(self, record: Record, generation: int, msg: TaskMessage, now: int) -> None:
         """A task not yet due (sent or replayed straight to the queue): to its delay tier."""
-        step = self._send_step(self.app.topic_for(msg, now), record.value or b"", record.key,
-                               record.headers, record.partition)
+        step = send_step(self.app.broker, self.app.topic_for(msg, now), record.value or b"",
+                         record.key, record.headers, record.partition)
         self.effects.run([step], partial(self._mark_done, record, generation),
                          f"postponing {msg.id}")
 
     def _expired(self, record: Record, generation: int, msg: TaskMessage) -> None:
         meta = self._meta(msg, Outcome(states.REVOKED, None, None, None, now_ms(), now_ms()))
         meta.error_type, meta.error_message = "Expired", f"expired at {msg.expires_ms} ms"
-        self.effects.run([self._store_step(meta)], partial(self._mark_done, record, generation),
+        expired = TaskExpired(f"task {msg.id} expired at {msg.expires_ms} ms before it ran")
+        steps = [store_step(self.app.backend, meta),
+                 *self.flows.after_failure(msg, expired, claimer_of(record))]
+        self.effects.run(steps, partial(self._mark_done, record, generation),
                          f"expiry of {msg.id}")
 
     def _mark_done(

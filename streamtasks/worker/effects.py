@@ -12,10 +12,19 @@ import heapq
 import itertools
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import structlog
+
+from streamtasks import states
+from streamtasks.backend.base import ResultBackend, TaskMeta
+from streamtasks.broker.base import Broker
+from streamtasks.errors import BrokerError, EncodeError
+
+if TYPE_CHECKING:
+    from streamtasks.app import Outgoing
 
 log = structlog.get_logger("streamtasks.worker")
 
@@ -37,6 +46,12 @@ class _Chain:
 class EffectRunner:
     """Runs chains of steps in order, retrying a failed step after a backoff.
 
+    A chain's first step starts in the caller's thread; every later step (and
+    ``on_done``) starts from :meth:`run_due`, in the worker's loop thread. Steps finish
+    on other threads (the Cassandra driver's I/O thread, a delivery callback), and a
+    step may block for a moment (a first connection, a full queue): started from the
+    driver's I/O thread, it would wait for the very thread it blocks.
+
     Args:
         first_backoff_s: delay before the first retry of a failed step.
         max_backoff_s: the delay doubles per failure up to this.
@@ -46,6 +61,7 @@ class EffectRunner:
         self.first_backoff_s = first_backoff_s
         self.max_backoff_s = max_backoff_s
         self._due: list[tuple[float, int, _Chain]] = []
+        self._ready: list[_Chain] = []
         self._seq = itertools.count()
         self._lock = threading.Lock()
         self._active = 0
@@ -62,10 +78,13 @@ class EffectRunner:
         self._start(_Chain(steps, on_done, what))
 
     def run_due(self) -> None:
-        """Restart the steps whose backoff has passed (call from the worker loop)."""
+        """Start the next steps of chains, and failed steps whose backoff has passed.
+
+        Call it from the worker loop.
+        """
         now = time.monotonic()
-        ready: list[_Chain] = []
         with self._lock:
+            ready, self._ready = self._ready, []
             while self._due and self._due[0][0] <= now:
                 ready.append(heapq.heappop(self._due)[2])
         for chain in ready:
@@ -87,7 +106,8 @@ class EffectRunner:
             if error is None:
                 chain.index += 1
                 chain.failures = 0
-                self._start(chain)
+                with self._lock:
+                    self._ready.append(chain)
             else:
                 self._retry_later(chain, error)
 
@@ -110,3 +130,87 @@ class EffectRunner:
             )
         with self._lock:
             heapq.heappush(self._due, (time.monotonic() + delay, next(self._seq), chain))
+
+
+def store_step(backend: ResultBackend, meta: TaskMeta) -> Step:
+    """A step that writes ``meta``; a result that cannot be encoded is stored as FAILURE.
+
+    The task ran, but a result that cannot be stored is the task's failure (retrying
+    would give the same), not the backend's.
+    """
+
+    def step(done: StepDone) -> None:
+        try:
+            future = backend.store(meta)  # the codec converts dataclasses / models
+        except EncodeError as err:
+            meta.state, meta.result = states.FAILURE, None
+            meta.error_type, meta.error_message = type(err).__name__, str(err)
+            future = backend.store(meta)
+        future.add_done_callback(lambda f: done(f.exception()))
+
+    return step
+
+
+def store_all_step(backend: ResultBackend, metas: Sequence[TaskMeta]) -> Step:
+    """A step that writes several rows at once; done when all are durable."""
+
+    def step(done: StepDone) -> None:
+        gather = _Gather(len(metas), done)
+        for meta in metas:
+            backend.store(meta).add_done_callback(lambda f: gather.one(f.exception()))
+
+    return step
+
+
+def send_step(
+    broker: Broker, topic: str, value: bytes, key: bytes | None, headers: Mapping[str, bytes],
+    partition: int | None,
+) -> Step:
+    """A step that sends one record; done when the broker confirmed it."""
+
+    def step(done: StepDone) -> None:
+        broker.send(
+            topic, value, key=key, headers=headers, partition=partition,
+            on_delivery=lambda error: done(None if error is None else BrokerError(error)),
+        )
+
+    return step
+
+
+def send_all_step(broker: Broker, records: Sequence[Outgoing]) -> Step:
+    """A step that sends encoded task records; done when the broker confirmed all.
+
+    A retry sends them all again: follow-up ids are fixed, so a repeat is a duplicate
+    record of the same task, never a new task.
+    """
+
+    def step(done: StepDone) -> None:
+        gather = _Gather(len(records), done)
+        for out in records:
+            broker.send(
+                out.topic, out.value, key=out.key, headers=out.headers,
+                on_delivery=lambda error: gather.one(None if error is None else BrokerError(error)),
+            )
+
+    return step
+
+
+class _Gather:
+    """Calls ``done`` once, after ``parts`` answers: with the first error, if any."""
+
+    def __init__(self, parts: int, done: StepDone) -> None:
+        self._left = parts
+        self._done = done
+        self._error: BaseException | None = None
+        self._lock = threading.Lock()
+        if parts == 0:
+            done(None)
+
+    def one(self, error: BaseException | None) -> None:
+        with self._lock:
+            if error is not None and self._error is None:
+                self._error = error
+            self._left -= 1
+            if self._left:
+                return
+        self._done(self._error)

@@ -1,0 +1,231 @@
+"""What follows a finished task in a workflow, as durable effect steps.
+
+The worker appends these steps after a task's own row: the record's offset is
+committed only once its follow-ups are confirmed, so a crash repeats them (with the
+same task ids), never loses them.
+
+Chords: each member records its result in the backend (:meth:`join_group`); the
+members that see the group complete race for its trigger row (:meth:`claim_group`, a
+lightweight transaction), and only the winner sends the body. The claimer is the
+member's *record* (topic, partition, offset): the same record delivered again after a
+crash claims again and re-sends, while a duplicate record of a member does not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from streamtasks import states
+from streamtasks.backend.base import GROUP_FAILED, GROUP_FIRED, TaskMeta
+from streamtasks.broker.base import Record
+from streamtasks.errors import ConfigError, EncodeError, MessageTooLargeError
+from streamtasks.message import TaskMessage, now_ms
+from streamtasks.worker.effects import Step, StepDone, send_all_step, store_all_step
+from streamtasks.workflow import (
+    Node,
+    broken_continuation,
+    chord_failure_text,
+    error_text,
+    launch,
+    on_chord_failure,
+    on_failure,
+    on_success,
+    task_nodes,
+)
+
+if TYPE_CHECKING:
+    from streamtasks.app import App, Outgoing
+
+log = structlog.get_logger("streamtasks.worker")
+
+#: Errors that make follow-ups impossible to send (retrying gives the same).
+FOLLOW_UP_ERRORS = (ConfigError, EncodeError, MessageTooLargeError)
+
+
+def claimer_of(record: Record) -> str:
+    """Return the identity of a record, as a chord trigger's claimer."""
+    return f"{record.topic}/{record.partition}@{record.offset}"
+
+
+class FollowUps:
+    """Builds the effect steps that start what follows a task.
+
+    Args:
+        app: the app (its broker, backend and codec).
+        worker: this worker's name, written in the rows it marks FAILURE.
+    """
+
+    def __init__(self, app: App, worker: str) -> None:
+        self.app = app
+        self.worker = worker
+        self._default_queue = app.settings.default_queue
+        # chord bookkeeping waits on Cassandra round trips: never on the consumer thread
+        self._pool = ThreadPoolExecutor(2, thread_name_prefix="streamtasks-chord")
+
+    def close(self) -> None:
+        """Stop the chord bookkeeping threads (steps not yet started are dropped)."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def after_success(self, msg: TaskMessage, result: Any, claimer: str) -> list[Step]:
+        """Return the steps that start a succeeded task's continuation and callbacks.
+
+        Raises:
+            ConfigError: a malformed workflow node in the message.
+            EncodeError: the result cannot be passed on.
+            MessageTooLargeError: a follow-up task would be too large to send.
+        """
+        now = now_ms()
+        plan = on_success(msg, result, self._default_queue, now)
+        steps = self._send_steps(plan.messages, now)
+        if plan.join is not None:
+            self.app.codec.encode_value(result)  # the join stores it: fail now, not forever
+            steps.append(self._join_step(msg, plan.join, result, claimer))
+        return steps
+
+    def after_failure(
+        self, msg: TaskMessage, error: BaseException, claimer: str
+    ) -> list[Step]:
+        """Return the steps after a task failed for good (or can never run).
+
+        Error callbacks start, the rest of its chain is marked FAILURE, and a chord it
+        belongs to fails (once).
+        """
+        now = now_ms()
+        try:
+            steps = self._send_steps(on_failure(msg, error, self._default_queue, now), now)
+        except FOLLOW_UP_ERRORS as err:
+            log.error("error callbacks cannot be sent", id=msg.id, error=str(err))
+            steps = []
+        broken = broken_continuation(msg)
+        if broken.doomed:
+            text = f"upstream task {msg.id} ({msg.name}) failed: {error_text(error)}"
+            metas = [self._doomed(node, msg, type(error).__name__, text, now)
+                     for node in broken.doomed]
+            steps.append(store_all_step(self.app.backend, metas))
+        if broken.join is not None:
+            steps.append(self._chord_failure_step(msg, broken.join, error, claimer))
+        return steps
+
+    # -- steps ----------------------------------------------------------------------
+
+    def _send_steps(self, messages: Sequence[TaskMessage], now: int) -> list[Step]:
+        if not messages:
+            return []
+        return [send_all_step(self.app.broker, [self.app.outgoing(m, now) for m in messages])]
+
+    def _join_step(self, msg: TaskMessage, join: Node, result: Any, claimer: str) -> Step:
+        """Record the member; if it completes the chord and wins the claim, fire the body.
+
+        The join (every member) completes on the backend's callbacks, holding no thread;
+        only the member that sees the group complete uses the pool to claim and fire.
+        """
+        backend = self.app.backend
+        group_id, size = str(join["group"]), int(join["size"])
+
+        def fire() -> list[Outgoing]:
+            if not backend.claim_group(group_id, claimer, GROUP_FIRED).result():
+                return []
+            results = backend.group_results(group_id, size).result()
+            now = now_ms()
+            try:
+                messages = launch(join["body"], [results], [], msg, self._default_queue, now)
+                records = [self.app.outgoing(m, now) for m in messages]
+            except FOLLOW_UP_ERRORS as err:
+                log.error("chord body cannot be sent: the chord fails", group=group_id,
+                          error=str(err))
+                self._store_failed(join, msg, err, f"chord {group_id}: the body cannot be "
+                                   f"sent: {error_text(err)}", now)
+                return []
+            log.info("chord fired", group=group_id, size=size, by=msg.id)
+            return records
+
+        def step(done: StepDone) -> None:
+            def joined(future: Future[bool]) -> None:
+                error = future.exception()
+                if error is not None:
+                    done(error)
+                elif future.result():
+                    self._threaded(fire)(done)
+                else:
+                    done(None)
+
+            backend.join_group(group_id, int(join["index"]), size, result).add_done_callback(
+                joined
+            )
+
+        return step
+
+    def _chord_failure_step(
+        self, msg: TaskMessage, join: Node, error: BaseException, claimer: str
+    ) -> Step:
+        """Fail the chord once: the body's rows FAILURE, the error callbacks sent."""
+        group_id = str(join["group"])
+
+        def work() -> list[Outgoing]:
+            if not self.app.backend.claim_group(group_id, claimer, GROUP_FAILED).result():
+                return []
+            now = now_ms()
+            self._store_failed(join, msg, error, chord_failure_text(join, msg, error), now)
+            log.warning("chord failed", group=group_id, member=join["index"], by=msg.id,
+                        error=error_text(error))
+            try:
+                callbacks = on_chord_failure(join, msg, error, self._default_queue, now)
+                return [self.app.outgoing(m, now) for m in callbacks]
+            except FOLLOW_UP_ERRORS as err:
+                log.error("chord error callbacks cannot be sent", group=group_id,
+                          error=str(err))
+                return []
+
+        return self._threaded(work)
+
+    def _threaded(self, work: Callable[[], list[Outgoing]]) -> Step:
+        """A step whose bookkeeping runs in the pool, then sends what it returned."""
+        broker = self.app.broker
+
+        def step(done: StepDone) -> None:
+            def finished(future: Future[list[Outgoing]]) -> None:
+                error = future.exception()
+                if error is not None:
+                    done(error)
+                else:
+                    send_all_step(broker, future.result())(done)
+
+            self._pool.submit(work).add_done_callback(finished)
+
+        return step
+
+    # -- rows -----------------------------------------------------------------------
+
+    def _store_failed(
+        self, join: Node, member: TaskMessage, error: BaseException, text: str, now: int
+    ) -> None:
+        """Mark the body of a failed chord FAILURE (blocking; in the pool)."""
+        futures = [
+            self.app.backend.store(self._doomed(node, member, type(error).__name__, text, now))
+            for node in task_nodes(join["body"])
+        ]
+        for future in futures:
+            future.result()
+
+    def _doomed(
+        self, node: Node, cause: TaskMessage, error_type: str, text: str, now: int
+    ) -> TaskMeta:
+        """The FAILURE row of a task that will never run because ``cause`` failed."""
+        options = node.get("options") or {}
+        return TaskMeta(
+            task_id=str(node["id"]),
+            state=states.FAILURE,
+            name=str(node["name"]),
+            queue=str(options.get("queue") or self._default_queue),
+            error_type=error_type,
+            error_message=text,
+            worker=self.worker,
+            created_ms=now,
+            finished_ms=now,
+            parent_id=cause.id,
+            root_id=cause.root_id or cause.id,
+        )
