@@ -61,3 +61,4 @@ demo: up
 bench: up
 	$(PYTHON) bench/codec.py
 	$(PYTHON) bench/run.py
+	$(PYTHON) bench/chord.py
