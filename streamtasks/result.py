@@ -174,7 +174,9 @@ class GroupResult:
     ) -> list[Any]:
         """Wait for every member and return their results in group order.
 
-        Only members not yet final are read again, in one concurrent batch per poll.
+        Members are read in order, at most 256 not yet final at a time; while the first
+        of them is not final, only it is read again. Waiting on a large group thus costs
+        about one read per member plus one per poll.
 
         Args:
             timeout: seconds to wait at most (None: for ever).
@@ -191,24 +193,33 @@ class GroupResult:
         rows: list[TaskMeta | None] = [None] * len(ids)
         waiting = list(range(len(ids)))
         deadline = None if timeout is None else time.monotonic() + timeout
-        delay = interval_s
+        backend = self.app.backend
         while True:
-            fetched = self.app.backend.fetch_many([ids[i] for i in waiting])
-            for i, row in zip(waiting, fetched, strict=True):
-                rows[i] = row
-            waiting = [i for i in waiting if not _final(rows[i])]
+            window = waiting[:_POLL_WINDOW]
+            for i, row in zip(window, backend.fetch_many([ids[i] for i in window]), strict=True):
+                rows[i] = self._checked(row, propagate)
+            waiting = [i for i in window if not _final(rows[i])] + waiting[_POLL_WINDOW:]
             if not waiting:
                 return [unwrap(row, propagate) for row in rows if row is not None]
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
+            # wait for the first member not final, reading only it, then read a window again
+            head, delay = waiting[0], interval_s
+            while not _final(rows[head]):
+                if deadline is not None and time.monotonic() >= deadline:
                     raise ResultTimeout(
-                        f"group {self.id}: {len(waiting)} of {len(ids)} members not finished "
-                        f"within {timeout}s (first: {ids[waiting[0]]})"
+                        f"group {self.id}: {len(waiting)} of {len(ids)} members not "
+                        f"finished within {timeout}s (first: {ids[head]})"
                     )
-                delay = min(delay, left)
-            time.sleep(delay)
-            delay = min(delay * 1.5, max_interval_s)
+                pause = delay if deadline is None else min(delay, deadline - time.monotonic())
+                time.sleep(max(pause, 0.0))
+                delay = min(delay * 1.5, max_interval_s)
+                rows[head] = self._checked(backend.fetch(ids[head]), propagate)
+
+    @staticmethod
+    def _checked(row: TaskMeta | None, propagate: bool) -> TaskMeta | None:
+        """Return the row; raise its error at once when it failed and ``propagate``."""
+        if propagate and row is not None and row.state in (states.FAILURE, states.REVOKED):
+            unwrap(row)
+        return row
 
     def _leaf_ids(self) -> list[str]:
         """The id of the task whose result is each member's result."""
@@ -217,6 +228,9 @@ class GroupResult:
     def _rows(self) -> list[TaskMeta | None]:
         return self.app.backend.fetch_many(self._leaf_ids())
 
+
+#: How many members :meth:`GroupResult.get` reads per poll, at most.
+_POLL_WINDOW = 256
 
 #: Any handle on a result: a task's, a chain's or a group's.
 ResultHandle: TypeAlias = AsyncResult | ChainResult | GroupResult

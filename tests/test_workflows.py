@@ -267,3 +267,65 @@ def test_bad_workflows_are_refused_with_a_clear_error(app: App, calls: object) -
         add.s(1, 1).set(priority=3)
     with pytest.raises(ConfigError, match="at least one step"):
         chain()
+
+
+def test_group_get_raises_a_failed_member_without_waiting_for_the_rest(
+    app: App, calls: object
+) -> None:
+    from streamtasks import ResultTimeout
+    from streamtasks.result import AsyncResult
+
+    boom = app.tasks["boom"]
+    failed = boom.s().apply_async()
+    drain_expecting_failure(app)
+    # one member failed, the other was never sent (it stays PENDING)
+    pending = AsyncResult("never-sent", app)
+    members = GroupResult("g", [failed, pending], app)
+    with pytest.raises(TaskFailed, match="boom"):
+        members.get(timeout=5)
+    with pytest.raises(ResultTimeout, match="1 of 2 members not finished"):
+        GroupResult("g", [pending, failed], app).get(timeout=0.2, propagate=False)
+
+
+def test_a_failed_join_write_is_retried_and_the_chord_fires_once(
+    app: App, calls: list[tuple[str, tuple[object, ...]]]
+) -> None:
+    from streamtasks.backend.memory import MemoryBackend
+
+    add, total = app.tasks["add"], app.tasks["total"]
+    backend = app.backend
+    assert isinstance(backend, MemoryBackend)
+    result = chord([add.s(i, i) for i in range(6)], total.s()).apply_async()
+    # Given the next 4 backend writes fail (rows and joins alike)
+    backend.fail_writes(4)
+    app.drain(timeout_s=30)
+    # Then every write is retried and the body runs once with every result
+    assert result.get(timeout=1) == sum(2 * i for i in range(6))
+    assert [c[0] for c in calls].count("total") == 1
+
+
+def test_signature_options_reach_the_message(app: App, calls: object) -> None:
+    from streamtasks.workflow import launch
+
+    add = app.tasks["add"]
+    options = dict(queue="other", key="k1", countdown_s=2.5, expires_s=60, max_retries=4,
+                   backoff="fixed", backoff_s=0.5)
+    node = add.s(1, 2).set(**options).freeze("root")
+    [msg] = launch(node, [], [], None, "default", now_ms=1_000)
+    assert (msg.queue, msg.key, msg.eta_ms, msg.expires_ms) == ("other", "k1", 3_500, 61_000)
+    assert msg.options == {"max_retries": "4", "backoff": "fixed", "backoff_s": "0.5"}
+    assert msg.args == [1, 2] and msg.id == node["id"] == "root"  # the root is its id
+
+
+def test_signature_options_apply_on_a_worker(app: App, calls: object) -> None:
+    @app.task(name="flaky", max_retries=0)
+    def flaky(n: int) -> int:
+        attempts.append(n)
+        if len(attempts) < 3:
+            raise RuntimeError("not yet")
+        return len(attempts)
+
+    attempts: list[int] = []
+    result = flaky.s(7).set(max_retries=2, backoff="fixed", backoff_s=0.01).apply_async()
+    app.drain(timeout_s=30)
+    assert result.get(timeout=1) == 3 and attempts == [7, 7, 7]
