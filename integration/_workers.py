@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from integration._services import REPO, backend_url, broker_url
+from integration._services import REPO, backend_url, broker_url, kafka_bootstrap
 
 
 def worker_env(namespace: str, **extra: str) -> dict[str, str]:
@@ -84,3 +84,28 @@ def wait_lines(path: Path, lines: int, timeout_s: float) -> None:
             return
         time.sleep(0.2)
     raise AssertionError(f"fewer than {lines} executions within {timeout_s}s")
+
+
+def wait_groups_settled(groups: list[str], members: int, timeout_s: float = 120) -> None:
+    """Wait until each consumer group is stable with ``members`` members, all assigned.
+
+    Workers that start together rebalance their groups (the queue's and the delay
+    forwarder's) for a few seconds; a latency measured meanwhile measures that.
+    """
+    from confluent_kafka import ConsumerGroupState
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap()})
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        described = admin.describe_consumer_groups(groups, request_timeout=10)
+        settled = 0
+        for future in described.values():
+            group = future.result()
+            assigned = [m for m in group.members if m.assignment.topic_partitions]
+            if group.state == ConsumerGroupState.STABLE and len(assigned) == members:
+                settled += 1
+        if settled == len(groups):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"groups {groups} not stable with {members} members in {timeout_s}s")

@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from integration._workers import WorkerProcess, new_namespace, wait_lines, worker_env, workers
+from integration._workers import (
+    WorkerProcess,
+    new_namespace,
+    wait_groups_settled,
+    wait_lines,
+    worker_env,
+    workers,
+)
 from streamtasks import App, ChainResult, GroupResult, Settings, TaskFailed, chain, chord, group
 from streamtasks.signature import Signature
 
@@ -99,7 +106,10 @@ def test_a_chord_with_a_failing_member_fails_visibly_and_calls_back_once(
     env = worker_env(new_namespace("chord-fail"), IT_EXEC_LOG=str(log))
     app = make_app(env)
     with workers(env, 2, concurrency=4):
-        sig(app, "it.add", 1, 1).delay().get(timeout=120)  # the workers are up
+        # the workers and their delay forwarders are up and done rebalancing
+        sig(app, "it.add", 1, 1).delay().get(timeout=120)
+        groups = [app.settings.group_id("default"), app.settings.delayer_group_id(["default"])]
+        wait_groups_settled(groups, members=2)
         members = [sig(app, "it.count", i) for i in range(9)] + [sig(app, "it.always_fails")]
         workflow = chord(members, sig(app, "it.collect")).on_error(sig(app, "it.on_error"))
         started = time.monotonic()
