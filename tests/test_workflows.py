@@ -329,3 +329,18 @@ def test_signature_options_apply_on_a_worker(app: App, calls: object) -> None:
     result = flaky.s(7).set(max_retries=2, backoff="fixed", backoff_s=0.01).apply_async()
     app.drain(timeout_s=30)
     assert result.get(timeout=1) == 3 and attempts == [7, 7, 7]
+
+
+def test_a_workflow_too_large_for_one_message_is_refused_at_apply(
+    app: App, calls: object
+) -> None:
+    from streamtasks import MessageTooLargeError, Settings
+
+    small = App("small", settings=Settings(broker="memory://", backend="memory://",
+                                           max_message_bytes=1_000_000))
+    add, total = app.tasks["add"], app.tasks["total"]
+    # about 140 bytes per member: 10,000 members do not fit in one 1 MB message
+    huge = chain(add.s(1, 1), group(add.s(i) for i in range(10_000)), total.s())
+    with pytest.raises(MessageTooLargeError, match="over the limit of 1000000 bytes"):
+        huge.apply_async(app=small)
+    small.close()
