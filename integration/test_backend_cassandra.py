@@ -16,7 +16,7 @@ import pytest
 
 from streamtasks import states
 from streamtasks.backend.base import GROUP_FIRED, ResultBackend, TaskMeta
-from streamtasks.backend.cassandra import CassandraBackend, load_migrations
+from streamtasks.backend.cassandra import CassandraBackend, listing_shard, load_migrations
 from streamtasks.errors import BackendError
 from streamtasks.settings import Settings
 from tests.contracts.backend_contract import BackendContract, json_text, make_codec
@@ -77,7 +77,12 @@ def test_rows_carry_the_ttl(cassandra: CassandraBackend) -> None:
     ).one()
     assert 0 < row["ttl"] <= TTL_S
     rows = cassandra.session.execute(
-        f'SELECT TTL(name) AS ttl, task_id FROM "{ks}".tasks_by_queue '
+        f'SELECT TTL(name) AS ttl, task_id, shard FROM "{ks}".tasks_by_state '
+        "WHERE queue = 'ttl' AND state = 'STARTED' ALLOW FILTERING"
+    )
+    assert {r["shard"] for r in rows if r["task_id"] == task_id} == {listing_shard(task_id)}
+    rows = cassandra.session.execute(
+        f'SELECT TTL(name) AS ttl, task_id FROM "{ks}".tasks_by_state '
         "WHERE queue = 'ttl' AND state = 'STARTED' ALLOW FILTERING"
     )
     ttls = [r["ttl"] for r in rows if r["task_id"] == task_id]

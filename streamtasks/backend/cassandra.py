@@ -20,11 +20,14 @@ chains of statements, each sent from the driver's callback of the one before.
 from __future__ import annotations
 
 import concurrent.futures
+import heapq
 import importlib.resources
+import itertools
 import logging
 import re
 import ssl
 import threading
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -47,6 +50,8 @@ from streamtasks.settings import Settings, parse_url
 log = logging.getLogger(__name__)
 
 HOUR_MS = 3_600_000
+#: Partitions per (queue, state, hour) of the listing table (part of its format: 003).
+LISTING_SHARDS = 16
 _EPOCH = datetime(1970, 1, 1)  # the driver returns naive UTC datetimes
 _KEYSPACE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,47}$")
 _MIGRATION_RE = re.compile(r"^(\d+)_([A-Za-z0-9_]+)\.cql$")
@@ -445,11 +450,11 @@ class CassandraBackend(ResultBackend):
         marks = ", ".join("?" for _ in _TASK_COLUMNS)
         return _Statements(**self._prepare_all(session, {
             "insert_task": f"INSERT INTO {ks}.tasks ({columns}) VALUES ({marks}) USING TTL ?",
-            "insert_index": f"INSERT INTO {ks}.tasks_by_queue (queue, state, bucket, updated_at, "
-            "task_id, name) VALUES (?, ?, ?, ?, ?, ?) USING TTL ?",
+            "insert_index": f"INSERT INTO {ks}.tasks_by_state (queue, state, bucket, shard, "
+            "updated_at, task_id, name) VALUES (?, ?, ?, ?, ?, ?, ?) USING TTL ?",
             "select_task": f"SELECT {columns} FROM {ks}.tasks WHERE task_id = ?",
-            "select_index": f"SELECT task_id, updated_at FROM {ks}.tasks_by_queue WHERE queue = ? "
-            "AND state = ? AND bucket = ? AND updated_at >= ? AND updated_at < ?",
+            "select_index": f"SELECT task_id, updated_at FROM {ks}.tasks_by_state WHERE queue = ? "
+            "AND state = ? AND bucket = ? AND shard = ? AND updated_at >= ? AND updated_at < ?",
         }))
 
     def _ready_groups(self) -> tuple[Any, _GroupStatements]:
@@ -645,7 +650,8 @@ class CassandraBackend(ResultBackend):
             meta.group_id, meta.group_index, dict(meta.extra) or None, ttl,
         )
         index_params = (
-            meta.queue, meta.state, updated - updated % HOUR_MS, updated, meta.task_id,
+            meta.queue, meta.state, updated - updated % HOUR_MS, listing_shard(meta.task_id),
+            updated, meta.task_id,
             meta.name, ttl,
         )
         return task_params, index_params
@@ -735,25 +741,32 @@ class CassandraBackend(ResultBackend):
             return found
         bucket = (until_ms - 1) - (until_ms - 1) % HOUR_MS
         while bucket >= since_ms - since_ms % HOUR_MS and len(found) < limit:
-            params = (queue, state, bucket, since_ms, until_ms)
-            for page in self._index_pages(session, statements.select_index, params, limit):
-                found.extend(self._current_rows(session, statements, page, state))
-                if len(found) >= limit:
+            shards = [
+                self._index_entries(session, statements.select_index,
+                                    (queue, state, bucket, shard, since_ms, until_ms), limit)
+                for shard in range(LISTING_SHARDS)
+            ]
+            # each shard is newest first (ties by task id): so is their merge
+            merged = heapq.merge(*shards, key=lambda entry: (-entry[1], entry[0]))
+            while len(found) < limit:
+                batch = list(itertools.islice(merged, max(limit - len(found), 50)))
+                if not batch:
                     break
+                found.extend(self._current_rows(session, statements, batch, state))
             bucket -= HOUR_MS
         return found[:limit]
 
-    def _index_pages(
+    def _index_entries(
         self, session: Any, statement: Any, params: tuple[Any, ...], limit: int
-    ) -> Iterator[list[tuple[str, int]]]:
+    ) -> Iterator[tuple[str, int]]:
+        """Yield one listing partition's (task id, updated ms), page by page, lazily."""
         bound = statement.bind(params)
         bound.fetch_size = min(max(limit, 50), 1000)
         try:
             rows = session.execute(bound)
             while True:
-                yield [
-                    (row["task_id"], _to_ms(row["updated_at"]) or 0) for row in rows.current_rows
-                ]
+                for row in rows.current_rows:
+                    yield row["task_id"], _to_ms(row["updated_at"]) or 0
                 if not rows.has_more_pages:
                     return
                 rows.fetch_next_page()
@@ -1242,6 +1255,11 @@ def _send_then(
         failed(err)
         return
     response.add_callbacks(succeeded, failed)
+
+
+def listing_shard(task_id: str) -> int:
+    """Return the listing partition shard of a task: crc32 of its id mod LISTING_SHARDS."""
+    return zlib.crc32(task_id.encode()) % LISTING_SHARDS
 
 
 def _to_ms(value: datetime | None) -> int | None:

@@ -290,6 +290,25 @@ class BackendContract:
         listed = backend.list_tasks(queue, states.FAILURE, at - 1, at + 1)
         assert [m.task_id for m in listed] == ids
 
+    def test_list_tasks_merges_many_entries_newest_first(
+        self, backend: ResultBackend, queue: str
+    ) -> None:
+        # Given 200 tasks a second apart (their listing entries spread over partitions),
+        # every third of which has since moved on to FAILURE
+        base = now_ms() - 10 * MINUTE_MS
+        ids = [f"{i:03d}-{new_id()}" for i in range(200)]
+        for i, task_id in enumerate(ids):
+            self.store(backend, TaskMeta(task_id=task_id, state=states.SUCCESS, queue=queue,
+                                         finished_ms=base + i * 1000))
+        for task_id in ids[::3]:
+            self.store(backend, TaskMeta(task_id=task_id, state=states.FAILURE, queue=queue,
+                                         finished_ms=base + 300_000))
+        # When the 100 newest SUCCESS tasks are listed
+        listed = backend.list_tasks(queue, states.SUCCESS, base, base + 250_000, limit=100)
+        # Then they come newest first, without the ones that moved on
+        still = [task_id for i, task_id in enumerate(ids) if i % 3]
+        assert [m.task_id for m in listed] == list(reversed(still))[:100]
+
     # ------------------------------------------------------------------ fetch_many
 
     def test_fetch_many_keeps_order_and_gives_none_for_unknown(
