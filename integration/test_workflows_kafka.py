@@ -98,6 +98,40 @@ def test_a_chord_of_1000_fires_once_when_a_worker_is_killed(tmp_path: Path) -> N
 
 
 @pytest.mark.timeout(300)
+def test_chords_whose_members_finish_together_on_two_workers_fire_once(
+    tmp_path: Path,
+) -> None:
+    # Given 2 workers (settled) and 40 chords of 2 members that take 300 ms each
+    chords = 40
+    log = tmp_path / "executions.log"
+    env = worker_env(new_namespace("chord-race"), IT_EXEC_LOG=str(log))
+    app = make_app(env)
+    with workers(env, 2, concurrency=8):
+        sig(app, "it.add", 1, 1).delay().get(timeout=120)
+        wait_groups_settled([app.settings.group_id("default")], members=2)
+        # When all 80 members start at about the same time, two per chord
+        results = [
+            chord([sig(app, "it.member", 2 * c, 300), sig(app, "it.member", 2 * c + 1, 300)],
+                  sig(app, "it.collect")).apply_async()
+            for c in range(chords)
+        ]
+        app.flush()
+        # Then every body gets its two results, and runs once
+        assert [r.get(timeout=120) for r in results] == [
+            [4 * c, 4 * c + 2] for c in range(chords)
+        ]
+        time.sleep(3)  # a second firing would have shown by now
+    runs = executions(log)
+    pid_of = dict(tag.split(":") for tag in runs if not tag.startswith("collect"))
+    split = sum(1 for c in range(chords) if pid_of[str(2 * c)] != pid_of[str(2 * c + 1)])
+    print(f"\n{chords} chords of 2 simultaneous members: bodies run {runs['collect:2']}; "
+          f"{split} chords had their members on different worker processes")
+    assert runs["collect:2"] == chords
+    assert split > 0
+    app.close()
+
+
+@pytest.mark.timeout(300)
 def test_a_chord_with_a_failing_member_fails_visibly_and_calls_back_once(
     tmp_path: Path,
 ) -> None:
