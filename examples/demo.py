@@ -16,7 +16,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from examples.tasks import Dataset, app, delete_dataset, import_dataset, total  # noqa: E402
+from examples.tasks import (  # noqa: E402
+    Dataset,
+    add,
+    app,
+    delete_dataset,
+    import_dataset,
+    multiply,
+    report,
+    total,
+)
+from streamtasks import chain, chord, group  # noqa: E402
 
 QUEUES = {"default": 2, "datasets-import": 4, "datasets-delete": 1}
 
@@ -56,12 +66,27 @@ def main() -> int:
         print(f"  SELECT task_id, name, state, result, finished_at FROM {keyspace}.tasks "
               f"WHERE task_id = '{big.id}';")
         print(f"or: streamtasks result {big.id}")
+        workflows()
         return 0
     finally:
         for proc in workers:
             proc.send_signal(signal.SIGTERM)
         for proc in workers:
             proc.wait(timeout=60)
+
+
+def workflows() -> None:
+    """Chain, group and chord (docs/workflows.md), across the demo's queues."""
+    steps = chain(add.s(2, 3), multiply.s(4), add.s(1)).apply_async()
+    squares = group(multiply.s(i, i) for i in range(5)).apply_async()
+    batch = [Dataset(f"batch-{i}", f"s3://bucket/batch-{i}.csv", 1000 * (i + 1)) for i in range(3)]
+    # members on the datasets-import queue, the body on default: runs once, when all succeeded
+    imported = chord([import_dataset.s(d) for d in batch], report.s()).apply_async()
+    app.flush()
+    print("\nworkflows:")
+    print("chain (2+3)*4+1    =", steps.get(timeout=120))
+    print("group of squares   =", squares.get(timeout=120))
+    print("chord report       =", imported.get(timeout=120))
 
 
 if __name__ == "__main__":

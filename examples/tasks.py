@@ -47,3 +47,24 @@ def delete_dataset(name: str, hard: bool = False) -> dict[str, object]:
     """The slow part of a deletion: remove the files and the index (simulated)."""
     time.sleep(0.1)
     return {"dataset": name, "deleted": True, "hard": hard}
+
+
+@app.task(name="add", queue="default")
+def add(a: int, b: int) -> int:
+    """Add two integers (chain and group examples)."""
+    return a + b
+
+
+@app.task(name="multiply", queue="default")
+def multiply(a: int, b: int) -> int:
+    """Multiply two integers (chain examples)."""
+    return a * b
+
+
+@app.task(name="datasets.report", queue="default")
+def report(imports: list[dict[str, object]]) -> dict[str, object]:
+    """A chord body: one report over every import of a batch, in batch order."""
+    return {
+        "datasets": [str(item["dataset"]) for item in imports],
+        "rows": sum(int(str(item["rows"])) for item in imports),
+    }
