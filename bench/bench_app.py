@@ -20,3 +20,9 @@ def one(i: int) -> int:
 def count(results: list[int]) -> int:
     """Return how many results came (a chord body)."""
     return len(results)
+
+
+@app.task(name="bench.inc")
+def inc(x: int) -> int:
+    """Return ``x + 1`` (a chain step)."""
+    return x + 1

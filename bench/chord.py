@@ -12,6 +12,10 @@ Cassandra, in one run:
    its 64-member shard, and for the last of a shard a mark and a count of the marks)
    plus the one lightweight transaction and the read of all results.
 
+3. chain: 100 steps of ``x + 1``, timed to the last step's result, beside the same 100
+   calls made one after another by the client (``delay().get()`` each): the hop a
+   worker makes from one step to the next against the client's round trip.
+
 It also prints the largest partition the chord wrote (rows per ``group_members``
 partition, and the number of ``group_shards`` marks): nothing grows with N but the
 number of partitions.
@@ -31,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.run import make_env  # noqa: E402
-from streamtasks import App, GroupResult, Settings, chord, group  # noqa: E402
+from streamtasks import App, GroupResult, Settings, chain, chord, group  # noqa: E402
 from streamtasks.backend.base import GROUP_SHARD_SIZE  # noqa: E402
 from streamtasks.signature import Signature  # noqa: E402
 
@@ -90,6 +94,19 @@ def main() -> int:
         chord_s = time.perf_counter() - t0
         assert isinstance(fired.parent, GroupResult)
         shards, largest, marks = partition_sizes(app, fired.parent.id, n)
+
+        steps = 100
+        t0 = time.perf_counter()
+        last = chain(*[Signature("bench.inc", (0,) if i == 0 else (), app=app)
+                       for i in range(steps)]).apply_async()
+        app.flush()
+        assert last.get(timeout=600) == steps
+        chain_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        value = 0
+        for _ in range(steps):
+            value = Signature("bench.inc", (value,), app=app).delay().get(timeout=60)
+        client_s = time.perf_counter() - t0
     finally:
         worker.terminate()
         worker.wait(timeout=60)
@@ -101,6 +118,9 @@ def main() -> int:
           f"{n / group_s:>10,.0f}")
     print(f"{f'chord of {n:,} members, until the body returned':58} {chord_s:>8.2f} "
           f"{n / chord_s:>10,.0f}")
+    print(f"{f'chain of {steps} steps, per step':58} {chain_s / steps:>8.4f}")
+    print(f"{f'alternative: {steps} delay().get() round trips, per call':58} "
+          f"{client_s / steps:>8.4f}")
     print(f"join rows: {shards} member partitions of at most {largest} rows; "
           f"{marks} shard marks in one partition")
     return 0
