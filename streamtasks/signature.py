@@ -39,17 +39,23 @@ if TYPE_CHECKING:
 class Canvas(ABC):
     """Something that can be started: a signature, a chain, a group or a chord."""
 
-    @abstractmethod
-    def freeze(self, root_id: str, path: str = "") -> Node:
+    def freeze(self, root_id: str) -> Node:
         """Return this workflow as a node, with every task id fixed.
 
-        Ids are derived from ``root_id`` and each part's position (``path``), so the same
-        workflow frozen twice with one root gets the same ids.
+        The result's task (a chain's last step, a chord's body, a group itself) takes
+        ``root_id``; every other id is derived from ``root_id`` and the part's place in
+        a walk of the workflow, so freezing the same workflow twice with one root gives
+        the same ids, and no two parts share one.
 
         Raises:
             ConfigError: the workflow cannot be built (an empty group, a group as a
                 group member, ...).
         """
+        return self._freeze(Ids(root_id), result=True)
+
+    @abstractmethod
+    def _freeze(self, ids: Ids, result: bool) -> Node:
+        """Freeze into a node; ``result``: this part's result task takes the root id."""
 
     @abstractmethod
     def find_app(self) -> App | None:
@@ -182,20 +188,17 @@ class Signature(Canvas):
         """Send this task with ``args`` appended to its arguments (unless immutable)."""
         return self.apply_async(args)
 
-    def freeze(self, root_id: str, path: str = "") -> Node:
-        """Return the task node (see :meth:`Canvas.freeze`)."""
+    def _freeze(self, ids: Ids, result: bool) -> Node:
         return {
             "kind": TASK,
-            "id": self.task_id or _node_id(root_id, path),
+            "id": self.task_id or ids.take(result),
             "name": self.name,
             "args": list(self.args),
             "kwargs": dict(self.kwargs),
             "immutable": self.immutable,
             "options": dict(self.options),
-            "link": [c.freeze(root_id, f"{path}/l{i}") for i, c in enumerate(self.link)],
-            "link_error": [
-                c.freeze(root_id, f"{path}/e{i}") for i, c in enumerate(self.link_error)
-            ],
+            "link": [c._freeze(ids, False) for c in self.link],
+            "link_error": [c._freeze(ids, False) for c in self.link_error],
         }
 
     def find_app(self) -> App | None:
@@ -229,10 +232,9 @@ class Chain(Canvas):
         """Return a copy whose every task starts ``callback`` when it fails for good."""
         return Chain(self.steps, (*self.link_error, callback))
 
-    def freeze(self, root_id: str, path: str = "") -> Node:
-        """Return the chain node (see :meth:`Canvas.freeze`)."""
-        node = _chain_node(self.steps, root_id, path)
-        _add_error_callbacks(node, self.link_error, root_id, path)
+    def _freeze(self, ids: Ids, result: bool) -> Node:
+        node = _chain_node(self.steps, ids, result)
+        _add_error_callbacks(node, self.link_error, ids)
         return node
 
     def find_app(self) -> App | None:
@@ -257,21 +259,21 @@ class Group(Canvas):
         """Return a copy whose every task starts ``callback`` when it fails for good."""
         return Group(self.members, (*self.link_error, callback))
 
-    def freeze(self, root_id: str, path: str = "") -> Node:
-        """Return the group node (see :meth:`Canvas.freeze`)."""
+    def _freeze(self, ids: Ids, result: bool) -> Node:
         if not self.members:
             raise ConfigError("a group needs at least one member")
+        group_id = ids.take(result)
         members = []
         for i, member in enumerate(self.members):
-            node = member.freeze(root_id, f"{path}/m{i}")
+            node = member._freeze(ids, False)
             if _ends_in_group(node):
                 raise ConfigError(
                     f"group member {i} is (or ends in) a group; a member's result must be one "
                     "task's: use a chord, or put the tasks in the outer group"
                 )
             members.append(node)
-        node = {"kind": GROUP, "id": _node_id(root_id, path), "members": members}
-        _add_error_callbacks(node, self.link_error, root_id, path)
+        node = {"kind": GROUP, "id": group_id, "members": members}
+        _add_error_callbacks(node, self.link_error, ids)
         return node
 
     def find_app(self) -> App | None:
@@ -299,9 +301,8 @@ class Chord(Canvas):
         """Return a copy that starts ``callback`` with ``(member_id, error)`` on failure."""
         return Chord(self.header, self.body, (*self.link_error, callback))
 
-    def freeze(self, root_id: str, path: str = "") -> Node:
-        """Return the chord node (see :meth:`Canvas.freeze`); the body's id is the chord's."""
-        return _chord_node(self.header, self.body, self.link_error, root_id, path)
+    def _freeze(self, ids: Ids, result: bool) -> Node:
+        return _chord_node(self.header, self.body._freeze(ids, result), self.link_error, ids)
 
     def find_app(self) -> App | None:
         """Return the app of the first member or the body."""
@@ -351,58 +352,64 @@ def result_of(node: Node, app: App) -> ResultHandle:
 # -- freezing helpers -------------------------------------------------------------
 
 
-def _node_id(root_id: str, path: str) -> str:
-    """The root id itself at the top, else an id derived from the root and the path."""
-    return root_id if not path else derived_task_id(root_id, path)
+class Ids:
+    """Hands out a workflow's task ids: the root id once, then ids derived from it.
+
+    Derived ids are numbered in the order of a walk of the workflow, which is fixed by
+    its structure: the same workflow with the same root always gets the same ids.
+    """
+
+    def __init__(self, root_id: str) -> None:
+        self.root_id = root_id
+        self._taken = 0
+
+    def take(self, result: bool) -> str:
+        """Return the root id for the workflow's result task, else the next derived id."""
+        if result:
+            return self.root_id
+        self._taken += 1
+        return derived_task_id(self.root_id, f"part-{self._taken}")
 
 
-def _chain_node(steps: Sequence[Canvas], root_id: str, path: str) -> Node:
+def _chain_node(steps: Sequence[Canvas], ids: Ids, result: bool) -> Node:
     """Freeze chain steps; a group or chord before the last step takes the rest as body.
 
-    The last step takes the chain's own path, so a chain's result id is its last task's.
+    The last step carries the chain's result, so a chain's result id is its last task's.
     """
     frozen: list[Node] = []
     for i, step in enumerate(steps):
         last = i == len(steps) - 1
-        step_path = path if last else f"{path}/s{i}"
         if not last and isinstance(step, Group | Chord):
             rest = steps[i + 1:]
-            if isinstance(step, Group):
-                chord_node = _chord_node(step, Chain(rest), (), root_id, path, step_path)
-            else:
-                chord_node = _chord_node(step.header, Chain([step.body, *rest]),
-                                         step.link_error, root_id, path, step_path)
-            frozen.append(chord_node)
+            header = step if isinstance(step, Group) else step.header
+            body = rest if isinstance(step, Group) else [step.body, *rest]
+            errors = step.link_error if isinstance(step, Chord) else ()
+            group_node = header._freeze(ids, False)
+            frozen.append(_chord_node(group_node, _chain_node(body, ids, result), errors, ids))
             break
-        frozen.append(step.freeze(root_id, step_path))
+        frozen.append(step._freeze(ids, result and last))
     return {"kind": CHAIN, "steps": frozen}
 
 
 def _chord_node(
-    header: Group, body: Canvas, link_error: Sequence[Canvas], root_id: str, path: str,
-    header_path: str | None = None,
+    header: Group | Node, body: Node, link_error: Sequence[Canvas], ids: Ids
 ) -> Node:
-    """Freeze a chord: the body at ``path`` (a chord's result id is its body's)."""
-    header_path = f"{header_path if header_path is not None else path}/h"
+    """Assemble a chord node from its header (frozen here unless given so) and body."""
     return {
         "kind": CHORD,
-        "group": header.freeze(root_id, header_path),
-        "body": body.freeze(root_id, path),
-        "link_error": [
-            c.freeze(root_id, f"{header_path}/e{i}") for i, c in enumerate(link_error)
-        ],
+        "group": header if isinstance(header, dict) else header._freeze(ids, False),
+        "body": body,
+        "link_error": [c._freeze(ids, False) for c in link_error],
     }
 
 
-def _add_error_callbacks(
-    node: Node, callbacks: Sequence[Canvas], root_id: str, path: str
-) -> None:
-    """Give every task of ``node`` the same error callbacks (ids fixed once)."""
-    if not callbacks:
-        return
-    frozen = [c.freeze(root_id, f"{path}/e{i}") for i, c in enumerate(callbacks)]
-    for task in task_nodes(node):
-        task["link_error"] = [*task["link_error"], *frozen]
+def _add_error_callbacks(node: Node, callbacks: Sequence[Canvas], ids: Ids) -> None:
+    """Give every task of ``node`` the error callbacks, with ids of their own.
+
+    Each failed task of a group starts its own callback; in a chain only one can fail.
+    """
+    for task in list(task_nodes(node)):
+        task["link_error"] = [*task["link_error"], *(c._freeze(ids, False) for c in callbacks)]
 
 
 def _ends_in_group(node: Node) -> bool:

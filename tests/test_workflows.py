@@ -344,3 +344,51 @@ def test_a_workflow_too_large_for_one_message_is_refused_at_apply(
     with pytest.raises(MessageTooLargeError, match="over the limit of 1000000 bytes"):
         huge.apply_async(app=small)
     small.close()
+
+
+def _all_ids(node: object) -> list[str]:
+    """Every task and group id in a frozen node, callbacks included."""
+    found: list[str] = []
+    if isinstance(node, dict):
+        if node.get("kind") in ("task", "group"):
+            found.append(node["id"])
+        for value in node.values():
+            found += _all_ids(value)
+    elif isinstance(node, list):
+        for value in node:
+            found += _all_ids(value)
+    return found
+
+
+def test_every_part_of_a_nested_workflow_gets_its_own_stable_id(app: App, calls: object) -> None:
+    add, mul, total = app.tasks["add"], app.tasks["mul"], app.tasks["total"]
+    on_error = app.tasks["on_error"]
+    workflows = [
+        chain(add.s(1, 1), group(add.s(i) for i in range(3)), total.s(), mul.s(10)),
+        chain(add.s(1, 1), chord([add.s(1), add.s(2)], chain(total.s(), mul.s(2)))),
+        chain(group(add.s(1, 1), add.s(2, 2)), chord([total.s(), total.s()], total.s()),
+              add.s(1), group(add.s(i) for i in range(2)), total.s()),
+        chord([chain(add.s(i, 1), mul.s(3)) for i in range(3)],
+              total.s().on_success(add.s(1)).on_error(on_error.s())).on_error(on_error.s()),
+        group(chain(add.s(1, 1), mul.s(2)), add.s(3, 3)).on_error(on_error.s()),
+    ]
+    for workflow in workflows:
+        node = workflow.freeze("root")
+        ids = _all_ids(node)
+        assert len(ids) == len(set(ids)), f"shared ids in {workflow!r}"
+        assert "root" in ids
+        assert workflow.freeze("root") == node  # the same root gives the same ids
+
+
+def test_a_chain_after_a_chord_step_runs_every_step(
+    app: App, calls: list[tuple[str, tuple[object, ...]]]
+) -> None:
+    add, mul, total = app.tasks["add"], app.tasks["mul"], app.tasks["total"]
+    # 1+1=2 -> [2+1, 2+2] -> 7 -> 7*2 -> 14+1
+    result = chain(add.s(1, 1), chord([add.s(1), add.s(2)], total.s()), mul.s(2),
+                   add.s(1)).apply_async()
+    app.drain()
+    assert result.get(timeout=1) == 15
+    assert isinstance(result, ChainResult)
+    assert len({step.id for step in result.steps}) == len(result.steps)
+    assert [c[0] for c in calls] == ["add", "add", "add", "total", "mul", "add"]
