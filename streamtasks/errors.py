@@ -44,6 +44,14 @@ class BackendError(StreamTasksError):
     """The result backend (Cassandra) failed an operation."""
 
 
+class WorkflowError(ConfigError):
+    """What follows a task in a workflow cannot be built (a malformed node or option).
+
+    The task that finished is failed for good with this error: retrying it would give
+    the same.
+    """
+
+
 class MessageError(StreamTasksError):
     """A message that can never run as sent; the worker dead-letters it.
 

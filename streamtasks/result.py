@@ -144,9 +144,9 @@ class GroupResult:
 
     @property
     def state(self) -> str:
-        """FAILURE when a member failed, SUCCESS when all succeeded, else PENDING."""
+        """FAILURE if a member failed or was revoked, SUCCESS if all succeeded, else PENDING."""
         rows = self._rows()
-        if any(row is not None and row.state == states.FAILURE for row in rows):
+        if any(row is not None and row.state in _FAILED for row in rows):
             return states.FAILURE
         if all(row is not None and row.state == states.SUCCESS for row in rows):
             return states.SUCCESS
@@ -228,6 +228,8 @@ class GroupResult:
     def _rows(self) -> list[TaskMeta | None]:
         return self.app.backend.fetch_many(self._leaf_ids())
 
+
+_FAILED = (states.FAILURE, states.REVOKED)
 
 #: How many members :meth:`GroupResult.get` reads per poll, at most.
 _POLL_WINDOW = 256

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from streamtasks.errors import ConfigError
 from streamtasks.message import derived_task_id, new_task_id, now_ms
 from streamtasks.result import AsyncResult, ChainResult, GroupResult, ResultHandle
+from streamtasks.retry import call_options
 from streamtasks.workflow import (
     CHAIN,
     CHORD,
@@ -63,7 +64,7 @@ class Canvas(ABC):
 
     def __or__(self, other: Canvas) -> Chain:
         """``a | b`` is ``chain(a, b)``."""
-        return Chain((self, other))
+        return Chain((self, _check_part(other, "the right side of |")))
 
     def apply_async(
         self,
@@ -88,14 +89,14 @@ class Canvas(ABC):
             ArgumentError: a first task's arguments do not fit its function.
             EncodeError: a value cannot be sent.
         """
+        root = task_id or new_task_id()
+        node = self.freeze(root)
         app = app or self.find_app()
         if app is None:
             raise ConfigError(
                 "no app to send this workflow with: build it from registered tasks "
                 "(task.s(...)) or pass app= to apply_async"
             )
-        root = task_id or new_task_id()
-        node = self.freeze(root)
         messages = launch(node, list(args), [], None, app.settings.default_queue, now_ms())
         for msg in messages:
             msg.root_id = root
@@ -139,12 +140,9 @@ class Signature(Canvas):
     app: App | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        unknown = set(self.options) - TASK_OPTIONS
-        if unknown:
-            raise ConfigError(
-                f"unknown signature option(s) {', '.join(sorted(unknown))} for {self.name}; "
-                f"known: {', '.join(sorted(TASK_OPTIONS))}"
-            )
+        _check_options(self.name, self.options)
+        for callback in (*self.link, *self.link_error):
+            _check_part(callback, f"a callback of {self.name}")
 
     def set(self, **options: Any) -> Signature:
         """Return a copy with options set (None removes one).
@@ -159,11 +157,13 @@ class Signature(Canvas):
 
     def on_success(self, callback: Canvas) -> Signature:
         """Return a copy that starts ``callback`` with this task's result on success."""
-        return dataclasses.replace(self, link=(*self.link, callback))
+        return dataclasses.replace(self, link=(*self.link, _check_part(callback, "on_success")))
 
     def on_error(self, callback: Canvas) -> Signature:
         """Return a copy that starts ``callback`` with ``(task_id, error)`` on failure."""
-        return dataclasses.replace(self, link_error=(*self.link_error, callback))
+        return dataclasses.replace(
+            self, link_error=(*self.link_error, _check_part(callback, "on_error"))
+        )
 
     def with_id(self, task_id: str) -> Signature:
         """Return a copy with a fixed task id."""
@@ -172,21 +172,26 @@ class Signature(Canvas):
     def apply_async(
         self,
         args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
         *,
         app: App | None = None,
         task_id: str | None = None,
         confirm: bool = False,
     ) -> AsyncResult:
-        """Send this task (``args`` appended unless immutable); see :meth:`Canvas.apply_async`."""
-        result = super().apply_async(args, app=app, task_id=task_id or self.task_id,
-                                     confirm=confirm)
+        """Send this task; ``args`` are appended (unless immutable), ``kwargs`` merged.
+
+        See :meth:`Canvas.apply_async` for the other arguments.
+        """
+        sig = dataclasses.replace(self, kwargs={**self.kwargs, **kwargs}) if kwargs else self
+        result = Canvas.apply_async(sig, args, app=app, task_id=task_id or self.task_id,
+                                    confirm=confirm)
         if not isinstance(result, AsyncResult):  # pragma: no cover - a task node's result
             raise TypeError(f"expected a task's result, got {result!r}")
         return result
 
-    def delay(self, *args: Any) -> AsyncResult:
-        """Send this task with ``args`` appended to its arguments (unless immutable)."""
-        return self.apply_async(args)
+    def delay(self, *args: Any, **kwargs: Any) -> AsyncResult:
+        """Send this task with ``args`` appended (unless immutable) and ``kwargs`` merged."""
+        return self.apply_async(args, kwargs)
 
     def _freeze(self, ids: Ids, result: bool) -> Node:
         return {
@@ -215,7 +220,8 @@ class Chain(Canvas):
 
     def __init__(self, steps: Iterable[Canvas], link_error: Sequence[Canvas] = ()) -> None:
         flat: list[Canvas] = []
-        for step in steps:
+        for i, step in enumerate(steps):
+            _check_part(step, f"chain step {i}")
             if isinstance(step, Chain) and not step.link_error:
                 flat += step.steps
             else:
@@ -223,7 +229,9 @@ class Chain(Canvas):
         if not flat:
             raise ConfigError("a chain needs at least one step")
         self.steps: list[Canvas] = flat
-        self.link_error: tuple[Canvas, ...] = tuple(link_error)
+        self.link_error: tuple[Canvas, ...] = tuple(
+            _check_part(c, "on_error") for c in link_error
+        )
 
     def __repr__(self) -> str:
         return f"chain({', '.join(map(repr, self.steps))})"
@@ -246,8 +254,12 @@ class Group(Canvas):
     """Members run in parallel; the result is the list of their results, in order."""
 
     def __init__(self, members: Iterable[Canvas], link_error: Sequence[Canvas] = ()) -> None:
-        self.members: list[Canvas] = list(members)
-        self.link_error: tuple[Canvas, ...] = tuple(link_error)
+        self.members: list[Canvas] = [
+            _check_part(m, f"group member {i}") for i, m in enumerate(members)
+        ]
+        self.link_error: tuple[Canvas, ...] = tuple(
+            _check_part(c, "on_error") for c in link_error
+        )
 
     def __repr__(self) -> str:
         return f"group({len(self.members)} members)"
@@ -290,9 +302,16 @@ class Chord(Canvas):
     """
 
     def __init__(self, header: Group, body: Canvas, link_error: Sequence[Canvas] = ()) -> None:
+        if not isinstance(header, Group):
+            raise ConfigError(
+                f"a chord's header must be a group (or a list of signatures), got "
+                f"{type(header).__name__}"
+            )
         self.header = header
-        self.body = body
-        self.link_error: tuple[Canvas, ...] = tuple(link_error)
+        self.body = _check_part(body, "a chord's body")
+        self.link_error: tuple[Canvas, ...] = tuple(
+            _check_part(c, "on_error") for c in link_error
+        )
 
     def __repr__(self) -> str:
         return f"chord({self.header!r}, {self.body!r})"
@@ -318,12 +337,19 @@ def group(*members: Canvas | Iterable[Canvas]) -> Group:
     """Return a group: ``group(a.s(1), b.s(2))`` or ``group(sigs)`` with an iterable."""
     if len(members) == 1 and not isinstance(members[0], Canvas):
         return Group(members[0])
-    return Group(m for m in members if isinstance(m, Canvas))
+    return Group(_check_part(m, f"group member {i}") for i, m in enumerate(members))
 
 
 def chord(header: Group | Iterable[Canvas], body: Canvas) -> Chord:
     """Return a chord: ``body`` gets the list of the header's results once all succeed."""
-    return Chord(header if isinstance(header, Group) else Group(header), body)
+    if isinstance(header, Group):
+        return Chord(header, body)
+    if isinstance(header, Canvas) or not isinstance(header, Iterable):
+        raise ConfigError(
+            f"a chord's header must be a group or a list of signatures, got "
+            f"{type(header).__name__}"
+        )
+    return Chord(Group(header), body)
 
 
 def result_of(node: Node, app: App) -> ResultHandle:
@@ -335,12 +361,16 @@ def result_of(node: Node, app: App) -> ResultHandle:
         return GroupResult(node["id"], [result_of(m, app) for m in node["members"]], app)
     if kind == CHORD:
         body = result_of(node["body"], app)
-        body.parent = result_of(node["group"], app)
+        # a body that is a chord already has its group as parent: this one comes before
+        last: ResultHandle = body
+        while last.parent is not None:
+            last = last.parent
+        last.parent = result_of(node["group"], app)
         return body
     if kind == CHAIN:
         steps: list[ResultHandle] = []
         for step in node["steps"]:
-            if step["kind"] == CHORD:
+            while step["kind"] == CHORD:
                 steps.append(result_of(step["group"], app))
                 step = step["body"]
             handle = result_of(step, app)
@@ -350,6 +380,52 @@ def result_of(node: Node, app: App) -> ResultHandle:
 
 
 # -- freezing helpers -------------------------------------------------------------
+
+
+def _check_options(name: str, options: Mapping[str, Any]) -> None:
+    """Refuse unknown options and values a worker could not use, when the workflow is built.
+
+    Raises:
+        ConfigError: naming the option and what was wrong.
+    """
+    unknown = set(options) - TASK_OPTIONS
+    if unknown:
+        raise ConfigError(
+            f"unknown signature option(s) {', '.join(sorted(unknown))} for {name}; "
+            f"known: {', '.join(sorted(TASK_OPTIONS))}"
+        )
+    for option in ("queue", "key"):
+        value = options.get(option)
+        if value is not None and (not isinstance(value, str) or not value):
+            raise ConfigError(f"{name}: option {option} must be a non-empty str, got {value!r}")
+    for option in ("countdown_s", "expires_s", "backoff_s"):
+        value = options.get(option)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int | float) or value < 0
+        ):
+            raise ConfigError(
+                f"{name}: option {option} must be a number of seconds >= 0, got {value!r}"
+            )
+    retries = options.get("max_retries")
+    if retries is not None and (isinstance(retries, bool) or not isinstance(retries, int)
+                                or retries < 0):
+        raise ConfigError(f"{name}: option max_retries must be an int >= 0, got {retries!r}")
+    call_options(None, options.get("backoff"), None, None)  # an unknown backoff
+
+
+def _check_part(part: object, where: str) -> Canvas:
+    """Return ``part`` if it is a signature or workflow, else refuse it clearly.
+
+    Raises:
+        ConfigError: naming what was given instead.
+    """
+    if isinstance(part, Canvas):
+        return part
+    hint = " (use task.s(...) or task.si(...))" if hasattr(part, "fn") else ""
+    raise ConfigError(
+        f"{where} must be a signature, chain, group or chord, got {type(part).__name__}"
+        f"{hint}"
+    )
 
 
 class Ids:
@@ -407,9 +483,14 @@ def _add_error_callbacks(node: Node, callbacks: Sequence[Canvas], ids: Ids) -> N
     """Give every task of ``node`` the error callbacks, with ids of their own.
 
     Each failed task of a group starts its own callback; in a chain only one can fail.
+    The copies share an ``origin``, so a chord's failure does not run again the copy its
+    failed member ran (see :func:`~streamtasks.workflow.chord_error_callbacks`).
     """
+    origins = [ids.take(False) for _ in callbacks]
     for task in list(task_nodes(node)):
-        task["link_error"] = [*task["link_error"], *(c._freeze(ids, False) for c in callbacks)]
+        copies = [{**c._freeze(ids, False), "origin": origin}
+                  for c, origin in zip(callbacks, origins, strict=True)]
+        task["link_error"] = [*task["link_error"], *copies]
 
 
 def _ends_in_group(node: Node) -> bool:

@@ -248,16 +248,35 @@ def task_nodes(node: Node) -> Iterator[Node]:
     elif kind == CHORD:
         yield from task_nodes(node["group"])
         yield from task_nodes(node["body"])
-    elif kind == JOIN:
-        yield from task_nodes(node["body"])
+    # a join's body belongs to the chord it ends: the join is not part of this node
 
 
-def chord_error_callbacks(join: Node) -> list[Node]:
-    """Return the error callbacks of a failed chord: its own, then its body's first task's."""
+def joins_in(node: Node) -> Iterator[Node]:
+    """Yield the chord joins a node ends in (a chord that is a member of an outer one)."""
+    kind = node.get("kind")
+    if kind == JOIN:
+        yield node
+    elif kind == CHAIN:
+        for step in node["steps"]:
+            yield from joins_in(step)
+    elif kind == CHORD:
+        yield from joins_in(node["body"])
+
+
+def chord_error_callbacks(join: Node, member: TaskMessage) -> list[Node]:
+    """Return the error callbacks of a failed chord: its own, then its body's first task's.
+
+    A callback the failed member ran already is left out: one given to a whole chain or
+    group (``on_error``) is on every task of it, the member's and the body's alike
+    (copies share their ``origin``).
+    """
+    ran = {node.get("origin") for node in member.link_error} - {None}
     callbacks = list(join.get("link_error") or [])
     first = next(task_nodes(join["body"]), None)
     if first is not None:
-        callbacks += first.get("link_error") or []
+        callbacks += [
+            node for node in first.get("link_error") or [] if node.get("origin") not in ran
+        ]
     return callbacks
 
 
@@ -275,7 +294,7 @@ def on_chord_failure(
     """
     return [
         callback
-        for node in chord_error_callbacks(join)
+        for node in chord_error_callbacks(join, member)
         for callback in launch(node, [member.id, error_text(error)], [], member,
                                default_queue, now_ms)
     ]

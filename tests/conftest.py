@@ -4,6 +4,9 @@ import pytest
 
 from streamtasks import App, Settings
 
+#: The workflow tests' task registry fixture (``calls``).
+pytest_plugins = ["tests.workflow_fixtures"]
+
 
 @pytest.fixture
 def app() -> Iterator[App]:

@@ -22,7 +22,7 @@ import structlog
 from streamtasks import states
 from streamtasks.backend.base import GROUP_FAILED, GROUP_FIRED, TaskMeta
 from streamtasks.broker.base import Record
-from streamtasks.errors import ConfigError, EncodeError, MessageTooLargeError
+from streamtasks.errors import ConfigError, EncodeError, MessageTooLargeError, WorkflowError
 from streamtasks.message import TaskMessage, now_ms
 from streamtasks.worker.effects import Step, StepDone, send_all_step, store_all_step
 from streamtasks.workflow import (
@@ -30,6 +30,7 @@ from streamtasks.workflow import (
     broken_continuation,
     chord_failure_text,
     error_text,
+    joins_in,
     launch,
     on_chord_failure,
     on_failure,
@@ -74,16 +75,25 @@ class FollowUps:
         """Return the steps that start a succeeded task's continuation and callbacks.
 
         Raises:
-            ConfigError: a malformed workflow node in the message.
+            ConfigError: a malformed workflow node in the message (WorkflowError for
+                anything unexpected while building the follow-ups).
             EncodeError: the result cannot be passed on.
             MessageTooLargeError: a follow-up task would be too large to send.
         """
         now = now_ms()
-        plan = on_success(msg, result, self._default_queue, now)
-        steps = self._send_steps(plan.messages, now)
-        if plan.join is not None:
-            self.app.codec.encode_value(result)  # the join stores it: fail now, not forever
-            steps.append(self._join_step(msg, plan.join, result, claimer))
+        try:
+            plan = on_success(msg, result, self._default_queue, now)
+            steps = self._send_steps(plan.messages, now)
+            if plan.join is not None:
+                self.app.codec.encode_value(result)  # the join stores it: fail now
+                steps.append(self._join_step(msg, plan.join, result, claimer))
+        except FOLLOW_UP_ERRORS:
+            raise
+        except Exception as err:
+            raise WorkflowError(
+                f"what follows {msg.name} {msg.id} cannot be built: "
+                f"{type(err).__name__}: {err}"
+            ) from err
         return steps
 
     def after_failure(
@@ -94,11 +104,22 @@ class FollowUps:
         Error callbacks start, the rest of its chain is marked FAILURE, and a chord it
         belongs to fails (once).
         """
+        try:
+            return self._failure_steps(msg, error, claimer)
+        except Exception as err:
+            log.error("what follows a failed task cannot be built", id=msg.id,
+                      error=f"{type(err).__name__}: {err}")
+            return []
+
+    def _failure_steps(
+        self, msg: TaskMessage, error: BaseException, claimer: str
+    ) -> list[Step]:
         now = now_ms()
         try:
             steps = self._send_steps(on_failure(msg, error, self._default_queue, now), now)
-        except FOLLOW_UP_ERRORS as err:
-            log.error("error callbacks cannot be sent", id=msg.id, error=str(err))
+        except Exception as err:
+            log.error("error callbacks cannot be sent", id=msg.id,
+                      error=f"{type(err).__name__}: {err}")
             steps = []
         broken = broken_continuation(msg)
         if broken.doomed:
@@ -127,8 +148,8 @@ class FollowUps:
         group_id, size = str(join["group"]), int(join["size"])
 
         def fire() -> list[Outgoing]:
-            if not backend.claim_group(group_id, claimer, GROUP_FIRED).result():
-                return []
+            # Build the body before claiming: a body that cannot be sent fails the chord
+            # (claimed as failed), it is never claimed as fired and then lost.
             results = backend.group_results(group_id, size).result()
             now = now_ms()
             try:
@@ -137,8 +158,9 @@ class FollowUps:
             except FOLLOW_UP_ERRORS as err:
                 log.error("chord body cannot be sent: the chord fails", group=group_id,
                           error=str(err))
-                self._store_failed(join, msg, err, f"chord {group_id}: the body cannot be "
-                                   f"sent: {error_text(err)}", now)
+                text = f"chord {group_id}: the body cannot be sent: {error_text(err)}"
+                return self._fail_chord(join, msg, err, claimer, text)
+            if not backend.claim_group(group_id, claimer, GROUP_FIRED).result():
                 return []
             log.info("chord fired", group=group_id, size=size, by=msg.id)
             return records
@@ -163,24 +185,36 @@ class FollowUps:
         self, msg: TaskMessage, join: Node, error: BaseException, claimer: str
     ) -> Step:
         """Fail the chord once: the body's rows FAILURE, the error callbacks sent."""
+        return self._threaded(lambda: self._fail_chord(join, msg, error, claimer))
+
+    def _fail_chord(
+        self, join: Node, member: TaskMessage, error: BaseException, claimer: str,
+        text: str | None = None,
+    ) -> list[Outgoing]:
+        """Claim the chord as failed; if won, mark its body FAILURE, return its callbacks.
+
+        A chord whose body ends in the join of an outer chord (the chord is a member
+        there) fails that outer chord too, and so on outwards. Blocking: in the pool.
+        """
         group_id = str(join["group"])
-
-        def work() -> list[Outgoing]:
-            if not self.app.backend.claim_group(group_id, claimer, GROUP_FAILED).result():
-                return []
-            now = now_ms()
-            self._store_failed(join, msg, error, chord_failure_text(join, msg, error), now)
-            log.warning("chord failed", group=group_id, member=join["index"], by=msg.id,
-                        error=error_text(error))
-            try:
-                callbacks = on_chord_failure(join, msg, error, self._default_queue, now)
-                return [self.app.outgoing(m, now) for m in callbacks]
-            except FOLLOW_UP_ERRORS as err:
-                log.error("chord error callbacks cannot be sent", group=group_id,
-                          error=str(err))
-                return []
-
-        return self._threaded(work)
+        if not self.app.backend.claim_group(group_id, claimer, GROUP_FAILED).result():
+            return []
+        now = now_ms()
+        text = text or chord_failure_text(join, member, error)
+        self._store_all([self._doomed(node, member, type(error).__name__, text, now)
+                         for node in task_nodes(join["body"])])
+        log.warning("chord failed", group=group_id, member=join["index"], by=member.id,
+                    error=error_text(error))
+        records: list[Outgoing] = []
+        try:
+            callbacks = on_chord_failure(join, member, error, self._default_queue, now)
+            records = [self.app.outgoing(m, now) for m in callbacks]
+        except Exception as err:
+            log.error("chord error callbacks cannot be sent", group=group_id,
+                      error=f"{type(err).__name__}: {err}")
+        for outer in joins_in(join["body"]):
+            records += self._fail_chord(outer, member, error, claimer)
+        return records
 
     def _threaded(self, work: Callable[[], list[Outgoing]]) -> Step:
         """A step whose bookkeeping runs in the pool, then sends what it returned."""
@@ -200,14 +234,9 @@ class FollowUps:
 
     # -- rows -----------------------------------------------------------------------
 
-    def _store_failed(
-        self, join: Node, member: TaskMessage, error: BaseException, text: str, now: int
-    ) -> None:
-        """Mark the body of a failed chord FAILURE (blocking; in the pool)."""
-        futures = [
-            self.app.backend.store(self._doomed(node, member, type(error).__name__, text, now))
-            for node in task_nodes(join["body"])
-        ]
+    def _store_all(self, metas: Sequence[TaskMeta]) -> None:
+        """Write rows and wait until all are durable (blocking; in the pool)."""
+        futures = [self.app.backend.store(meta) for meta in metas]
         for future in futures:
             future.result()
 
