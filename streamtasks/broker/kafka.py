@@ -619,8 +619,11 @@ class KafkaConsumer(Consumer):
     # -- Consumer ------------------------------------------------------------------------
 
     def poll(self, timeout_s: float, max_records: int) -> list[Record]:
-        """Return up to ``max_records`` records, waiting at most ``timeout_s``.
+        """Return up to ``max_records`` records, waiting at most ``timeout_s`` for the first.
 
+        Returns as soon as one record is there, with whatever else is already fetched:
+        ``consume(n, timeout)`` alone waits the whole timeout unless ``n`` records come
+        (a single task waited up to the worker's idle poll of 100 ms before it started).
         Rebalance callbacks run inside this call; an exception raised by the listener
         comes out of it unchanged.
 
@@ -629,7 +632,10 @@ class KafkaConsumer(Consumer):
 
         """
         try:
-            messages = self._consumer.consume(max_records, timeout_s)
+            first = self._consumer.poll(timeout_s)
+            messages = [] if first is None else [first]
+            if first is not None and max_records > 1:
+                messages += self._consumer.consume(max_records - 1, 0)
         except ck.KafkaException as err:
             raise BrokerError(f"consume failed: {err}") from err
         except RuntimeError as err:

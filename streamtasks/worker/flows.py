@@ -148,8 +148,14 @@ class FollowUps:
         group_id, size = str(join["group"]), int(join["size"])
 
         def fire() -> list[Outgoing]:
-            # Build the body before claiming: a body that cannot be sent fails the chord
-            # (claimed as failed), it is never claimed as fired and then lost.
+            # Under load many members see the group complete (each counted its shard
+            # after the last write to it): a cheap read turns most of them away, and
+            # the claim comes before the work of gathering the results.
+            claim = backend.group_claim(group_id)
+            if claim is not None and claim.claimer != claimer:
+                return []
+            if not backend.claim_group(group_id, claimer, GROUP_FIRED).result():
+                return []
             results = backend.group_results(group_id, size).result()
             now = now_ms()
             try:
@@ -160,8 +166,6 @@ class FollowUps:
                           error=str(err))
                 text = f"chord {group_id}: the body cannot be sent: {error_text(err)}"
                 return self._fail_chord(join, msg, err, claimer, text)
-            if not backend.claim_group(group_id, claimer, GROUP_FIRED).result():
-                return []
             log.info("chord fired", group=group_id, size=size, by=msg.id)
             return records
 
