@@ -145,9 +145,15 @@ class Broker(ABC):
 
     @abstractmethod
     def consumer(
-        self, group_id: str, topics: Sequence[str], listener: RebalanceListener
+        self, group_id: str, topics: Sequence[str], listener: RebalanceListener,
+        *, eager: bool = False,
     ) -> Consumer:
-        """Join ``group_id`` and subscribe to ``topics``."""
+        """Join ``group_id`` and subscribe to ``topics``.
+
+        ``eager``: :meth:`Consumer.poll` returns as soon as one record is there (with
+        what else is already fetched), instead of waiting for ``max_records`` records or
+        the timeout. Workers poll eagerly, so a lone task starts at once.
+        """
 
     @abstractmethod
     def create_topics(self, specs: Sequence[TopicSpec]) -> list[str]:

@@ -136,9 +136,14 @@ class MemoryBroker(Broker):
         return 0
 
     def consumer(
-        self, group_id: str, topics: Sequence[str], listener: RebalanceListener
+        self, group_id: str, topics: Sequence[str], listener: RebalanceListener,
+        *, eager: bool = False,
     ) -> MemoryConsumer:
-        """Join ``group_id``; the assignment arrives in the consumer's next ``poll``."""
+        """Join ``group_id``; the assignment arrives in the consumer's next ``poll``.
+
+        A memory consumer's poll never waits for more records, so ``eager`` changes
+        nothing here.
+        """
         with self._cond:
             group = self._groups.setdefault(group_id, _Group())
             member = MemoryConsumer(self, group_id, group, list(topics), listener)

@@ -127,7 +127,9 @@ class Worker:
         """Create the queues' topics (when allowed) and join the consumer groups."""
         for q in self.queues:
             self.app.ensure_queue(q)
-        self._consumer = self.app.broker.consumer(self.group_id, list(self._topic_queue), self)
+        self._consumer = self.app.broker.consumer(
+            self.group_id, list(self._topic_queue), self, eager=True
+        )
         if self.settings.run_delayer and self.delayer is None:
             self.delayer = DelayForwarder(self.app, self.queues)
             self.delayer.start()
