@@ -30,10 +30,10 @@ import structlog
 
 from streamtasks.broker.base import Consumer, Record, TopicPartition
 from streamtasks.delays import DelayTier, next_hop
-from streamtasks.errors import BrokerError, ConfigError
+from streamtasks.errors import ConfigError
 from streamtasks.headers import ETA_MS, header_text
 from streamtasks.message import now_ms
-from streamtasks.worker.effects import EffectRunner, Step, StepDone
+from streamtasks.worker.effects import EffectRunner, send_step
 from streamtasks.worker.offsets import OffsetTracker, caught_up, commit_watermarks
 
 if TYPE_CHECKING:
@@ -280,23 +280,11 @@ class DelayForwarder:
             log.warning("tombstone in a delay tier, forwarded with an empty value",
                         topic=record.topic, partition=record.partition, offset=record.offset)
         self.effects.run(
-            [self._send_step(target, record)],
+            [send_step(self.app.broker, target, record.value or b"", record.key,
+                       record.headers, record.partition)],
             partial(self._forwarded, tp, record.offset, self._generation[tp]),
             f"forward of {record.topic}/{record.partition}@{record.offset} to {target}",
         )
-
-    def _send_step(self, topic: str, record: Record) -> Step:
-        broker = self.app.broker
-        value = record.value if record.value is not None else b""
-
-        def step(done: StepDone) -> None:
-            broker.send(
-                topic, value, key=record.key, headers=record.headers,
-                partition=record.partition,
-                on_delivery=lambda error: done(None if error is None else BrokerError(error)),
-            )
-
-        return step
 
     def _forwarded(self, tp: TopicPartition, offset: int, generation: int) -> None:
         """Any thread: the broker confirmed the forward of ``offset``."""
