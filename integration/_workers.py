@@ -56,8 +56,11 @@ class WorkerProcess:
         try:
             return self.proc.wait(timeout=timeout)
         finally:
-            if self.log is not subprocess.DEVNULL:
-                self.log.close()  # type: ignore[union-attr]
+            self.close_log()
+
+    def close_log(self) -> None:
+        if self.log is not subprocess.DEVNULL:
+            self.log.close()  # type: ignore[union-attr]
 
 
 @contextmanager
@@ -74,6 +77,8 @@ def workers(env: dict[str, str], count: int, **options: object) -> Iterator[list
                 p.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 p.proc.kill()
+                p.proc.wait(timeout=30)
+            p.close_log()
 
 
 def wait_lines(path: Path, lines: int, timeout_s: float) -> None:

@@ -135,14 +135,15 @@ def test_a_worker_killed_mid_run_loses_nothing(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("service", ["cassandra", "kafka"])
-def test_an_outage_under_load_loses_nothing(service: str) -> None:
+def test_an_outage_under_load_loses_nothing(service: str, tmp_path: Path) -> None:
     require_restartable(service)
     total = 3_000
-    env = worker_env(new_namespace(f"outage-{service}"))
+    env = worker_env(new_namespace(f"outage-{service}"), STREAMTASKS_LOG_LEVEL="info")
     app = make_app(env)
     app.ensure_queue("default")
     rows = Rows()
-    with workers(env, 1, concurrency=4):
+    worker_log = tmp_path / "worker.log"
+    with workers(env, 1, concurrency=4, log_path=worker_log):
         # Given about 40 s of work (3,000 tasks of 50 ms, 4 at a time)
         ids = [app.send("it.sleep", args=[50, i]).id for i in range(total)]
         app.flush(timeout_s=120)
@@ -155,5 +156,8 @@ def test_an_outage_under_load_loses_nothing(service: str) -> None:
         counts = rows.wait_states(ids, states.SUCCESS, timeout_s=600)
     rows.close()
     print(f"\n{service} outage of 20 s: {counts[states.SUCCESS]}/{total} SUCCESS")
+    if counts[states.SUCCESS] != total:
+        print("--- worker log, last 200 lines ---")
+        print("\n".join(worker_log.read_text(errors="replace").splitlines()[-200:]))
     assert counts[states.SUCCESS] == total
     app.close()

@@ -589,6 +589,9 @@ class KafkaConsumer(Consumer):
         # first with the new partitions "pending": its seeks become the start offsets passed
         # to incremental_assign, its pauses are applied right after. Assigning here also
         # keeps confluent-kafka from doing its own incremental_assign afterwards.
+        # librdkafka keeps an application pause on a partition across revocation and
+        # re-assignment, so a partition paused when it left would come back paused and
+        # never be read: every assigned partition is resumed unless the listener paused it.
         self._pending = {(tp.topic, tp.partition): tp for tp in partitions}
         self._pending_pauses = []
         try:
@@ -598,6 +601,10 @@ class KafkaConsumer(Consumer):
             starts, pauses = list(self._pending.values()), self._pending_pauses
             self._pending, self._pending_pauses = {}, []
             consumer.incremental_assign(starts)
+            paused = {(tp.topic, tp.partition) for tp in pauses}
+            fresh = [tp for tp in starts if (tp.topic, tp.partition) not in paused]
+            if fresh:
+                consumer.resume(fresh)
             if pauses:
                 consumer.pause(pauses)
 

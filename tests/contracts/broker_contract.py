@@ -240,6 +240,41 @@ class BrokerContract(ABC):
         self.poll_until([member], lambda: len(member.records) >= 10, "records of partition 0")
         assert [r.offset for r in member.records if r.tp == tp0] == [0, 1, 2, 3, 4]
 
+    def test_a_partition_paused_then_revoked_comes_back_unpaused(self, broker: Broker) -> None:
+        # librdkafka keeps an application pause on a partition across revoke and
+        # re-assignment; a worker full during a rebalance then never read it again.
+        topic = self.new_topic(broker, 2)
+        everything = [TopicPartition(topic, 0), TopicPartition(topic, 1)]
+        group = self.group()
+        first = self.join(broker, group, [topic])
+        self.poll_until([first], lambda: first.consumer.assignment() == everything, "assignment")
+
+        # Given a member that read 5 records of each partition, committed 2 of each, paused all
+        self.send_all(broker, topic, [{"value": b"%d" % i, "partition": i % 2} for i in range(10)])
+        self.poll_until([first], lambda: len(first.records) >= 10, "10 records")
+        first.consumer.commit({tp: 2 for tp in everything}, asynchronous=False)
+        first.consumer.pause(everything)
+        # When a second member takes one of them and leaves, so that it comes back
+        second = self.join(broker, group, [topic])
+        self.poll_until([first, second], lambda: bool(second.consumer.assignment()),
+                        "the second member's partition")
+        moved = second.consumer.assignment()
+        second.consumer.close()
+        self.poll_until([first], lambda: first.consumer.assignment() == everything,
+                        "the partition back")
+
+        # Then the partition that came back is read again from its committed offset, without
+        # a resume; the other stays paused
+        self.send_all(broker, topic, [{"value": b"%d" % i, "partition": i % 2}
+                                      for i in range(10, 20)])
+        self.poll_until([first], lambda: len(first.records) >= 18, "the returned partition")
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            first.poll(0.1)
+        again = first.records[10:]
+        assert {r.tp for r in again} == set(moved)
+        assert [r.offset for r in again] == list(range(2, 10))
+
     def test_seek_rereads_from_offset(self, broker: Broker) -> None:
         topic = self.new_topic(broker, 1)
         tp = TopicPartition(topic, 0)
