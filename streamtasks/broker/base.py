@@ -59,7 +59,11 @@ class RebalanceListener(Protocol):
     """Told about partition assignment changes, from inside :meth:`Consumer.poll`."""
 
     def on_assign(self, partitions: list[TopicPartition]) -> None:
-        """Partitions were added to this consumer."""
+        """Partitions were added to this consumer, unpaused, at their committed offsets.
+
+        They stay unpaused even if they were paused when they last left this consumer;
+        the listener may seek or pause them here.
+        """
 
     def on_revoke(self, partitions: list[TopicPartition]) -> None:
         """Partitions are being taken away; commit their progress before returning."""
