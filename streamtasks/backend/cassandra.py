@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import partial
 from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -44,6 +45,7 @@ from streamtasks.backend.memory import (
 )
 from streamtasks.codec.base import Codec
 from streamtasks.errors import BackendError, ConfigError, DecodeError, StreamTasksError
+from streamtasks.fanin import FanIn
 from streamtasks.message import now_ms
 from streamtasks.settings import Settings, parse_url
 
@@ -621,7 +623,7 @@ class CassandraBackend(ResultBackend):
         self._slots.acquire()
         with self._pending_lock:
             self._pending.add(future)
-        write = _StoreWrite(future, 2, self._write_done, self._store_error(meta.task_id))
+        write = FanIn(2, partial(self._write_done, future, meta.task_id))
         for statement, params in (
             (statements.insert_task, task_params),
             (statements.insert_index, index_params),
@@ -656,16 +658,15 @@ class CassandraBackend(ResultBackend):
         )
         return task_params, index_params
 
-    def _write_done(self, future: Future[None]) -> None:
+    def _write_done(self, future: Future[None], task_id: str, error: BaseException | None) -> None:
+        """Both statements of a store answered: free its slot, complete its future."""
         with self._pending_lock:
             self._pending.discard(future)
         self._slots.release()
-
-    def _store_error(self, task_id: str) -> Callable[[BaseException], BackendError]:
-        def wrap(err: BaseException) -> BackendError:
-            return self._error(err, f"storing task {task_id}")
-
-        return wrap
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(self._error(error, f"storing task {task_id}"))
 
     # ---------------------------------------------------------------- reads
 
@@ -1045,48 +1046,6 @@ class CassandraBackend(ResultBackend):
             self._group_statements = None
         if cluster is not None:
             cluster.shutdown()
-
-
-class _StoreWrite:
-    """Completes a store's future once all of its statements answered."""
-
-    __slots__ = ("_done", "_error", "_future", "_left", "_lock", "_wrap")
-
-    def __init__(
-        self,
-        future: Future[None],
-        parts: int,
-        done: Callable[[Future[None]], None],
-        wrap: Callable[[BaseException], BackendError],
-    ) -> None:
-        self._future = future
-        self._left = parts
-        self._done = done
-        self._wrap = wrap
-        self._error: BaseException | None = None
-        self._lock = threading.Lock()
-
-    def succeeded(self, _rows: object) -> None:
-        """Driver callback: one statement succeeded."""
-        self._finish(None)
-
-    def failed(self, err: BaseException) -> None:
-        """Driver errback: one statement failed."""
-        self._finish(err)
-
-    def _finish(self, err: BaseException | None) -> None:
-        with self._lock:
-            if err is not None and self._error is None:
-                self._error = err
-            self._left -= 1
-            if self._left:
-                return
-            error = self._error
-        self._done(self._future)
-        if error is None:
-            self._future.set_result(None)
-        else:
-            self._future.set_exception(self._wrap(error))
 
 
 _T = TypeVar("_T")

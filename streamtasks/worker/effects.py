@@ -22,6 +22,7 @@ from streamtasks import states
 from streamtasks.backend.base import ResultBackend, TaskMeta
 from streamtasks.broker.base import Broker
 from streamtasks.errors import BrokerError, EncodeError
+from streamtasks.fanin import FanIn
 
 if TYPE_CHECKING:
     from streamtasks.app import Outgoing
@@ -155,7 +156,7 @@ def store_all_step(backend: ResultBackend, metas: Sequence[TaskMeta]) -> Step:
     """A step that writes several rows at once; done when all are durable."""
 
     def step(done: StepDone) -> None:
-        gather = _Gather(len(metas), done)
+        gather = FanIn(len(metas), done)
         for meta in metas:
             backend.store(meta).add_done_callback(lambda f: gather.one(f.exception()))
 
@@ -185,7 +186,7 @@ def send_all_step(broker: Broker, records: Sequence[Outgoing]) -> Step:
     """
 
     def step(done: StepDone) -> None:
-        gather = _Gather(len(records), done)
+        gather = FanIn(len(records), done)
         for out in records:
             broker.send(
                 out.topic, out.value, key=out.key, headers=out.headers,
@@ -193,24 +194,3 @@ def send_all_step(broker: Broker, records: Sequence[Outgoing]) -> Step:
             )
 
     return step
-
-
-class _Gather:
-    """Calls ``done`` once, after ``parts`` answers: with the first error, if any."""
-
-    def __init__(self, parts: int, done: StepDone) -> None:
-        self._left = parts
-        self._done = done
-        self._error: BaseException | None = None
-        self._lock = threading.Lock()
-        if parts == 0:
-            done(None)
-
-    def one(self, error: BaseException | None) -> None:
-        with self._lock:
-            if error is not None and self._error is None:
-                self._error = error
-            self._left -= 1
-            if self._left:
-                return
-        self._done(self._error)
