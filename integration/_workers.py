@@ -8,11 +8,13 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from integration._services import REPO, backend_url, broker_url, kafka_bootstrap
+from streamtasks import App, Settings
 
 
 def worker_env(namespace: str, **extra: str) -> dict[str, str]:
@@ -27,6 +29,16 @@ def worker_env(namespace: str, **extra: str) -> dict[str, str]:
     }
     env.update(extra)
     return env
+
+
+def make_app(env: dict[str, str]) -> App:
+    """The test process's app, configured like its workers by ``env``."""
+    return App("it", settings=Settings.from_env(env=env))
+
+
+def executions(log: Path) -> Counter[str]:
+    """How often each tag was written to an execution log (``IT_EXEC_LOG``)."""
+    return Counter(log.read_text().split()) if log.exists() else Counter()
 
 
 def new_namespace(prefix: str) -> str:

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from integration._rows import Rows
-from integration._workers import WorkerProcess, new_namespace, worker_env, workers
-from integration.test_worker_kafka import dlq_records, make_app
+from integration._workers import WorkerProcess, make_app, new_namespace, worker_env, workers
+from integration.test_worker_kafka import dlq_records
 from streamtasks import TaskFailed, states
 
 pytestmark = pytest.mark.integration

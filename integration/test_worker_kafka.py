@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -14,14 +13,18 @@ from confluent_kafka import Consumer
 
 from integration._rows import Rows
 from integration._services import REPO, kafka_bootstrap, require_restartable, services
-from integration._workers import WorkerProcess, new_namespace, wait_lines, worker_env, workers
-from streamtasks import App, Settings, TaskFailed, states
+from integration._workers import (
+    WorkerProcess,
+    executions,
+    make_app,
+    new_namespace,
+    wait_lines,
+    worker_env,
+    workers,
+)
+from streamtasks import TaskFailed, states
 
 pytestmark = pytest.mark.integration
-
-
-def make_app(env: dict[str, str]) -> App:
-    return App("it", settings=Settings.from_env(env=env))
 
 
 def dlq_records(topic: str, expected: int, timeout_s: float = 30) -> list:
@@ -123,13 +126,13 @@ def test_a_worker_killed_mid_run_loses_nothing(tmp_path: Path) -> None:
         # Then every task ends with one SUCCESS row, none lost
         counts = rows.wait_states(ids, states.SUCCESS, timeout_s=600)
     rows.close()
-    executions = Counter(log.read_text().split())
-    repeated = sum(n - 1 for n in executions.values())
+    runs = executions(log)
+    repeated = sum(n - 1 for n in runs.values())
     print(f"\n{total} tasks, 1 of 3 workers SIGKILLed: {counts[states.SUCCESS]} SUCCESS rows, "
-          f"{len(executions)} distinct executed, {repeated} repeated executions "
+          f"{len(runs)} distinct executed, {repeated} repeated executions "
           f"({100 * repeated / total:.2f}%)")
     assert counts[states.SUCCESS] == total
-    assert len(executions) == total
+    assert len(runs) == total
     app.close()
 
 

@@ -10,29 +10,23 @@ import pytest
 
 from integration._workers import (
     WorkerProcess,
+    executions,
+    make_app,
     new_namespace,
     wait_groups_settled,
     wait_lines,
     worker_env,
     workers,
 )
-from streamtasks import App, ChainResult, GroupResult, Settings, TaskFailed, chain, chord, group
+from streamtasks import App, ChainResult, GroupResult, TaskFailed, chain, chord, group
 from streamtasks.signature import Signature
 
 pytestmark = pytest.mark.integration
 
 
-def make_app(env: dict[str, str]) -> App:
-    return App("it", settings=Settings.from_env(env=env))
-
-
 def sig(app: App, name: str, *args: object, immutable: bool = False) -> Signature:
     """A signature of a task the worker processes know (this process need not import it)."""
     return Signature(name, args, immutable=immutable, app=app)
-
-
-def executions(log: Path) -> Counter[str]:
-    return Counter(log.read_text().split()) if log.exists() else Counter()
 
 
 @pytest.mark.timeout(300)
