@@ -92,6 +92,16 @@ stop_service() {  # service timeout
     kill -KILL "$pid" 2>/dev/null || true
     for ((i = 0; i < 40; i++)); do pid_alive "$pid" || break; sleep 0.25; done
   fi
+  # A JVM's main thread shows as a zombie while its other threads still exit and hold
+  # its sockets: wait for its ports too, or an immediate start finds them in use.
+  local port
+  for port in $(ports_of "$svc"); do
+    for ((i = 0; i < 120; i++)); do
+      [[ -n "$(port_listener "$port")" ]] || break
+      ((i > 0)) || say "waiting for port $port of $svc to close"
+      sleep 0.25
+    done
+  done
   rm -f "$(pidfile_of "$svc")"
   say "$svc stopped"
 }
@@ -132,16 +142,23 @@ ensure_libs() {
   echo "$want" >"$dir/.pom.sha256"
 }
 
+port_listener() {  # port -> prints what listens on 127.0.0.1:port, or nothing
+  if command -v ss >/dev/null; then
+    ss -Hltnp "sport = :$1" 2>/dev/null || true
+  elif (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then
+    echo "in use"
+  fi
+}
+
+ports_of() {  # service -> its ports
+  if [[ "$1" == kafka ]]; then echo "${KAFKA_PORTS[@]}"; else echo "${CASSANDRA_PORTS[@]}"; fi
+}
+
 check_ports_free() {  # service port...
   local svc="$1" port line who
   shift
   for port in "$@"; do
-    line=""
-    if command -v ss >/dev/null; then
-      line="$(ss -Hltnp "sport = :$port" 2>/dev/null || true)"
-    elif (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-      line="in use"
-    fi
+    line="$(port_listener "$port")"
     if [[ -n "$line" ]]; then
       who="$(grep -o 'users:(("[^"]*",pid=[0-9]*' <<<"$line" | head -1 | sed 's/users:(("\([^"]*\)",pid=\([0-9]*\)/\1 (pid \2)/' || true)"
       local envvar=STREAMTASKS_BACKEND
