@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,6 +38,10 @@ class Settings:
         max_message_bytes: largest task record; topics and producer are set to it.
         create_topics: let ``send`` and the worker create missing topics.
         result_expires_s: TTL of result rows.
+        group_expires_s: TTL of a group's join and trigger rows (a chord can wait this
+            long for its last member; default 7 days, at least ``result_expires_s``).
+        min_insync_replicas: ``min.insync.replicas`` of topics the library creates
+            (0: 2 when ``replication_factor`` is 3 or more, else 1).
         concurrency: tasks run at once per worker process.
         max_in_flight: records held by a worker (running or waiting) before it pauses.
         commit_interval_s: how often a worker commits its done watermarks.
@@ -62,6 +66,8 @@ class Settings:
     max_message_bytes: int = 16 * 1024 * 1024
     create_topics: bool = True
     result_expires_s: int = 24 * 3600
+    group_expires_s: int = 7 * 24 * 3600
+    min_insync_replicas: int = 0
     concurrency: int = 8
     max_in_flight: int = 1000
     commit_interval_s: float = 0.5
@@ -163,9 +169,9 @@ class Settings:
         """Return the topic of one delay tier of ``queue``."""
         return f"{self.namespace}.{queue}.delay.{tier.name}"
 
-    def delayer_group_id(self, queues: Sequence[str]) -> str:
-        """Return the consumer group forwarding the delay tiers of ``queues``."""
-        return f"{self.namespace}.{'+'.join(sorted(queues))}.delayer"
+    def delayer_group_id(self, queue: str) -> str:
+        """Return the consumer group forwarding the delay tiers of ``queue``."""
+        return f"{self.namespace}.{queue}.delayer"
 
     def group_id(self, queue: str) -> str:
         """Return the worker consumer group of ``queue``."""
