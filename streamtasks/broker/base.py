@@ -71,6 +71,15 @@ class RebalanceListener(Protocol):
     def on_lost(self, partitions: list[TopicPartition]) -> None:
         """Partitions were lost (another member may own them already): do not commit."""
 
+    def on_commit(
+        self, committed: Mapping[TopicPartition, int], failed: Mapping[TopicPartition, int],
+        error: str | None,
+    ) -> None:
+        """An asynchronous commit was answered: offsets stored, and offsets that failed.
+
+        Called from inside :meth:`Consumer.poll`; ``error`` says why some failed.
+        """
+
 
 class Consumer(ABC):
     """A member of a consumer group; offsets are committed only when asked to."""
@@ -96,7 +105,11 @@ class Consumer(ABC):
 
     @abstractmethod
     def commit(self, offsets: Mapping[TopicPartition, int], *, asynchronous: bool) -> None:
-        """Commit, per partition, the offset of the next record to read."""
+        """Commit, per partition, the offset of the next record to read.
+
+        An asynchronous commit returns at once; its answer reaches the listener's
+        ``on_commit`` from a later :meth:`poll`.
+        """
 
     @abstractmethod
     def committed(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int | None]:

@@ -618,16 +618,24 @@ class KafkaConsumer(Consumer):
         if partitions:
             self._listener.on_lost(_our_partitions(partitions))
 
-    @staticmethod
-    def _on_commit(err: ck.KafkaError | None, partitions: list[ck.TopicPartition]) -> None:
-        failed = [tp for tp in partitions if tp.error is not None]
-        if err is not None and err.code() != ck.KafkaError._NO_OFFSET:
-            log.warning("offset commit failed", error=err.str())
+    def _on_commit(self, err: ck.KafkaError | None, partitions: list[ck.TopicPartition]) -> None:
+        # The answer to an asynchronous commit (served inside poll): offsets that failed
+        # stay due in the listener's tracker and are committed again.
+        if err is not None and err.code() == ck.KafkaError._NO_OFFSET:
+            return
+        whole = err is not None
+        committed = {TopicPartition(tp.topic, tp.partition): tp.offset for tp in partitions
+                     if not whole and tp.error is None and tp.offset >= 0}
+        failed = {TopicPartition(tp.topic, tp.partition): tp.offset for tp in partitions
+                  if (whole or tp.error is not None) and tp.offset >= 0}
+        reason = err.str() if err is not None else "; ".join(
+            f"{tp.topic}[{tp.partition}]: {tp.error}" for tp in partitions if tp.error
+        )
+        on_commit = getattr(self._listener, "on_commit", None)
+        if on_commit is not None:
+            on_commit(committed, failed, reason or None)
         elif failed:
-            log.warning(
-                "offset commit failed for some partitions",
-                partitions=[f"{tp.topic}[{tp.partition}]: {tp.error}" for tp in failed],
-            )
+            log.warning("offset commit failed", error=reason)
 
     # -- Consumer ------------------------------------------------------------------------
 

@@ -56,9 +56,15 @@ class MemoryBroker(Broker):
         self._groups: dict[str, _Group] = {}
         self._reports: deque[tuple[DeliveryCallback, str | None]] = deque()
         self._failures: deque[str] = deque()
+        self._failing_commits = 0
         # Low watermarks moved by delete_records; records below stay in the lists (so
         # an offset stays a list index) but are never read again.
         self._low: dict[TopicPartition, int] = {}
+
+    def fail_next_commits(self, count: int) -> None:
+        """Make the next ``count`` offset commits (of any group) fail (for tests)."""
+        with self._cond:
+            self._failing_commits += count
 
     def fail_next_sends(self, count: int, reason: str = "simulated delivery failure") -> None:
         """Make the next ``count`` sends fail: not stored, reported with ``reason``."""
@@ -339,9 +345,30 @@ class MemoryConsumer(Consumer):
             self._cond.notify_all()
 
     def commit(self, offsets: Mapping[TopicPartition, int], *, asynchronous: bool) -> None:
-        """Store the group's offsets of the next records to read."""
+        """Store the group's offsets of the next records to read.
+
+        An asynchronous commit is answered to the listener's ``on_commit`` at once; the
+        broker's :meth:`MemoryBroker.fail_next_commits` makes commits fail.
+
+        Raises:
+            BrokerError: a synchronous commit was made to fail.
+        """
         with self._cond:
-            self._group.committed.update(offsets)
+            failing = self._broker._failing_commits > 0
+            if failing:
+                self._broker._failing_commits -= 1
+            else:
+                self._group.committed.update(offsets)
+        if not asynchronous:
+            if failing:
+                raise BrokerError("simulated commit failure")
+            return
+        on_commit = getattr(self._listener, "on_commit", None)
+        if on_commit is not None:
+            if failing:
+                on_commit({}, dict(offsets), "simulated commit failure")
+            else:
+                on_commit(dict(offsets), {}, None)
 
     def committed(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int | None]:
         """Return the group's committed offsets (None where nothing is committed)."""
