@@ -348,10 +348,11 @@ class App:
 
     def topic_for(self, msg: TaskMessage, now: int) -> str:
         """Return the topic a task goes to now: its queue's, or the delay tier that fits."""
-        tier = None if msg.eta_ms is None else next_hop(self.settings.tiers(), msg.eta_ms - now)
+        topology = self.settings.topology
+        tier = None if msg.eta_ms is None else next_hop(topology.tiers, msg.eta_ms - now)
         if tier is None:
-            return self.settings.topic(msg.queue)
-        return self.settings.tier_topic(msg.queue, tier)
+            return topology.topic(msg.queue)
+        return topology.tier_topic(msg.queue, tier)
 
     def _delivered(self, task_id: str, error: str | None) -> None:
         with self._lock:
@@ -389,16 +390,8 @@ class App:
         self._queues_ready.add(queue)
 
     def topic_specs(self, queue: str, partitions: int | None = None) -> list[TopicSpec]:
-        """Return the topics a queue needs, with the configured sizes and limits."""
-        s = self.settings
-        config = {
-            "max.message.bytes": str(s.max_message_bytes + 64 * 1024),
-            "retention.ms": str(s.retention_ms),
-        }
-        count = partitions or s.partitions
-        names = [s.topic(queue), s.dlq_topic(queue)]
-        names += [s.tier_topic(queue, tier) for tier in s.tiers()]
-        return [TopicSpec(name, count, s.replication_factor, dict(config)) for name in names]
+        """Return the topics a queue needs (see :meth:`Topology.topic_specs`)."""
+        return self.settings.topology.topic_specs(queue, partitions)
 
     # -- results -----------------------------------------------------------------
 

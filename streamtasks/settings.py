@@ -17,6 +17,7 @@ from streamtasks.errors import ConfigError
 
 if TYPE_CHECKING:
     from streamtasks.delays import DelayTier
+    from streamtasks.topology import Topology
 
 ENV_PREFIX = "STREAMTASKS_"
 
@@ -151,13 +152,12 @@ class Settings:
         parse_url(self.broker, "broker")
         parse_url(self.backend, "backend")
 
-    def topic(self, queue: str) -> str:
-        """Return the topic name of ``queue``."""
-        return f"{self.namespace}.{queue}"
+    @property
+    def topology(self) -> Topology:
+        """The topic and group names and topic specs these settings describe."""
+        from streamtasks.topology import Topology
 
-    def dlq_topic(self, queue: str) -> str:
-        """Return the dead-letter topic name of ``queue``."""
-        return f"{self.namespace}.{queue}.dlq"
+        return Topology.from_settings(self)
 
     def tiers(self) -> tuple[DelayTier, ...]:
         """Return the delay tiers, shortest first."""
@@ -165,17 +165,28 @@ class Settings:
 
         return parse_tiers(self.delay_tiers)
 
+    # One-line delegates to the topology, kept for the code that names topics through
+    # the settings.
+
+    def topic(self, queue: str) -> str:
+        """Return the topic name of ``queue`` (see :meth:`Topology.topic`)."""
+        return self.topology.topic(queue)
+
+    def dlq_topic(self, queue: str) -> str:
+        """Return the dead-letter topic name of ``queue`` (see :meth:`Topology.dlq_topic`)."""
+        return self.topology.dlq_topic(queue)
+
     def tier_topic(self, queue: str, tier: DelayTier) -> str:
-        """Return the topic of one delay tier of ``queue``."""
-        return f"{self.namespace}.{queue}.delay.{tier.name}"
+        """Return the topic of one delay tier of ``queue`` (see :meth:`Topology.tier_topic`)."""
+        return self.topology.tier_topic(queue, tier)
 
     def delayer_group_id(self, queue: str) -> str:
-        """Return the consumer group forwarding the delay tiers of ``queue``."""
-        return f"{self.namespace}.{queue}.delayer"
+        """Return the group forwarding the delay tiers of ``queue`` (one per queue)."""
+        return self.topology.delayer_group_id(queue)
 
     def group_id(self, queue: str) -> str:
-        """Return the worker consumer group of ``queue``."""
-        return f"{self.namespace}.{queue}"
+        """Return the worker consumer group of ``queue`` (one per queue)."""
+        return self.topology.group_id(queue)
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -121,6 +120,7 @@ class KafkaBroker(Broker):
         if parsed.scheme != "kafka":
             raise BrokerError(f"KafkaBroker needs a kafka:// URL, got scheme {parsed.scheme!r}")
         self.max_message_bytes = settings.max_message_bytes
+        self._topology = settings.topology
         self._common: dict[str, Any] = {
             "bootstrap.servers": ",".join(f"{h}:{p}" for h, p in parsed.hosts),
             "client.id": "streamtasks",
@@ -196,7 +196,7 @@ class KafkaBroker(Broker):
         """Return a consumer that never subscribes, for watermark and time look-ups."""
         with self._lock:
             if self._lookup is None:
-                config = self.consumer_config("streamtasks.lookup")
+                config = self.consumer_config(self._topology.lookup_group_id())
                 config["allow.auto.create.topics"] = False
                 self._lookup = ck.Consumer(config)
             return self._lookup
@@ -441,7 +441,7 @@ class KafkaBroker(Broker):
         start, end = max(start, low), min(end, high)
         if start >= end:
             return
-        config = self.consumer_config(f"streamtasks.read.{uuid.uuid4().hex}")
+        config = self.consumer_config(self._topology.read_group_id())
         config.update({"enable.partition.eof": True, "allow.auto.create.topics": False})
         try:
             consumer = ck.Consumer(config)

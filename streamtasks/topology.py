@@ -1,0 +1,185 @@
+"""Every topic and consumer group name, and the configs of the topics: one home.
+
+A queue ``q`` in namespace ``ns`` owns these topics::
+
+    ns.q                 the tasks (kind ``task``)
+    ns.q.delay.{tier}    one per delay tier (kind ``delay``)
+    ns.q.dlq             the dead letters (kind ``dlq``)
+
+and these consumer groups, one per queue whatever set of queues a worker serves::
+
+    ns.q                 the workers taking its tasks
+    ns.q.delayer         the forwarder of its delay tiers
+
+Names are only ever built here; a topic name is mapped back to its queue through
+:meth:`Topology.roles` (built from the settings and the queues), never parsed.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import TYPE_CHECKING
+
+from streamtasks.broker.base import TopicSpec
+from streamtasks.delays import DelayTier, parse_tiers
+
+if TYPE_CHECKING:
+    from streamtasks.settings import Settings
+
+#: Room above ``max_message_bytes`` in a topic's ``max.message.bytes`` (key, headers,
+#: record batch framing).
+TOPIC_OVERHEAD_BYTES = 64 * 1024
+
+
+class TopicKind(StrEnum):
+    """What a topic of a queue holds."""
+
+    TASK = "task"
+    DELAY = "delay"
+    DLQ = "dlq"
+
+
+@dataclass(frozen=True, slots=True)
+class TopicRole:
+    """What a topic is: the queue it belongs to, its kind, and its tier (delay topics)."""
+
+    queue: str
+    kind: TopicKind
+    tier: DelayTier | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    """The names and topic specs of the queues of one namespace.
+
+    Build it with :meth:`from_settings`; it holds no queue list, so one topology serves
+    any queue.
+
+    Attributes:
+        namespace: prefix of every topic and group name.
+        tiers: the delay tiers, shortest first.
+        partitions: partitions of created topics.
+        replication_factor: replication factor of created topics.
+        retention_ms: ``retention.ms`` of created topics.
+        max_message_bytes: the largest task record.
+    """
+
+    namespace: str
+    tiers: tuple[DelayTier, ...]
+    partitions: int = 6
+    replication_factor: int = 1
+    retention_ms: int = 7 * 24 * 3600 * 1000
+    max_message_bytes: int = 16 * 1024 * 1024
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Topology:
+        """Return the topology the settings describe.
+
+        Raises:
+            ConfigError: the delay tiers are malformed.
+        """
+        return cls(
+            namespace=settings.namespace,
+            tiers=parse_tiers(settings.delay_tiers),
+            partitions=settings.partitions,
+            replication_factor=settings.replication_factor,
+            retention_ms=settings.retention_ms,
+            max_message_bytes=settings.max_message_bytes,
+        )
+
+    # -- topics --------------------------------------------------------------------
+
+    def topic(self, queue: str) -> str:
+        """Return the task topic of ``queue``: ``{ns}.{queue}``."""
+        return f"{self.namespace}.{queue}"
+
+    def tier_topic(self, queue: str, tier: DelayTier) -> str:
+        """Return the topic of one delay tier of ``queue``: ``{ns}.{queue}.delay.{tier}``."""
+        return f"{self.namespace}.{queue}.delay.{tier.name}"
+
+    def tier_topics(self, queue: str) -> list[str]:
+        """Return the delay tier topics of ``queue``, shortest tier first."""
+        return [self.tier_topic(queue, tier) for tier in self.tiers]
+
+    def dlq_topic(self, queue: str) -> str:
+        """Return the dead-letter topic of ``queue``: ``{ns}.{queue}.dlq``."""
+        return f"{self.namespace}.{queue}.dlq"
+
+    def topics(self, queue: str) -> list[str]:
+        """Return every topic of ``queue``: the task topic, the dead letters, the tiers."""
+        return [self.topic(queue), self.dlq_topic(queue), *self.tier_topics(queue)]
+
+    # -- consumer groups -------------------------------------------------------------
+
+    def group_id(self, queue: str) -> str:
+        """Return the worker group of ``queue``: ``{ns}.{queue}``, one per queue."""
+        return f"{self.namespace}.{queue}"
+
+    def delayer_group_id(self, queue: str) -> str:
+        """Return the group forwarding the delay tiers of ``queue``: ``{ns}.{queue}.delayer``."""
+        return f"{self.namespace}.{queue}.delayer"
+
+    def legacy_group_ids(self, queues: Sequence[str]) -> tuple[str, str]:
+        """Return the (worker, forwarder) groups older versions used for a queue *set*.
+
+        A worker serving ``a`` and ``b`` joined ``{ns}.a+b`` and ``{ns}.a+b.delayer``
+        (queues sorted); ``streamtasks groups migrate`` carries their offsets over.
+        """
+        joined = "+".join(sorted(queues))
+        return f"{self.namespace}.{joined}", f"{self.namespace}.{joined}.delayer"
+
+    def lookup_group_id(self) -> str:
+        """Return the ``group.id`` of a client that only looks offsets up (never joins)."""
+        return f"{self.namespace}.lookup"
+
+    def read_group_id(self) -> str:
+        """Return a fresh throwaway ``group.id`` for a plain range read (never joins)."""
+        return f"{self.namespace}.read.{uuid.uuid4().hex}"
+
+    def group_of(self, role: TopicRole) -> str | None:
+        """Return the group that consumes a topic of ``role`` (None: no group, the DLQ)."""
+        if role.kind is TopicKind.TASK:
+            return self.group_id(role.queue)
+        if role.kind is TopicKind.DELAY:
+            return self.delayer_group_id(role.queue)
+        return None
+
+    # -- the way back: topic name to role ---------------------------------------------
+
+    def roles(self, queues: Iterable[str]) -> dict[str, TopicRole]:
+        """Return, for every topic of ``queues``, what it is (built from names, not parsed)."""
+        found: dict[str, TopicRole] = {}
+        for queue in queues:
+            found[self.topic(queue)] = TopicRole(queue, TopicKind.TASK)
+            found[self.dlq_topic(queue)] = TopicRole(queue, TopicKind.DLQ)
+            for tier in self.tiers:
+                found[self.tier_topic(queue, tier)] = TopicRole(queue, TopicKind.DELAY, tier)
+        return found
+
+    def role_of(self, topic: str, queues: Iterable[str]) -> TopicRole | None:
+        """Return what ``topic`` is among the topics of ``queues`` (None: not one of them)."""
+        return self.roles(queues).get(topic)
+
+    # -- topic specs -------------------------------------------------------------------
+
+    def topic_config(self) -> dict[str, str]:
+        """Return the configs every topic of a queue is created with."""
+        return {
+            "max.message.bytes": str(self.max_message_bytes + TOPIC_OVERHEAD_BYTES),
+            "retention.ms": str(self.retention_ms),
+        }
+
+    def topic_specs(self, queue: str, partitions: int | None = None) -> list[TopicSpec]:
+        """Return the topics ``queue`` needs: task topic, dead letters, delay tiers.
+
+        Every one has the same partition count (a forwarded or dead-lettered record keeps
+        its partition number), ``partitions`` or the configured one.
+        """
+        count = partitions or self.partitions
+        return [
+            TopicSpec(name, count, self.replication_factor, self.topic_config())
+            for name in self.topics(queue)
+        ]
