@@ -15,7 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 
 from streamtasks import states
-from streamtasks.backend.base import GROUP_FIRED, ResultBackend, TaskMeta
+from streamtasks.backend.base import GROUP_FAILED, GROUP_FIRED, ResultBackend, TaskMeta
 from streamtasks.backend.cassandra import CassandraBackend, listing_shard, load_migrations
 from streamtasks.errors import BackendError
 from streamtasks.settings import Settings
@@ -25,6 +25,7 @@ pytestmark = pytest.mark.integration
 
 DEFAULT_URL = "cassandra://127.0.0.1:9042/streamtasks_test"
 TTL_S = 3600
+GROUP_TTL_S = 7 * 24 * 3600  # Settings.group_expires_s by default
 
 
 def backend_url() -> str:
@@ -36,9 +37,10 @@ def url_with_keyspace(url: str, keyspace: str) -> str:
     return urlunsplit(parts._replace(path="/" + keyspace))
 
 
-def make_backend(url: str) -> CassandraBackend:
-    settings = Settings(result_expires_s=TTL_S, backend_max_in_flight=64)
-    return CassandraBackend(url, settings, make_codec(), json_text)
+def make_backend(url: str, **settings: int) -> CassandraBackend:
+    options: dict[str, int] = {"result_expires_s": TTL_S, "backend_max_in_flight": 64}
+    options.update(settings)
+    return CassandraBackend(url, Settings(**options), make_codec(), json_text)
 
 
 @pytest.fixture(scope="module")
@@ -90,22 +92,59 @@ def test_rows_carry_the_ttl(cassandra: CassandraBackend) -> None:
     assert 0 < ttls[0] <= TTL_S
 
 
-def test_group_rows_carry_the_ttl(cassandra: CassandraBackend) -> None:
-    group_id = str(uuid.uuid4())
-    assert cassandra.join_group(group_id, 0, 1, {"x": 1}).result(timeout=30)
-    assert cassandra.claim_group(group_id, "record-1", GROUP_FIRED).result(timeout=30)
-    ks = cassandra.keyspace
-    queries = (
-        f'SELECT TTL(result_value) AS ttl FROM "{ks}".group_members '
+def group_row_ttls(backend: CassandraBackend, group_id: str) -> dict[str, int]:
+    """TTL left on the group's member row, trigger row and settled mark."""
+    ks = backend.keyspace
+    queries = {
+        "member": f'SELECT TTL(result_value) AS ttl FROM "{ks}".group_members '
         "WHERE group_id = %s AND shard = 0",
         # group_shards has key columns only, which TTL() cannot read; it is written
-        # with the same USING TTL as these
-        f'SELECT TTL(claimer) AS ttl FROM "{ks}".group_triggers WHERE group_id = %s',
-    )
-    for query in queries:
-        row = cassandra.session.execute(query, (group_id,)).one()
-        assert row is not None
-        assert 0 < row["ttl"] <= TTL_S
+        # with the same USING TTL as the member rows
+        "claim": f'SELECT TTL(claimer) AS ttl FROM "{ks}".group_triggers WHERE group_id = %s',
+        "reason": f'SELECT TTL(reason) AS ttl FROM "{ks}".group_triggers WHERE group_id = %s',
+        "settled": f'SELECT TTL(settled) AS ttl FROM "{ks}".group_triggers WHERE group_id = %s',
+    }
+    ttls = {}
+    for name, query in queries.items():
+        row = backend.session.execute(query, (group_id,)).one()
+        assert row is not None, name
+        ttls[name] = row["ttl"]
+    return ttls
+
+
+def test_group_rows_carry_the_group_ttl(cassandra: CassandraBackend) -> None:
+    group_id = str(uuid.uuid4())
+    assert cassandra.join_group(group_id, 0, 1, {"x": 1}).result(timeout=30)
+    claim = cassandra.claim_group(group_id, "record-1", GROUP_FAILED, "boom").result(timeout=30)
+    assert claim.held_by("record-1", GROUP_FAILED)
+    cassandra.settle_group(group_id).result(timeout=30)
+    ttls = group_row_ttls(cassandra, group_id)
+    # group rows outlive the task rows: group_expires_s (7 days) > result_expires_s (1 h)
+    assert all(TTL_S < ttl <= GROUP_TTL_S for ttl in ttls.values()), ttls
+
+
+def test_group_ttl_is_at_least_the_result_ttl() -> None:
+    backend = make_backend(backend_url(), result_expires_s=2 * TTL_S, group_expires_s=TTL_S)
+    try:
+        group_id = str(uuid.uuid4())
+        assert backend.join_group(group_id, 0, 1, "ok").result(timeout=30)
+        backend.claim_group(group_id, "record-1", GROUP_FAILED, "boom").result(timeout=30)
+        backend.settle_group(group_id).result(timeout=30)
+        ttls = group_row_ttls(backend, group_id)
+        assert all(TTL_S < ttl <= 2 * TTL_S for ttl in ttls.values()), ttls
+    finally:
+        backend.close()
+
+
+def test_a_not_applied_claim_returns_the_stored_row(cassandra: CassandraBackend) -> None:
+    group_id = str(uuid.uuid4())
+    won = cassandra.claim_group(group_id, "record-1", GROUP_FIRED).result(timeout=30)
+    cassandra.settle_group(group_id).result(timeout=30)
+    got = cassandra.claim_group(group_id, "record-2", GROUP_FAILED, "late").result(timeout=30)
+    # the LWT's answer carries the existing row's columns, settled and claimed_at included
+    assert (got.claimer, got.outcome, got.settled, got.reason) == (
+        "record-1", GROUP_FIRED, True, None)
+    assert got.claimed_ms == won.claimed_ms
 
 
 def test_migrate_is_idempotent_on_a_fresh_keyspace() -> None:
@@ -120,6 +159,23 @@ def test_migrate_is_idempotent_on_a_fresh_keyspace() -> None:
         meta = TaskMeta(task_id="t", state=states.SUCCESS, result=1)
         backend.store(meta).result(timeout=30)
         assert backend.fetch("t") == meta
+    finally:
+        backend.session.execute(f'DROP KEYSPACE IF EXISTS "{keyspace}"', timeout=60)
+        backend.close()
+
+
+def test_a_migration_interrupted_after_its_alter_can_be_run_again() -> None:
+    keyspace = "streamtasks_mig_" + uuid.uuid4().hex[:8]
+    backend = make_backend(url_with_keyspace(backend_url(), keyspace))
+    try:
+        backend.migrate()
+        # Given 004 applied but not recorded (as when interrupted before its record),
+        # when migrate runs again, then its ALTER ... ADD of existing columns is skipped
+        backend.session.execute(
+            f'DELETE FROM "{keyspace}".schema_migrations WHERE version = 4', timeout=60
+        )
+        assert backend.migrate() == ["004_group_settled"]
+        assert backend.migrate() == []
     finally:
         backend.session.execute(f'DROP KEYSPACE IF EXISTS "{keyspace}"', timeout=60)
         backend.close()

@@ -6,6 +6,7 @@ import pytest
 
 from streamtasks import states
 from streamtasks.backend import MemoryBackend, ResultBackend, TaskMeta, backend_from_url
+from streamtasks.backend.base import GROUP_FAILED, GroupClaim
 from streamtasks.errors import BackendError, ConfigError
 from streamtasks.settings import Settings
 from tests.contracts.backend_contract import BackendContract, json_text, make_codec
@@ -118,3 +119,52 @@ def test_migrations_are_found_in_order() -> None:
     assert statements[0].startswith('CREATE KEYSPACE IF NOT EXISTS "ks"')
     assert all("{keyspace}" not in s and "--" not in s for s in statements)
     assert any("tasks_by_queue" in s for s in statements)
+
+
+@pytest.mark.parametrize(
+    ("result_ttl_s", "group_expires_s", "expected"),
+    [(3600, 7 * 86400, 7 * 86400), (7200, 3600, 7200), (0, 3600, 0), (3600, 0, 0)],
+)
+def test_group_rows_live_at_least_as_long_as_task_rows(
+    result_ttl_s: int, group_expires_s: int, expected: int
+) -> None:
+    from streamtasks.backend.cassandra import group_ttl_s
+
+    assert group_ttl_s(result_ttl_s, group_expires_s) == expected
+
+
+@pytest.mark.parametrize(
+    ("statement", "expected"),
+    [
+        ('ALTER TABLE "ks".group_triggers ADD settled boolean', ("group_triggers", "settled")),
+        ("alter table t\n  add reason text", ("t", "reason")),
+        ("ALTER TABLE ks.t ADD m map<text, text>", ("t", "m")),
+        ("ALTER TABLE t ADD (a int, b int)", None),
+        ("ALTER TABLE t DROP a", None),
+        ("CREATE TABLE IF NOT EXISTS t (a int PRIMARY KEY)", None),
+    ],
+)
+def test_added_column_recognises_one_column_alters(
+    statement: str, expected: tuple[str, str] | None
+) -> None:
+    from streamtasks.backend.cassandra import added_column
+
+    assert added_column(statement) == expected
+
+
+def test_every_alter_add_of_the_migrations_is_recognised() -> None:
+    from streamtasks.backend.cassandra import added_column, load_migrations
+
+    for migration in load_migrations():
+        for statement in migration.statements('"ks"', "{}"):
+            if " ADD " in statement.upper():
+                assert added_column(statement) is not None, (migration.name, statement)
+
+
+def test_settle_group_keeps_the_claim_and_sets_settled() -> None:
+    backend = MemoryBackend()
+    won = backend.claim_group("g", "r1", GROUP_FAILED, "boom").result()
+    backend.settle_group("g").result()
+    assert backend.group_claim("g") == GroupClaim("r1", GROUP_FAILED, won.claimed_ms, True, "boom")
+    backend.clear()
+    assert backend.group_claim("g") is None

@@ -23,11 +23,31 @@ GROUP_FAILED = "failed"
 
 @dataclass(frozen=True, slots=True)
 class GroupClaim:
-    """Who decided a group's outcome, and which (a chord's trigger row)."""
+    """A chord's trigger row: who decided the group's outcome, which, and whether it is done.
+
+    Attributes:
+        claimer: the claimer that won (see :meth:`ResultBackend.claim_group`).
+        outcome: :data:`GROUP_FIRED` or :data:`GROUP_FAILED`.
+        claimed_ms: when the claim was written (None when unknown).
+        settled: the decided outcome's messages (the chord body, or the failure's rows and
+            error callbacks) are confirmed sent (:meth:`ResultBackend.settle_group`).
+        reason: for a ``failed`` claim, the failed member's error text; else None.
+
+    """
 
     claimer: str
     outcome: str
     claimed_ms: int | None = None
+    settled: bool = False
+    reason: str | None = None
+
+    def held_by(self, claimer: str, outcome: str) -> bool:
+        """Whether ``claimer`` holds this decision for ``outcome``.
+
+        A claimer holds a group's decision only for the outcome it won: a claimer whose
+        earlier claim fired does not hold a later ``failed`` claim of the same group.
+        """
+        return self.claimer == claimer and self.outcome == outcome
 
 
 @dataclass(slots=True)
@@ -116,8 +136,13 @@ class ResultBackend(ABC):
         """
 
     @abstractmethod
-    def claim_group(self, group_id: str, claimer: str, outcome: str) -> Future[bool]:
+    def claim_group(
+        self, group_id: str, claimer: str, outcome: str, reason: str | None = None
+    ) -> Future[GroupClaim]:
         """Decide a group's outcome once (a lightweight transaction on its trigger row).
+
+        The first claim of a group writes the trigger row; every later claim changes
+        nothing and gets the row as it stands.
 
         Args:
             group_id: the group.
@@ -125,10 +150,29 @@ class ResultBackend(ABC):
                 record delivered again claims again (and re-sends), while a duplicate
                 record of the same task does not.
             outcome: :data:`GROUP_FIRED` (the callback is sent) or :data:`GROUP_FAILED`.
+            reason: stored with the claim when it wins: for :data:`GROUP_FAILED`, the
+                failed member's error text.
 
         Returns:
-            A future whose value is True when this ``claimer`` holds the claim (it won
-            now, or it had won before), False when another claimer holds it.
+            A future of the trigger row after the attempt: this claim when it won now,
+            else the row that exists (this claimer's own earlier claim, or another's).
+            The caller holds the decision only if ``claim.held_by(claimer, outcome)``.
+            It fails with BackendError, also when the backend cannot tell whether the
+            claim was applied; claiming again with the same arguments is safe.
+        """
+
+    @abstractmethod
+    def settle_group(self, group_id: str) -> Future[None]:
+        """Record that the decided outcome's messages are confirmed sent.
+
+        The holder of a group's decision calls this once the chord body (``fired``), or
+        the failure's rows and error callbacks (``failed``), are confirmed. Until then any
+        completer may find the decision unsettled and send its messages again (their ids
+        are fixed). Idempotent; linearizable with :meth:`claim_group`.
+
+        Returns:
+            A future done when the mark is durable. It fails with BackendError, also when
+            the group has no trigger row (claim it first).
         """
 
     @abstractmethod
@@ -140,7 +184,10 @@ class ResultBackend(ABC):
 
     @abstractmethod
     def group_claim(self, group_id: str) -> GroupClaim | None:
-        """Return the group's trigger row (who claimed it, and the outcome), or None."""
+        """Return the group's trigger row (claimer, outcome, settled, reason), or None.
+
+        A read, not a decision: act on :meth:`claim_group`'s answer only.
+        """
 
     def migrate(self) -> list[str]:
         """Create or upgrade the storage schema; return the migrations applied."""

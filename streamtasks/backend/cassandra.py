@@ -42,6 +42,7 @@ from streamtasks.backend.memory import (
     check_group_member,
     missing_members_message,
     state_time_ms,
+    unclaimed_group_message,
 )
 from streamtasks.codec.base import Codec
 from streamtasks.errors import BackendError, ConfigError, DecodeError, StreamTasksError
@@ -57,6 +58,10 @@ LISTING_SHARDS = 16
 _EPOCH = datetime(1970, 1, 1)  # the driver returns naive UTC datetimes
 _KEYSPACE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,47}$")
 _MIGRATION_RE = re.compile(r"^(\d+)_([A-Za-z0-9_]+)\.cql$")
+_ADD_COLUMN_RE = re.compile(
+    r'^ALTER\s+TABLE\s+(?:"?\w+"?\.)?"?(\w+)"?\s+ADD\s+"?(\w+)"?\s+\w+(?:\s*<.*>)?$',
+    re.IGNORECASE,
+)
 _MAX_BUCKETS = 24 * 400  # a listing never scans more hours than this
 _DDL_TIMEOUT_S = 60.0
 _READ_WINDOW = 256  # concurrent reads of one fetch_many / group_results
@@ -130,6 +135,19 @@ def load_migrations(directory: Traversable | None = None) -> list[Migration]:
             )
         found[version] = Migration(version, entry.name[: -len(".cql")], entry.read_text())
     return [found[v] for v in sorted(found)]
+
+
+def added_column(statement: str) -> tuple[str, str] | None:
+    """Return ``(table, column)`` of an ``ALTER TABLE [ks.]table ADD column type``, else None.
+
+    The migrator skips such a statement when the column exists (CQL before Cassandra 4.1
+    has no ``ADD IF NOT EXISTS``), so that an interrupted migration can be re-run. A
+    statement adding several columns at once is not recognised (one column per statement).
+    """
+    match = _ADD_COLUMN_RE.match(" ".join(statement.split()))
+    if match is None:
+        return None
+    return match.group(1), match.group(2)
 
 
 def split_statements(text: str) -> list[str]:
@@ -290,6 +308,7 @@ class _GroupStatements:
     count_shards: Any
     select_members: Any
     claim: Any
+    settle: Any
     select_claim: Any
 
 
@@ -301,7 +320,8 @@ class CassandraBackend(ResultBackend):
 
     Args:
         url: ``cassandra://host:9042[,host2]/keyspace[?options]`` (see the module docs).
-        settings: ``result_expires_s`` (row TTL), ``consistency`` and
+        settings: ``result_expires_s`` (task row TTL), ``group_expires_s`` (group row
+            TTL, at least ``result_expires_s``), ``consistency`` and
             ``backend_max_in_flight`` (concurrent stores) apply.
         codec: encodes results with their exact types (``result_value`` column).
         json_text: renders a result as JSON text (``result`` column, for cqlsh).
@@ -320,6 +340,7 @@ class CassandraBackend(ResultBackend):
     ) -> None:
         self.options = CassandraOptions.from_url(url, settings)
         self._ttl_s = max(int(settings.result_expires_s), 0)
+        self._group_ttl_s = group_ttl_s(self._ttl_s, int(settings.group_expires_s))
         self._codec = codec
         self._json_text = json_text
         self._consistency = _consistency_level(self.options.consistency)
@@ -482,17 +503,19 @@ class CassandraBackend(ResultBackend):
             "select_members": f"SELECT member, result_value FROM {ks}.group_members "
             "WHERE group_id = ? AND shard = ?",
             # CQL wants IF NOT EXISTS before USING TTL
-            "claim": f"INSERT INTO {ks}.group_triggers (group_id, claimer, outcome, claimed_at) "
-            "VALUES (?, ?, ?, ?) IF NOT EXISTS USING TTL ?",
-            "select_claim": f"SELECT claimer, outcome, claimed_at FROM {ks}.group_triggers "
-            "WHERE group_id = ?",
+            "claim": f"INSERT INTO {ks}.group_triggers (group_id, claimer, outcome, claimed_at, "
+            "reason) VALUES (?, ?, ?, ?, ?) IF NOT EXISTS USING TTL ?",
+            "settle": f"UPDATE {ks}.group_triggers USING TTL ? SET settled = true "
+            "WHERE group_id = ? IF EXISTS",
+            "select_claim": f"SELECT claimer, outcome, claimed_at, settled, reason "
+            f"FROM {ks}.group_triggers WHERE group_id = ?",
         }))
-        # the Paxos phase of the claim: in the local data center when the configured
-        # consistency is a LOCAL_ one, else across data centers
+        # the Paxos phase of claims and settles: in the local data center when the
+        # configured consistency is a LOCAL_ one, else across data centers
         local = self.options.consistency.startswith("LOCAL_")
-        statements.claim.serial_consistency_level = (
-            ConsistencyLevel.LOCAL_SERIAL if local else ConsistencyLevel.SERIAL
-        )
+        serial = ConsistencyLevel.LOCAL_SERIAL if local else ConsistencyLevel.SERIAL
+        statements.claim.serial_consistency_level = serial
+        statements.settle.serial_consistency_level = serial
         return statements
 
     def _prepare_all(self, session: Any, texts: dict[str, str]) -> dict[str, Any]:
@@ -532,6 +555,8 @@ class CassandraBackend(ResultBackend):
                 continue
             log.info("applying CQL migration %s to keyspace %s", migration.name, self.keyspace)
             for text in migration.statements(self._ks, self.options.replication()):
+                if self._column_exists(session, added_column(text)):
+                    continue
                 try:
                     session.execute(SimpleStatement(text), timeout=_DDL_TIMEOUT_S)
                 except Exception as err:
@@ -575,6 +600,19 @@ class CassandraBackend(ResultBackend):
             session, f"SELECT version FROM {self._ks}.schema_migrations", "reading migrations"
         )
         return {int(row["version"]) for row in rows}
+
+    def _column_exists(self, session: Any, column: tuple[str, str] | None) -> bool:
+        """Whether ``(table, column)`` exists in the keyspace (False for None)."""
+        if column is None:
+            return False
+        rows = self._run(
+            session,
+            "SELECT column_name FROM system_schema.columns WHERE keyspace_name = %s "
+            "AND table_name = %s AND column_name = %s",
+            "reading the schema",
+            (self.keyspace, column[0].lower(), column[1].lower()),
+        )
+        return bool(list(rows))
 
     def _has_migrations_table(self, session: Any) -> bool:
         rows = self._run(
@@ -862,20 +900,58 @@ class CassandraBackend(ResultBackend):
             return self._error(err, f"joining group {group_id} (member {index} of {size})")
 
         join = _GroupJoin(session, statements, future, wrap, group_id, index, size)
-        join.start(value, self._ttl_s)
+        join.start(value, self._group_ttl_s)
         return future
 
-    def claim_group(self, group_id: str, claimer: str, outcome: str) -> Future[bool]:
-        """Claim the group for ``claimer`` by a lightweight transaction (INSERT IF NOT EXISTS).
+    def claim_group(
+        self, group_id: str, claimer: str, outcome: str, reason: str | None = None
+    ) -> Future[GroupClaim]:
+        """Claim the group by a lightweight transaction (INSERT ... IF NOT EXISTS).
+
+        The trigger row is written with the group TTL. When the row exists already, the
+        transaction returns its columns: they are the answer, no further read is made.
 
         Returns:
-            A future whose value is True when ``claimer`` holds the claim, False when
-            another does. It fails with BackendError, also when Cassandra cannot tell
-            whether the claim was applied (a CAS write timeout, e.g. under contention):
-            claiming again with the same claimer is safe and then tells.
+            A future of the trigger row after the attempt (this claim when it won, else
+            the existing row). It fails with BackendError, also when Cassandra cannot
+            tell whether the claim was applied (a CAS write timeout, e.g. under
+            contention): claiming again with the same arguments is safe and then tells.
 
         """
-        future: Future[bool] = Future()
+        future: Future[GroupClaim] = Future()
+        try:
+            session, statements = self._ready_groups()
+        except BackendError as err:
+            future.set_exception(err)
+            return future
+        self._track(future)
+        claimed_ms = now_ms()
+
+        def wrap(err: BaseException) -> BackendError:
+            return self._error(err, f"claiming group {group_id}")
+
+        def claimed(rows: list[dict[str, Any]]) -> None:
+            row = rows[0]
+            if row["[applied]"]:
+                future.set_result(GroupClaim(claimer, outcome, claimed_ms, False, reason))
+            else:
+                # not applied: the row returned is the one that exists
+                future.set_result(_claim_from_row(row))
+
+        params = (group_id, claimer, outcome, claimed_ms, reason, self._group_ttl_s)
+        _send_then(session, statements.claim, params, future, wrap, claimed)
+        return future
+
+    def settle_group(self, group_id: str) -> Future[None]:
+        """Set ``settled`` on the trigger row by a lightweight transaction (UPDATE ... IF EXISTS).
+
+        Returns:
+            A future done when the mark is written; failed with BackendError when
+            Cassandra fails (or cannot tell: settling again is safe) or when the group
+            has no trigger row.
+
+        """
+        future: Future[None] = Future()
         try:
             session, statements = self._ready_groups()
         except BackendError as err:
@@ -884,15 +960,16 @@ class CassandraBackend(ResultBackend):
         self._track(future)
 
         def wrap(err: BaseException) -> BackendError:
-            return self._error(err, f"claiming group {group_id}")
+            return self._error(err, f"settling group {group_id}")
 
-        def claimed(rows: list[dict[str, Any]]) -> None:
-            # not applied: the row returned is the one that exists, with its claimer
-            row = rows[0]
-            future.set_result(bool(row["[applied]"]) or row.get("claimer") == claimer)
+        def settled(rows: list[dict[str, Any]]) -> None:
+            if rows[0]["[applied]"]:
+                future.set_result(None)
+            else:
+                future.set_exception(BackendError(unclaimed_group_message(group_id)))
 
-        params = (group_id, claimer, outcome, now_ms(), self._ttl_s)
-        _send_then(session, statements.claim, params, future, wrap, claimed)
+        params = (self._group_ttl_s, group_id)
+        _send_then(session, statements.settle, params, future, wrap, settled)
         return future
 
     def group_results(self, group_id: str, size: int) -> Future[list[Any]]:
@@ -957,9 +1034,7 @@ class CassandraBackend(ResultBackend):
         session, statements = self._ready_groups()
         row = self._read_one(session, statements.select_claim, (group_id,),
                              f"reading the claim of group {group_id}")
-        if row is None:
-            return None
-        return GroupClaim(row["claimer"], row["outcome"], _to_ms(row["claimed_at"]))
+        return None if row is None else _claim_from_row(row)
 
     def _track(self, future: Future[Any]) -> None:
         """Keep ``future`` until it is done, so that :meth:`close` waits for it."""
@@ -1018,7 +1093,7 @@ class CassandraBackend(ResultBackend):
                 f"{opts.consistency} ({err}); check node health and load"
             )
         message = str(err)
-        if "unconfigured table" in message or (
+        if "unconfigured table" in message or "Undefined column name" in message or (
             "does not exist" in message and "eyspace" in message
         ):
             return BackendError(
@@ -1219,6 +1294,32 @@ def _send_then(
 def listing_shard(task_id: str) -> int:
     """Return the listing partition shard of a task: crc32 of its id mod LISTING_SHARDS."""
     return zlib.crc32(task_id.encode()) % LISTING_SHARDS
+
+
+def group_ttl_s(result_ttl_s: int, group_expires_s: int) -> int:
+    """Return the TTL of group rows: ``group_expires_s``, at least the task rows' TTL.
+
+    0 (no expiry) when either is 0 or less: group rows never expire before task rows.
+    """
+    if result_ttl_s <= 0 or group_expires_s <= 0:
+        return 0
+    return max(group_expires_s, result_ttl_s)
+
+
+def _claim_from_row(row: dict[str, Any]) -> GroupClaim:
+    """Return the GroupClaim of a trigger row (a read's, or a not-applied LWT's).
+
+    The claim's cells and the later ``settled`` cell are written with the same TTL, so
+    ``settled`` may outlive the rest by the time between claim and settle: such a row
+    (claimer null) is a decision made and settled long ago, which no claimer holds.
+    """
+    return GroupClaim(
+        claimer=row.get("claimer") or "",
+        outcome=row.get("outcome") or "",
+        claimed_ms=_to_ms(row.get("claimed_at")),
+        settled=bool(row.get("settled")),
+        reason=row.get("reason"),
+    )
 
 
 def _to_ms(value: datetime | None) -> int | None:

@@ -51,7 +51,15 @@ def missing_members_message(group_id: str, size: int, missing: Sequence[int]) ->
     more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
     return (
         f"group {group_id}: no result stored for member(s) {shown}{more} of {size}; "
-        "they have not joined yet, or their entries expired (result_expires_s)"
+        "they have not joined yet, or their entries expired (group_expires_s)"
+    )
+
+
+def unclaimed_group_message(group_id: str) -> str:
+    """Return the error message for settling a group that has no trigger row."""
+    return (
+        f"group {group_id}: cannot settle, it has no trigger row; claim_group first "
+        "(or the row expired: group_expires_s)"
     )
 
 
@@ -157,12 +165,29 @@ class MemoryBackend(ResultBackend):
         future.set_result(complete)
         return future
 
-    def claim_group(self, group_id: str, claimer: str, outcome: str) -> Future[bool]:
-        """Claim the group for ``claimer`` unless another holds it; the future is done."""
-        future: Future[bool] = Future()
+    def claim_group(
+        self, group_id: str, claimer: str, outcome: str, reason: str | None = None
+    ) -> Future[GroupClaim]:
+        """Claim the group unless it is claimed; return its trigger row (a done future)."""
+        future: Future[GroupClaim] = Future()
         with self._lock:
-            held = self._claims.setdefault(group_id, GroupClaim(claimer, outcome, now_ms()))
-        future.set_result(held.claimer == claimer)
+            held = self._claims.setdefault(
+                group_id, GroupClaim(claimer, outcome, now_ms(), settled=False, reason=reason)
+            )
+        future.set_result(held)
+        return future
+
+    def settle_group(self, group_id: str) -> Future[None]:
+        """Mark the group's decision settled (a done future; failed when not claimed)."""
+        future: Future[None] = Future()
+        with self._lock:
+            claim = self._claims.get(group_id)
+            if claim is not None:
+                self._claims[group_id] = dataclasses.replace(claim, settled=True)
+        if claim is None:
+            future.set_exception(BackendError(unclaimed_group_message(group_id)))
+        else:
+            future.set_result(None)
         return future
 
     def group_results(self, group_id: str, size: int) -> Future[list[Any]]:
@@ -188,7 +213,7 @@ class MemoryBackend(ResultBackend):
         """Test hook: make the next ``n`` writes fail with ``error`` (a BackendError).
 
         Writes are :meth:`store` and :meth:`join_group` calls, counted together in call
-        order; :meth:`claim_group` is never failed.
+        order; :meth:`claim_group` and :meth:`settle_group` are never failed.
 
         Args:
             n: how many of the following writes fail (0 stops failing).

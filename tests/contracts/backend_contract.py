@@ -27,6 +27,7 @@ from streamtasks.backend.base import (
     GROUP_FAILED,
     GROUP_FIRED,
     GROUP_SHARD_SIZE,
+    GroupClaim,
     ResultBackend,
     TaskMeta,
 )
@@ -343,10 +344,17 @@ class BackendContract:
         return complete
 
     def claim(self, backend: ResultBackend, group_id: str, claimer: str,
-              outcome: str = GROUP_FIRED) -> bool:
-        won = backend.claim_group(group_id, claimer, outcome).result(timeout=30)
-        assert type(won) is bool
-        return won
+              outcome: str = GROUP_FIRED, reason: str | None = None) -> bool:
+        """Claim; True when ``claimer`` holds the decision for ``outcome``."""
+        return self.claim_row(backend, group_id, claimer, outcome, reason).held_by(
+            claimer, outcome
+        )
+
+    def claim_row(self, backend: ResultBackend, group_id: str, claimer: str,
+                  outcome: str = GROUP_FIRED, reason: str | None = None) -> GroupClaim:
+        claim = backend.claim_group(group_id, claimer, outcome, reason).result(timeout=30)
+        assert type(claim) is GroupClaim
+        return claim
 
     @pytest.mark.parametrize("size", [1, 2 * GROUP_SHARD_SIZE + 2])
     def test_group_is_complete_only_when_the_last_member_joins(
@@ -431,17 +439,72 @@ class BackendContract:
         group_id = new_id()
         assert backend.group_claim(group_id) is None
         before = now_ms()
-        assert self.claim(backend, group_id, "record-a", GROUP_FIRED)
+        won = self.claim_row(backend, group_id, "record-a", GROUP_FIRED)
+        assert (won.claimer, won.outcome, won.settled, won.reason) == (
+            "record-a", GROUP_FIRED, False, None)
+        assert won.held_by("record-a", GROUP_FIRED)
         assert not self.claim(backend, group_id, "record-b", GROUP_FIRED)
         assert not self.claim(backend, group_id, "record-b", GROUP_FAILED)
-        # the same record delivered again claims again, whatever outcome it asks for
-        assert self.claim(backend, group_id, "record-a", GROUP_FAILED)
+        # the same record delivered again holds its claim again
+        assert self.claim(backend, group_id, "record-a", GROUP_FIRED)
         claim = backend.group_claim(group_id)
         assert claim is not None
         assert (claim.claimer, claim.outcome) == ("record-a", GROUP_FIRED)
         assert claim.claimed_ms is not None
         assert before - MINUTE_MS <= claim.claimed_ms <= now_ms() + MINUTE_MS
+        assert claim == won
         assert backend.group_claim(new_id()) is None
+
+    @pytest.mark.parametrize(
+        ("first", "then"), [(GROUP_FIRED, GROUP_FAILED), (GROUP_FAILED, GROUP_FIRED)]
+    )
+    def test_a_claim_of_the_other_outcome_returns_the_first(
+        self, backend: ResultBackend, first: str, then: str
+    ) -> None:
+        group_id = new_id()
+        reason = "ValueError: member 3 failed" if first == GROUP_FAILED else None
+        won = self.claim_row(backend, group_id, "record-a", first, reason)
+        # Given a decided group, when another claimer claims the other outcome,
+        # then it gets the first claim back, which it does not hold
+        got = self.claim_row(backend, group_id, "record-b", then, "other reason")
+        assert got == won
+        assert (got.claimer, got.outcome, got.reason) == ("record-a", first, reason)
+        assert not got.held_by("record-b", then)
+        # and the first claimer asking for the other outcome does not win it either
+        again = self.claim_row(backend, group_id, "record-a", then, "other reason")
+        assert again == won
+        assert again.held_by("record-a", first)
+        assert not again.held_by("record-a", then)
+        assert backend.group_claim(group_id) == won
+
+    def test_the_reason_of_a_failed_claim_round_trips(self, backend: ResultBackend) -> None:
+        group_id = new_id()
+        reason = "KeyError: 'x' — member 7 of chord grüße ✓\n" + "x" * 5000
+        claim = self.claim_row(backend, group_id, "record-a", GROUP_FAILED, reason)
+        assert claim.reason == reason
+        stored = backend.group_claim(group_id)
+        assert stored is not None
+        assert (stored.outcome, stored.reason) == (GROUP_FAILED, reason)
+
+    def test_settle_group_marks_the_claim_settled(self, backend: ResultBackend) -> None:
+        group_id = new_id()
+        won = self.claim_row(backend, group_id, "record-a", GROUP_FAILED, "boom")
+        assert backend.settle_group(group_id).result(timeout=30) is None
+        settled = backend.group_claim(group_id)
+        assert settled is not None
+        assert settled.settled
+        assert settled == GroupClaim("record-a", GROUP_FAILED, won.claimed_ms, True, "boom")
+        # idempotent, and a later claim (of any claimer) returns the settled row
+        assert backend.settle_group(group_id).result(timeout=30) is None
+        assert backend.group_claim(group_id) == settled
+        assert self.claim_row(backend, group_id, "record-a", GROUP_FAILED) == settled
+        assert self.claim_row(backend, group_id, "record-b", GROUP_FIRED) == settled
+
+    def test_settle_group_without_a_claim_fails(self, backend: ResultBackend) -> None:
+        group_id = new_id()
+        with pytest.raises(BackendError, match=rf"{group_id}.*claim_group first"):
+            backend.settle_group(group_id).result(timeout=30)
+        assert backend.group_claim(group_id) is None
 
     def test_concurrent_joins_complete_the_group_and_one_claimer_wins(
         self, backend: ResultBackend
