@@ -7,6 +7,7 @@ import traceback as tb
 
 from streamtasks.broker.base import Record
 from streamtasks.headers import ATTEMPT, TASK_ID, TASK_NAME
+from streamtasks.worker.outcomes import error_text, safe_text
 
 REASON = "dlq-reason"
 ERROR_TYPE = "dlq-error-type"
@@ -38,12 +39,12 @@ def dead_letter_headers(
         headers[ORIGINAL_PARTITION] = str(record.partition).encode()
         headers[ORIGINAL_OFFSET] = str(record.offset).encode()
         headers[ORIGINAL_TIMESTAMP] = str(record.timestamp_ms).encode()
-    trace = "".join(tb.format_exception(error))[-_MAX_TRACEBACK:]
+    trace = safe_text("".join(tb.format_exception(error))[-_MAX_TRACEBACK:], _MAX_TRACEBACK)
     headers.update(
         {
             REASON: reason.encode(),
             ERROR_TYPE: type(error).__name__.encode(),
-            ERROR_MESSAGE: str(error).encode(),
+            ERROR_MESSAGE: error_text(error).encode(),
             TRACEBACK: trace.encode(),
             CONSUMER_GROUP: group_id.encode(),
             DEAD_AT: str(time.time_ns() // 1_000_000).encode(),

@@ -17,13 +17,11 @@ Nothing is forwarded before it is due.
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
-from collections import defaultdict, deque
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from functools import partial
 from typing import TYPE_CHECKING
 
 import structlog
@@ -34,14 +32,13 @@ from streamtasks.errors import ConfigError
 from streamtasks.headers import ETA_MS, header_text
 from streamtasks.message import now_ms
 from streamtasks.worker.effects import EffectRunner, send_step
-from streamtasks.worker.offsets import OffsetTracker, caught_up, commit_watermarks
+from streamtasks.worker.runtime import Lease, PartitionRuntime
 
 if TYPE_CHECKING:
     from streamtasks.app import App
 
 log = structlog.get_logger("streamtasks.delayer")
 
-_POLL_BATCH = 500
 #: Poll timeout of :meth:`DelayForwarder.run` when nothing is due sooner.
 _RUN_POLL_S = 0.02
 #: Poll timeout while forwards wait for their delivery report.
@@ -72,9 +69,10 @@ class _Head:
 class DelayForwarder:
     """Forwards the records of the delay tiers of a set of queues when they are due.
 
-    One consumer group per queue set (``settings.delayer_group_id(queues)``), separate
-    from the worker group, so waiting records never count as the workers' lag. Drive it
-    with :meth:`run` in a thread of its own, or call :meth:`step` from a loop.
+    One consumer group per queue (``settings.delayer_group_id(queue)``), separate from
+    the worker group, so waiting records never count as the workers' lag; each is a
+    :class:`PartitionRuntime`, the same runtime the worker uses. Drive it with :meth:`run`
+    in a thread of its own, or call :meth:`step` from a loop.
 
     Args:
         app: the app whose broker and settings are used.
@@ -89,41 +87,45 @@ class DelayForwarder:
             raise ConfigError("a DelayForwarder needs at least one queue")
         self.app = app
         self.settings = app.settings
-        self.queues = list(queues)
+        self.queues = list(dict.fromkeys(queues))
         self.tiers = self.settings.tiers()
-        self.group_id = self.settings.delayer_group_id(self.queues)
         self.max_in_flight = self.settings.max_in_flight
         # Built from the settings rather than parsed out of names, so a queue whose
         # name contains ".delay." cannot be mistaken.
         self._sources = {
             self.settings.tier_topic(q, t): _Source(q, t) for q in self.queues for t in self.tiers
         }
-        self.tracker = OffsetTracker()
         self.effects = EffectRunner()
+        self.runtimes = [
+            PartitionRuntime(
+                app.broker, self.settings.delayer_group_id(q),
+                [self.settings.tier_topic(q, t) for t in self.tiers], self,
+                commit_interval_s=self.settings.commit_interval_s,
+                grace_s=self.settings.shutdown_grace_s, service=self._service,
+            )
+            for q in self.queues
+        ]
         self.stats = {"forwarded": 0, "to_queue": 0, "to_tier": 0, "waits": 0}
-        self._consumer: Consumer | None = None
-        self._done: queue.SimpleQueue[tuple[TopicPartition, int, int]] = queue.SimpleQueue()
-        # Replaced, never mutated, so other threads may read it (see ``assigned``).
-        self._assigned: frozenset[TopicPartition] = frozenset()
-        self._generation: defaultdict[TopicPartition, int] = defaultdict(int)
-        self._unconfirmed: defaultdict[TopicPartition, int] = defaultdict(int)
         self._position: dict[TopicPartition, int] = {}
         self._heads: dict[TopicPartition, _Head] = {}
-        self._paused: set[TopicPartition] = set()
+        self._halted: set[TopicPartition] = set()
         self._full = False
-        self._reapply_pauses = False
-        self._last_commit = 0.0
-        self._drain_deadline: float | None = None
-        self._held: dict[TopicPartition, deque[tuple[Record, _Source, int]]] = {}
+        self._held: dict[TopicPartition, deque[tuple[Record, _Source, int, Lease]]] = {}
+
+    @property
+    def group_ids(self) -> list[str]:
+        """The forwarder's consumer groups (one per queue)."""
+        return [rt.group_id for rt in self.runtimes]
 
     # -- life cycle --------------------------------------------------------------
 
     def start(self) -> None:
-        """Create the queues' topics (when allowed) and join the forwarder group."""
+        """Create the queues' topics (when allowed) and join the forwarder groups."""
         for q in self.queues:
             self.app.ensure_queue(q)
-        self._consumer = self.app.broker.consumer(self.group_id, sorted(self._sources), self)
-        log.info("delay forwarder started", queues=self.queues, group=self.group_id,
+        for rt in self.runtimes:
+            rt.start()
+        log.info("delay forwarder started", queues=self.queues, groups=self.group_ids,
                  tiers=[t.name for t in self.tiers])
 
     def run(self, stop: threading.Event) -> None:
@@ -131,7 +133,7 @@ class DelayForwarder:
 
         Starts the forwarder first unless :meth:`start` was called.
         """
-        if self._consumer is None:
+        if not self.runtimes[0].started:
             self.start()
         try:
             while not stop.is_set():
@@ -141,34 +143,39 @@ class DelayForwarder:
             self.close()
 
     def close(self) -> None:
-        """Leave the group; partitions still owned are committed as far as confirmed."""
-        if self._consumer is None:
+        """Leave the groups; partitions still owned are committed as far as confirmed."""
+        if not any(rt.started for rt in self.runtimes):
             return
         # Let queued forwards be confirmed first, so the revoke below can commit them.
         self.app.broker.flush(min(5.0, self.settings.shutdown_grace_s))
         self._service()
+        for rt in self.runtimes:
+            rt.close()  # runs on_revoke for what is still assigned
+        log.info("delay forwarder stopped", groups=self.group_ids, **self.stats)
+
+    def abandon(self) -> None:
+        """Close after a failure, logging (not raising) what else goes wrong."""
         try:
-            self._consumer.close()  # runs on_revoke for what is still assigned
-        finally:
-            self._consumer = None
-        log.info("delay forwarder stopped", group=self.group_id, **self.stats)
+            self.close()
+        except Exception as err:
+            log.warning("delay forwarder did not close cleanly",
+                        error=f"{type(err).__name__}: {err}")
 
     @property
     def consumer(self) -> Consumer:
-        """The group consumer (after :meth:`start`)."""
-        if self._consumer is None:
-            raise RuntimeError("delay forwarder not started")
-        return self._consumer
+        """The group consumer of the first queue (after :meth:`start`)."""
+        return self.runtimes[0].consumer
 
     @property
     def assigned(self) -> frozenset[TopicPartition]:
         """Tier partitions owned now (safe to read from another thread)."""
-        return self._assigned
+        return frozenset().union(*(rt.assigned for rt in self.runtimes))
 
     @property
     def unconfirmed(self) -> int:
         """Forwards sent whose delivery the broker has not confirmed yet."""
-        return sum(self._unconfirmed.values())
+        held = sum(len(h) for h in self._held.values())
+        return sum(rt.outstanding for rt in self.runtimes) - held
 
     # -- the loop ----------------------------------------------------------------
 
@@ -179,12 +186,14 @@ class DelayForwarder:
             timeout_s: longest wait for records; shorter when a paused head falls due
                 sooner or forwards wait for their delivery report.
         """
-        halted: set[TopicPartition] = set()
-        for record in self.consumer.poll(self._poll_timeout(timeout_s), _POLL_BATCH):
-            self._take(record, halted)
+        self._halted.clear()
+        share = self._poll_timeout(timeout_s) / len(self.runtimes)
+        for rt in self.runtimes:
+            rt.poll(share)
         self._release_held()
         self._service()
-        self._maybe_commit()
+        for rt in self.runtimes:
+            rt.maybe_commit()
         self._apply_pauses()
 
     def idle(self) -> bool:
@@ -194,10 +203,9 @@ class DelayForwarder:
         waits in a tier, or no partition is assigned yet.
         """
         self._service()
-        if self.unconfirmed or self.effects.active or self._held or not self._assigned:
+        if self.effects.active or self._held:
             return False
-        self._maybe_commit(force=True)
-        return caught_up(self.consumer, self.app.broker, self._assigned)
+        return all(rt.idle() for rt in self.runtimes)
 
     def _poll_timeout(self, timeout_s: float) -> float:
         wait = timeout_s
@@ -209,11 +217,13 @@ class DelayForwarder:
             wait = min(wait, _CONFIRM_POLL_S)
         return wait
 
-    def _take(self, record: Record, halted: set[TopicPartition]) -> None:
+    # -- records (PartitionHandler) ------------------------------------------------
+
+    def take(self, record: Record, runtime: PartitionRuntime) -> None:
         """Forward one polled record if due, else hold its partition at it."""
         tp = record.tp
         source = self._sources.get(record.topic)
-        if source is None or tp not in self._assigned or tp in halted:
+        if source is None or tp in self._halted:
             return  # later records of a halted partition are read again after the head
         if record.offset < self._position.get(tp, -1):
             return  # read again after a seek: already taken in
@@ -221,21 +231,34 @@ class DelayForwarder:
         if head is not None:
             # Fetched although the head waits (a pause lost in a rebalance, or records
             # fetched before the pause took): go back to the head.
-            self._halt(tp, head, halted)
+            self._halt(runtime, tp, head)
             return
         now = now_ms()
         due_ms = record.timestamp_ms + source.tier.delay_ms
         held = self._held.get(tp)
         if due_ms > now + _HOLD_MS:
-            self._halt(tp, _Head(record.offset, due_ms), halted)
+            self._halt(runtime, tp, _Head(record.offset, due_ms))
             return
-        self.tracker.add(tp, record.offset)
+        lease = runtime.track(record)
+        lease.start()
         self._position[tp] = record.offset + 1
         if due_ms > now or held:
             # Due soon (or behind one that is): wait in memory, in offset order.
-            self._held.setdefault(tp, deque()).append((record, source, due_ms))
+            self._held.setdefault(tp, deque()).append((record, source, due_ms, lease))
             return
-        self._forward(record, source, now)
+        self._forward(record, source, lease, now)
+
+    def released(self, partitions: Sequence[TopicPartition]) -> None:
+        """Partitions leave (or the forwarder drains): forget heads and held records."""
+        for tp in partitions:
+            for _record, _source, _due, lease in self._held.pop(tp, ()):
+                lease.drop()
+            self._heads.pop(tp, None)
+            self._position.pop(tp, None)
+
+    def holds(self) -> set[TopicPartition]:
+        """Partitions whose head is not due yet."""
+        return set(self._heads)
 
     def _release_held(self) -> None:
         """Forward the held records that are due now, in offset order."""
@@ -245,24 +268,21 @@ class DelayForwarder:
         for tp in list(self._held):
             held = self._held[tp]
             while held and held[0][2] <= now:
-                record, source, _ = held.popleft()
-                self._forward(record, source, now)
+                record, source, _, lease = held.popleft()
+                self._forward(record, source, lease, now)
             if not held:
                 del self._held[tp]
 
-    def _halt(self, tp: TopicPartition, head: _Head, halted: set[TopicPartition]) -> None:
+    def _halt(self, runtime: PartitionRuntime, tp: TopicPartition, head: _Head) -> None:
         """Pause ``tp`` and read it again from its head once that is due."""
-        self.consumer.pause([tp])
-        self.consumer.seek(tp, head.offset)
-        self._paused.add(tp)
+        runtime.pause_now(tp)
+        runtime.consumer.seek(tp, head.offset)
         self._heads[tp] = head
         self._position[tp] = head.offset
-        halted.add(tp)
+        self._halted.add(tp)
         self.stats["waits"] += 1
-        log.debug("tier head not due", topic=tp.topic, partition=tp.partition,
-                  offset=head.offset, due_in_ms=head.due_ms - now_ms())
 
-    def _forward(self, record: Record, source: _Source, now: int) -> None:
+    def _forward(self, record: Record, source: _Source, lease: Lease, now: int) -> None:
         eta = _eta_ms(record.headers)
         hop = None if eta is None else next_hop(self.tiers, eta - now)
         if hop is None:
@@ -271,47 +291,26 @@ class DelayForwarder:
         else:
             target = self.settings.tier_topic(source.queue, hop)
             self.stats["to_tier"] += 1
-        tp = record.tp
-        self._unconfirmed[tp] += 1
         self.stats["forwarded"] += 1
-        log.debug("forwarding", topic=record.topic, partition=record.partition,
-                  offset=record.offset, to=target, eta_ms=eta)
         if record.value is None:
             log.warning("tombstone in a delay tier, forwarded with an empty value",
                         topic=record.topic, partition=record.partition, offset=record.offset)
         self.effects.run(
             [send_step(self.app.broker, target, record.value or b"", record.key,
                        record.headers, record.partition)],
-            partial(self._forwarded, tp, record.offset, self._generation[tp]),
+            lease.done,
             f"forward of {record.topic}/{record.partition}@{record.offset} to {target}",
+            guard=lease.current,
         )
-
-    def _forwarded(self, tp: TopicPartition, offset: int, generation: int) -> None:
-        """Any thread: the broker confirmed the forward of ``offset``."""
-        self._done.put((tp, offset, generation))
 
     def _service(self) -> None:
         """Serve delivery reports and due retries, then collect confirmed forwards."""
         self.app.broker.poll(0)
         self.effects.run_due()
-        while True:
-            try:
-                tp, offset, generation = self._done.get_nowait()
-            except queue.Empty:
-                return
-            if generation != self._generation[tp] or tp not in self._assigned:
-                continue  # revoked or lost meanwhile
-            self.tracker.mark_done(tp, offset)
-            self._unconfirmed[tp] -= 1
+        for rt in self.runtimes:
+            rt.collect()
 
-    # -- commits and pauses ------------------------------------------------------
-
-    def _maybe_commit(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self._last_commit < self.settings.commit_interval_s:
-            return
-        self._last_commit = now
-        commit_watermarks(self.consumer, self.tracker, asynchronous=not force)
+    # -- pauses --------------------------------------------------------------------
 
     def _apply_pauses(self) -> None:
         """Resume partitions whose head is due; pause everything while too much is unconfirmed.
@@ -328,76 +327,18 @@ class DelayForwarder:
             self._full = True
         elif unconfirmed <= self.max_in_flight // 2:
             self._full = False
-        wanted = set(self._assigned) if self._full else set(self._heads)
-        to_pause = wanted if self._reapply_pauses else wanted - self._paused
-        to_resume = (self._paused - wanted) & self._assigned
-        self._reapply_pauses = False
-        if to_pause:
-            self.consumer.pause(sorted(to_pause))
-        if to_resume:
-            self.consumer.resume(sorted(to_resume))
-        self._paused = wanted
+        for rt in self.runtimes:
+            rt.apply_pauses(self._full)
 
     def _drain(self) -> None:
         """Wait (within the grace period) for unconfirmed forwards, then commit."""
-        if self._consumer is None:
-            return
-        self._drain_deadline = time.monotonic() + self.settings.shutdown_grace_s
-        while self.unconfirmed and time.monotonic() < self._drain_deadline:
-            self._service()
-            time.sleep(_CONFIRM_POLL_S)
-        commit_watermarks(self.consumer, self.tracker, asynchronous=False)
+        deadline = time.monotonic() + self.settings.shutdown_grace_s
+        for rt in self.runtimes:
+            if rt.started:
+                rt.drain(deadline)
         if self.unconfirmed:
             log.warning("forwards unconfirmed at stop; they will be forwarded again",
                         unconfirmed=self.unconfirmed)
-
-    # -- rebalance listener (called inside consumer.poll / close) ----------------
-
-    def on_assign(self, partitions: list[TopicPartition]) -> None:
-        """New partitions start unpaused; their head is judged again when read."""
-        for tp in partitions:
-            self._generation[tp] += 1
-            self._unconfirmed[tp] = 0
-            self._heads.pop(tp, None)
-            self._held.pop(tp, None)
-            self._position.pop(tp, None)
-            self._paused.discard(tp)
-        self._assigned = self._assigned | frozenset(partitions)
-        self._reapply_pauses = True
-        log.info("delay partitions assigned", partitions=_names(partitions))
-
-    def on_revoke(self, partitions: list[TopicPartition]) -> None:
-        """Partitions leaving: wait (grace) for their forwards, commit, release."""
-        mine = [tp for tp in partitions if tp in self._assigned]
-        deadline = time.monotonic() + self.settings.shutdown_grace_s
-        if self._drain_deadline is not None:
-            deadline = min(deadline, self._drain_deadline)
-        while any(self._unconfirmed[tp] for tp in mine) and time.monotonic() < deadline:
-            self._service()
-            time.sleep(_CONFIRM_POLL_S)
-        if not commit_watermarks(self.consumer, self.tracker, mine, asynchronous=False):
-            log.warning("commit on revoke failed; forwards will be repeated",
-                        partitions=_names(mine))
-        self._release(mine)
-        log.info("delay partitions revoked", partitions=_names(mine))
-
-    def on_lost(self, partitions: list[TopicPartition]) -> None:
-        """Partitions lost: another member may own them; drop without committing."""
-        mine = [tp for tp in partitions if tp in self._assigned]
-        self._release(mine)
-        log.warning("delay partitions lost", partitions=_names(mine))
-
-    def _release(self, partitions: Sequence[TopicPartition]) -> None:
-        self.tracker.drop(partitions)
-        for tp in partitions:
-            self._generation[tp] += 1
-            self._unconfirmed.pop(tp, None)
-            self._heads.pop(tp, None)
-            self._held.pop(tp, None)
-            self._position.pop(tp, None)
-            self._paused.discard(tp)
-        self._assigned = self._assigned - frozenset(partitions)
-        self._reapply_pauses = True
 
 
 def _eta_ms(headers: Mapping[str, bytes]) -> int | None:
@@ -410,7 +351,3 @@ def _eta_ms(headers: Mapping[str, bytes]) -> int | None:
     except ValueError:
         log.debug("garbled eta header, forwarding as due", value=text)
         return None
-
-
-def _names(partitions: Sequence[TopicPartition]) -> list[str]:
-    return [f"{tp.topic}/{tp.partition}" for tp in partitions]

@@ -1,9 +1,11 @@
 """Side effects that must become durable before an offset may advance.
 
 A task's effects (its result row, its follow-up records) are a chain of
-asynchronous steps. A step that fails — Cassandra down, a produce refused — is
-retried with capped backoff, for as long as it takes: infrastructure errors never
-advance an offset and never lose a task.
+asynchronous steps. A step that fails for an infrastructure reason — Cassandra down
+or timing out, a produce unconfirmed — is retried with capped backoff, for as long as
+it takes: such errors never advance an offset and never lose a task. Any other error
+(:func:`is_transient` says which) can only repeat itself: the chain stops and its
+``on_failed`` decides what the record comes to, so no record waits for ever.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ import structlog
 from streamtasks import states
 from streamtasks.backend.base import ResultBackend, TaskMeta
 from streamtasks.broker.base import Broker
-from streamtasks.errors import BrokerError, EncodeError
+from streamtasks.errors import BackendError, BrokerError, EncodeError, MessageTooLargeError
 from streamtasks.fanin import FanIn
+from streamtasks.worker.outcomes import safe_text
 
 if TYPE_CHECKING:
     from streamtasks.app import Outgoing
@@ -35,13 +38,46 @@ StepDone = Callable[[BaseException | None], None]
 Step = Callable[[StepDone], None]
 
 
+#: Errors whose text says a produce can never succeed as it is (the topic is gone).
+_PERMANENT_SEND_ERRORS = ("UNKNOWN_TOPIC", "Unknown topic", "TOPIC_AUTHORIZATION",
+                          "INVALID_RECORD", "RECORD_LIST_TOO_LARGE", "MSG_SIZE_TOO_LARGE")
+#: Cassandra driver errors that are the request's fault, not the cluster's.
+_PERMANENT_BACKEND_CAUSES = ("InvalidRequest", "SyntaxException", "ConfigurationException",
+                             "Unauthorized", "ProtocolException")
+#: Failures of a step with a permanent-looking send error before it is given up.
+_PERMANENT_SEND_TRIES = 5
+
+
+def is_transient(error: BaseException, failures: int = 1) -> bool:
+    """Whether a failed step may succeed if tried again (an infrastructure error).
+
+    Args:
+        error: what the step failed with.
+        failures: how often the step failed so far (a missing topic is given a few
+            tries: it may be being created).
+    """
+    if isinstance(error, EncodeError | MessageTooLargeError | UnicodeError):
+        return False
+    if isinstance(error, BrokerError):
+        text = str(error)
+        return not (any(mark in text for mark in _PERMANENT_SEND_ERRORS)
+                    and failures >= _PERMANENT_SEND_TRIES)
+    if isinstance(error, BackendError):
+        cause = error.__cause__
+        return cause is None or type(cause).__name__ not in _PERMANENT_BACKEND_CAUSES
+    return isinstance(error, OSError | TimeoutError)
+
+
 @dataclass(slots=True)
 class _Chain:
     steps: Sequence[Step]
     on_done: Callable[[], None]
     what: str
+    on_failed: Callable[[BaseException], None] | None = None
+    guard: Callable[[], bool] | None = None
     failures: int = 0
     index: int = field(default=0)
+    error: BaseException | None = None
 
 
 class EffectRunner:
@@ -72,11 +108,29 @@ class EffectRunner:
         """Chains started and not yet done (running or waiting to retry)."""
         return self._active
 
-    def run(self, steps: Sequence[Step], on_done: Callable[[], None], what: str) -> None:
-        """Start a chain; ``on_done`` is called once every step is durable."""
+    def run(
+        self,
+        steps: Sequence[Step],
+        on_done: Callable[[], None],
+        what: str,
+        *,
+        on_failed: Callable[[BaseException], None] | None = None,
+        guard: Callable[[], bool] | None = None,
+    ) -> None:
+        """Start a chain; ``on_done`` is called once every step is durable.
+
+        Args:
+            steps: the steps, started one after another.
+            on_done: called (in the loop thread) when the last step is durable.
+            what: what the chain does, for log lines.
+            on_failed: called (in the loop thread) instead of ``on_done`` when a step
+                fails with an error that retrying cannot mend; None retries every error.
+            guard: checked before each step starts; when it turns False (the record's
+                partition was released) the chain is abandoned without calling either.
+        """
         with self._lock:
             self._active += 1
-        self._start(_Chain(steps, on_done, what))
+        self._start(_Chain(steps, on_done, what, on_failed, guard))
 
     def run_due(self) -> None:
         """Start the next steps of chains, and failed steps whose backoff has passed.
@@ -92,10 +146,17 @@ class EffectRunner:
             self._start(chain)
 
     def _start(self, chain: _Chain) -> None:
-        if chain.index >= len(chain.steps):
+        if chain.error is not None or chain.index >= len(chain.steps) or (
+            chain.guard is not None and not chain.guard()
+        ):
             with self._lock:
                 self._active -= 1
-            chain.on_done()
+            if chain.guard is not None and not chain.guard():
+                log.info("side effects abandoned: the partition was released", what=chain.what)
+            elif chain.error is not None and chain.on_failed is not None:
+                chain.on_failed(chain.error)
+            else:
+                chain.on_done()
             return
         called = False
 
@@ -119,6 +180,13 @@ class EffectRunner:
 
     def _retry_later(self, chain: _Chain, error: BaseException) -> None:
         chain.failures += 1
+        if chain.on_failed is not None and not is_transient(error, chain.failures):
+            log.error("side effect failed for good", what=chain.what, step=chain.index,
+                      error=f"{type(error).__name__}: {safe_text(str(error))}")
+            chain.error = error
+            with self._lock:
+                self._ready.append(chain)
+            return
         delay = min(self.first_backoff_s * 2 ** (chain.failures - 1), self.max_backoff_s)
         if chain.failures == 1 or chain.failures % 10 == 0:
             log.warning(
@@ -127,7 +195,7 @@ class EffectRunner:
                 step=chain.index,
                 failures=chain.failures,
                 retry_in_s=round(delay, 2),
-                error=f"{type(error).__name__}: {error}",
+                error=f"{type(error).__name__}: {safe_text(str(error))}",
             )
         with self._lock:
             heapq.heappush(self._due, (time.monotonic() + delay, next(self._seq), chain))

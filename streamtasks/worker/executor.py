@@ -11,8 +11,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import structlog
+
 from streamtasks import states
 from streamtasks.task import Task
+
+log = structlog.get_logger("streamtasks.worker")
 
 
 @dataclass(slots=True)
@@ -40,6 +44,14 @@ def _failure(err: BaseException, started_ms: int) -> Outcome:
     return Outcome(states.FAILURE, None, err, trace, started_ms, _now_ms())
 
 
+def _report(future: Future[Outcome | None], done: Callable[[Outcome | None], None]) -> None:
+    """Hand a run's outcome on; an error here is logged, never lost in the pool."""
+    try:
+        done(None if future.cancelled() else future.result())
+    except BaseException:  # the outcome is lost: say so loudly (the worker also guards)
+        log.exception("a task outcome could not be handed to the worker")
+
+
 class Executor:
     """Runs tasks with at most ``concurrency`` of each kind at once.
 
@@ -60,19 +72,28 @@ class Executor:
         task: Task[Any, Any],
         args: list[Any],
         kwargs: dict[str, Any],
-        done: Callable[[Outcome], None],
+        done: Callable[[Outcome | None], None],
+        start: Callable[[], bool] = lambda: True,
     ) -> None:
-        """Start one run; ``done`` is called with its outcome from a worker thread."""
+        """Queue one run; ``done`` is called with its outcome from a worker thread.
+
+        ``start`` is asked when the run is about to begin (it may have waited in the
+        queue): when it answers False the task is not run and ``done`` gets None.
+        """
         if task.is_async:
-            future: Future[Outcome] = asyncio.run_coroutine_threadsafe(
-                self._run_async(task, args, kwargs), self._event_loop()
+            future: Future[Outcome | None] = asyncio.run_coroutine_threadsafe(
+                self._run_async(task, args, kwargs, start), self._event_loop()
             )
         else:
-            future = self._pool.submit(self._run_sync, task, args, kwargs)
-        future.add_done_callback(lambda f: done(f.result()))
+            future = self._pool.submit(self._run_sync, task, args, kwargs, start)
+        future.add_done_callback(lambda f: _report(f, done))
 
     @staticmethod
-    def _run_sync(task: Task[Any, Any], args: list[Any], kwargs: dict[str, Any]) -> Outcome:
+    def _run_sync(
+        task: Task[Any, Any], args: list[Any], kwargs: dict[str, Any], start: Callable[[], bool]
+    ) -> Outcome | None:
+        if not start():
+            return None
         started = _now_ms()
         try:
             result = task.fn(*args, **kwargs)
@@ -81,18 +102,27 @@ class Executor:
         return Outcome(states.SUCCESS, result, None, None, started, _now_ms())
 
     async def _run_async(
-        self, task: Task[Any, Any], args: list[Any], kwargs: dict[str, Any]
-    ) -> Outcome:
+        self, task: Task[Any, Any], args: list[Any], kwargs: dict[str, Any],
+        start: Callable[[], bool],
+    ) -> Outcome | None:
         assert self._semaphore is not None
         async with self._semaphore:
+            if not start():
+                return None
             started = _now_ms()
+            limit = task.options.time_limit_s
+            timer = asyncio.timeout(limit) if limit else None
             try:
-                coro = task.fn(*args, **kwargs)
-                limit = task.options.time_limit_s
-                result = await (asyncio.wait_for(coro, limit) if limit else coro)
-            except TimeoutError:
-                err = TimeLimitExceeded(f"{task.name} ran longer than {limit}s")
-                return _failure(err, started)
+                if timer is None:
+                    result = await task.fn(*args, **kwargs)
+                else:
+                    async with timer:
+                        result = await task.fn(*args, **kwargs)
+            except TimeoutError as err:
+                if timer is not None and timer.expired():
+                    limited = TimeLimitExceeded(f"{task.name} ran longer than {limit}s")
+                    return _failure(limited, started)
+                return _failure(err, started)  # the task's own TimeoutError stays itself
             except BaseException as err:
                 return _failure(err, started)
             return Outcome(states.SUCCESS, result, None, None, started, _now_ms())

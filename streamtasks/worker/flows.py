@@ -22,9 +22,10 @@ import structlog
 from streamtasks import states
 from streamtasks.backend.base import GROUP_FAILED, GROUP_FIRED, TaskMeta
 from streamtasks.broker.base import Record
-from streamtasks.errors import ConfigError, EncodeError, MessageTooLargeError, WorkflowError
+from streamtasks.errors import WorkflowError
 from streamtasks.message import TaskMessage, now_ms
 from streamtasks.worker.effects import Step, StepDone, send_all_step, store_all_step
+from streamtasks.worker.outcomes import FOLLOW_UP_ERRORS
 from streamtasks.workflow import (
     Node,
     broken_continuation,
@@ -44,7 +45,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger("streamtasks.worker")
 
 #: Errors that make follow-ups impossible to send (retrying gives the same).
-FOLLOW_UP_ERRORS = (ConfigError, EncodeError, MessageTooLargeError)
 
 
 def claimer_of(record: Record) -> str:

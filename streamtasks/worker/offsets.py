@@ -9,7 +9,7 @@ records above it, and never skips one.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 
 import structlog
 
@@ -22,13 +22,14 @@ log = structlog.get_logger("streamtasks.worker")
 class PartitionOffsets:
     """Offsets of one partition taken in, in order, and which of them are done."""
 
-    __slots__ = ("_committed", "_done", "_pending", "_released")
+    __slots__ = ("_committed", "_done", "_pending", "_released", "_sent")
 
     def __init__(self) -> None:
         self._pending: deque[int] = deque()
         self._done: set[int] = set()
         self._released: int | None = None
         self._committed: int | None = None
+        self._sent: int | None = None
 
     def add(self, offset: int) -> None:
         """Track a record taken in; offsets must rise within a partition.
@@ -49,12 +50,13 @@ class PartitionOffsets:
         """Records taken in and not yet released by the watermark."""
         return len(self._pending)
 
-    def watermark(self) -> int | None:
+    def watermark(self, resend: bool = False) -> int | None:
         """Return the offset to commit (next record to read), or None if nothing new.
 
         Pops every done offset at the head of the pending queue: the last one popped
         plus one is the watermark. It stays due until :meth:`committed` is told of it,
-        so a failed commit is simply retried.
+        so a failed commit is simply retried. One sent asynchronously and not yet
+        answered is not due again unless ``resend`` (a synchronous commit).
         """
         pending, done = self._pending, self._done
         while pending and pending[0] in done:
@@ -63,11 +65,23 @@ class PartitionOffsets:
             self._released = last + 1
         if self._released is None or self._released == self._committed:
             return None
+        if self._released == self._sent and not resend:
+            return None
         return self._released
+
+    def sent(self, offset: int) -> None:
+        """Remember that ``offset`` was sent in an asynchronous commit, not yet answered."""
+        self._sent = offset
 
     def committed(self, offset: int) -> None:
         """Remember that ``offset`` was committed."""
-        self._committed = offset
+        if self._committed is None or offset > self._committed:
+            self._committed = offset
+
+    def failed(self, offset: int) -> None:
+        """An asynchronous commit of ``offset`` failed: the watermark is due again."""
+        if self._sent == offset:
+            self._sent = None
 
 
 class OffsetTracker:
@@ -89,9 +103,9 @@ class OffsetTracker:
         if part is not None:
             part.mark_done(offset)
 
-    def watermarks(self, partitions: Iterable[TopicPartition] | None = None) -> dict[
-        TopicPartition, int
-    ]:
+    def watermarks(
+        self, partitions: Iterable[TopicPartition] | None = None, resend: bool = False
+    ) -> dict[TopicPartition, int]:
         """Return the offsets to commit, for partitions whose watermark moved."""
         chosen = self._parts.keys() if partitions is None else partitions
         marks: dict[TopicPartition, int] = {}
@@ -99,17 +113,34 @@ class OffsetTracker:
             part = self._parts.get(tp)
             if part is None:
                 continue
-            mark = part.watermark()
+            mark = part.watermark(resend)
             if mark is not None:
                 marks[tp] = mark
         return marks
 
-    def committed(self, marks: dict[TopicPartition, int]) -> None:
+    def committed(self, marks: Mapping[TopicPartition, int]) -> None:
         """Remember offsets that were committed."""
         for tp, offset in marks.items():
             part = self._parts.get(tp)
             if part is not None:
                 part.committed(offset)
+
+    def sent(self, marks: Mapping[TopicPartition, int]) -> None:
+        """Remember offsets sent in an asynchronous commit (answered by :meth:`confirm`)."""
+        for tp, offset in marks.items():
+            part = self._parts.get(tp)
+            if part is not None:
+                part.sent(offset)
+
+    def confirm(
+        self, committed: Mapping[TopicPartition, int], failed: Mapping[TopicPartition, int]
+    ) -> None:
+        """An asynchronous commit's answer: ``committed`` stored, ``failed`` due again."""
+        self.committed(committed)
+        for tp, offset in failed.items():
+            part = self._parts.get(tp)
+            if part is not None:
+                part.failed(offset)
 
     def in_flight(self, tp: TopicPartition | None = None) -> int:
         """Records not yet released, for one partition or all."""
@@ -137,9 +168,11 @@ def commit_watermarks(
 ) -> bool:
     """Commit the done watermarks that moved; return False (logged) when the commit failed.
 
-    A failed commit leaves the watermarks due, so the next call commits them again.
+    A failed commit leaves the watermarks due, so the next call commits them again. An
+    asynchronous commit is only sent here: the consumer's answer (``on_commit`` of its
+    listener, from a later poll) confirms it, or makes it due again.
     """
-    marks = tracker.watermarks(partitions)
+    marks = tracker.watermarks(partitions, resend=not asynchronous)
     if not marks:
         return True
     try:
@@ -148,7 +181,10 @@ def commit_watermarks(
         log.warning("commit failed; it is retried, or the records are repeated",
                     error=str(err))
         return False
-    tracker.committed(marks)
+    if asynchronous:
+        tracker.sent(marks)
+    else:
+        tracker.committed(marks)
     return True
 
 
