@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+from confluent_kafka.admin import AdminClient, ConfigResource, ConfigSource
 
 from streamtasks.broker import broker_from_url
 from streamtasks.broker.base import Broker, TopicPartition, TopicSpec
@@ -111,3 +112,25 @@ def test_delivery_failure_is_reported_to_the_callback(kafka: KafkaBroker) -> Non
     kafka.send(small, os.urandom(50_000), on_delivery=reports.append)
     assert kafka.flush(30) == 0
     assert len(reports) == 1 and reports[0] is not None
+
+
+def test_a_queues_topics_are_created_with_the_topology_configs() -> None:
+    settings = Settings(broker=BROKER_URL, namespace=f"it-topo-{uuid.uuid4().hex[:8]}",
+                        partitions=2, retention_ms=3_600_000, max_message_bytes=1_000_000)
+    broker = KafkaBroker(BROKER_URL, settings)
+    specs = settings.topology.topic_specs("q")
+    try:
+        assert sorted(broker.create_topics(specs)) == sorted(s.name for s in specs)
+        admin = AdminClient({"bootstrap.servers": BROKER_URL.split("://", 1)[1]})
+        resources = [ConfigResource(ConfigResource.Type.TOPIC, s.name) for s in specs]
+        for resource, future in admin.describe_configs(resources).items():
+            entries = future.result(timeout=30)
+            # Set on the topic itself (not the broker default that happens to be the same).
+            for name, value in (("min.insync.replicas", "1"), ("retention.ms", "3600000"),
+                                ("max.message.bytes", str(1_000_000 + 64 * 1024))):
+                entry = entries[name]
+                assert entry.value == value, (resource.name, name)
+                assert entry.source == ConfigSource.DYNAMIC_TOPIC_CONFIG.value, (resource, name)
+            assert broker.partition_count(resource.name) == 2
+    finally:
+        broker.close()

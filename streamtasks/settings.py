@@ -144,6 +144,9 @@ class Settings:
                 f"max_in_flight ({self.max_in_flight}) must be at least concurrency "
                 f"({self.concurrency})"
             )
+        from streamtasks.topology import check_min_insync_replicas
+
+        check_min_insync_replicas(self.replication_factor, self.min_insync_replicas)
         if self.log_format not in ("json", "console"):
             raise ConfigError(f"log_format must be 'json' or 'console', got {self.log_format!r}")
         from streamtasks.delays import parse_tiers

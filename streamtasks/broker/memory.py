@@ -52,6 +52,7 @@ class MemoryBroker(Broker):
             self.max_message_bytes = settings.max_message_bytes
         self._cond = threading.Condition(threading.RLock())
         self._topics: dict[str, list[list[Record]]] = {}
+        self._specs: dict[str, TopicSpec] = {}
         self._round_robin: dict[str, int] = {}
         self._groups: dict[str, _Group] = {}
         self._reports: deque[tuple[DeliveryCallback, str | None]] = deque()
@@ -163,7 +164,13 @@ class MemoryBroker(Broker):
             new = [s for s in specs if s.name not in self._topics]
             for spec in new:
                 self._create(spec.name, spec.partitions)
+                self._specs[spec.name] = dataclasses.replace(spec, config=dict(spec.config))
             return [s.name for s in new]
+
+    def topic_spec(self, topic: str) -> TopicSpec | None:
+        """Return the spec ``topic`` was created with (None: created on send, or missing)."""
+        with self._cond:
+            return self._specs.get(topic)
 
     def _create(self, topic: str, partitions: int) -> list[list[Record]]:
         logs: list[list[Record]] = [[] for _ in range(partitions)]
