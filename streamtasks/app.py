@@ -7,7 +7,7 @@ import threading
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
@@ -25,6 +25,7 @@ from streamtasks.result import AsyncResult
 from streamtasks.retry import RetryPolicy, call_options
 from streamtasks.settings import Settings
 from streamtasks.task import Task, TaskOptions
+from streamtasks.timeutil import epoch_ms
 
 if TYPE_CHECKING:
     from streamtasks.worker.consumer import Worker
@@ -461,8 +462,7 @@ def _eta_ms(now: int, countdown_s: float | None, eta: datetime | None) -> int | 
     if countdown_s is not None:
         return now + int(countdown_s * 1000)
     if eta is not None:
-        aware = eta if eta.tzinfo is not None else eta.replace(tzinfo=UTC)
-        return int(aware.timestamp() * 1000)
+        return epoch_ms(eta)
     return None
 
 

@@ -17,8 +17,11 @@ from streamtasks.backend.base import TaskMeta
 from streamtasks.codec import to_json_text
 from streamtasks.errors import ConfigError, ResultTimeout, StreamTasksError
 from streamtasks.logs import configure_logging
+from streamtasks.timeutil import is_relative, parse_time_ms
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNKNOWN = 0, 1, 2, 3
+
+_TIME_HELP = "ISO time (UTC unless it names an offset)"
 
 
 class CliError(Exception):
@@ -90,8 +93,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tasks", parents=[common], help="list tasks by queue and state")
     p.add_argument("--queue", required=True)
     p.add_argument("--state", default=states.SUCCESS, type=str.upper, choices=states.ALL_STATES)
-    p.add_argument("--since", type=_time, help="ISO time or -30m / -2h (default -1h)")
-    p.add_argument("--until", type=_time, help="ISO time (default now)")
+    p.add_argument("--since", type=_time, help=f"{_TIME_HELP} or -30m / -2h (default -1h)")
+    p.add_argument("--until", type=_time, help=f"{_TIME_HELP} (default now)")
     p.add_argument("--limit", type=_positive_int, default=50)
     p.set_defaults(handler=_cmd_tasks)
 
@@ -131,8 +134,9 @@ def _add_ops_commands(
 
     p = sub.add_parser("replay", parents=[common], help="send a range of a queue's tasks again")
     p.add_argument("--queue", required=True)
-    p.add_argument("--since", type=_time, help="ISO time or -30m: records stamped at or after")
-    p.add_argument("--until", type=_time, help="ISO time or -5m: records stamped before "
+    p.add_argument("--since", type=_time,
+                   help=f"{_TIME_HELP} or -30m: records stamped at or after")
+    p.add_argument("--until", type=_time, help=f"{_TIME_HELP} or -5m: records stamped before "
                    "(default: up to the end)")
     p.add_argument("--from-offset", type=_partition_offset, metavar="P:O",
                    help="first record: partition P, offset O")
@@ -166,7 +170,6 @@ _positive_int = _number(int, 1, "a whole number")
 _non_negative_float = _number(float, 0, "seconds")
 
 
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _TIME_FLAGS = ("--since", "--until")
 
 
@@ -174,8 +177,7 @@ def _glue_relative_times(argv: Sequence[str]) -> list[str]:
     """Turn ``--since -30m`` into ``--since=-30m``: argparse takes ``-30m`` for a flag."""
     out: list[str] = []
     for arg in argv:
-        relative = arg.startswith("-") and arg[-1:] in _UNITS and arg[1:-1].isdigit()
-        if relative and out and out[-1] in _TIME_FLAGS:
+        if is_relative(arg) and out and out[-1] in _TIME_FLAGS:
             out[-1] = f"{out[-1]}={arg}"
         else:
             out.append(arg)
@@ -183,16 +185,11 @@ def _glue_relative_times(argv: Sequence[str]) -> list[str]:
 
 
 def _time(text: str) -> int:
-    """Parse an ISO-8601 time or a relative ``-30m`` into ms since the epoch."""
-    if text.startswith("-") and text[-1:] in _UNITS and text[1:-1].isdigit():
-        return int((time.time() - int(text[1:-1]) * _UNITS[text[-1]]) * 1000)
+    """Parse an ISO-8601 time (naive: UTC) or a relative ``-30m`` into ms since the epoch."""
     try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected an ISO-8601 time (2026-11-24T16:00:00+00:00) or -30m / -2h, got {text!r}"
-        ) from None
-    return int(moment.timestamp() * 1000)
+        return parse_time_ms(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _partition_offset(text: str) -> tuple[int, int]:

@@ -333,3 +333,26 @@ def test_per_call_max_retries_overrides_the_task() -> None:
     assert len(calls) == 2
     assert result.state == states.FAILURE
     app.close()
+
+
+def test_a_naive_eta_is_utc_whatever_the_local_zone(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+    from datetime import UTC, datetime, timedelta
+
+    from streamtasks.headers import ETA_MS
+    from streamtasks.timeutil import epoch_ms
+
+    app = _fast_tiers_app()
+    eta = (datetime.now(UTC) + timedelta(hours=1)).replace(tzinfo=None, microsecond=0)
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        app.send("later", eta=eta)
+        app.flush()
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+    (record,) = app.broker.records("streamtasks.default.delay.200ms")  # type: ignore[attr-defined]
+    expected = int(eta.replace(tzinfo=UTC).timestamp() * 1000)
+    assert int(record.headers[ETA_MS]) == expected == epoch_ms(eta)
+    app.close()

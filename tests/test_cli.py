@@ -73,3 +73,35 @@ def test_result_prints_json_for_a_finished_task(capsys, tmp_path, monkeypatch):
     code, out, _ = run(capsys, "result", sent.id, "--app", "cli_app_mod:app")
     assert code == 0
     assert json.loads(out)["result"] == 5 and json.loads(out)["state"] == "SUCCESS"
+
+
+@pytest.fixture
+def new_york(monkeypatch: pytest.MonkeyPatch):
+    """Run a test with the process's local zone five hours behind UTC (in winter)."""
+    import time
+
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def test_naive_cli_times_are_utc_whatever_the_local_zone(new_york) -> None:
+    from datetime import UTC, datetime
+
+    from streamtasks.cli import _parser
+    from streamtasks.timeutil import epoch_ms, parse_time_ms
+
+    midnight_utc = int(datetime(2026, 1, 1, tzinfo=UTC).timestamp() * 1000)
+    ns = _parser().parse_args(["tasks", "--queue", "q", "--since", "2026-01-01T00:00",
+                               "--until", "2026-01-01T02:00+02:00"])
+    assert ns.since == midnight_utc
+    assert ns.until == midnight_utc  # an explicit offset is kept
+    assert parse_time_ms("2026-01-01") == midnight_utc
+    assert parse_time_ms("2026-01-01T00:00:00Z") == midnight_utc
+    assert parse_time_ms("-30m", now_ms=midnight_utc) == midnight_utc - 30 * 60_000
+    assert parse_time_ms("-2d", now_ms=midnight_utc) == midnight_utc - 2 * 86_400_000
+    assert epoch_ms(datetime(2026, 1, 1)) == midnight_utc
+    with pytest.raises(ValueError, match="without an offset it is UTC"):
+        parse_time_ms("-30 minutes")

@@ -313,3 +313,22 @@ def test_cli_replay_prints_counts(capsys, app: App, cli_app: str) -> None:
     code, out, _ = run(capsys, "replay", "--queue", "q", "--since", "-1h", "--name", "b",
                        "--dry-run", "--app", cli_app)
     assert code == 0 and out.strip() == "read 5, matched 0, would send 0"
+
+
+def test_cli_replay_reads_a_naive_since_as_utc_in_any_zone(
+    capsys, app: App, cli_app: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    send_batch(app, 5)
+    # A naive UTC time a minute ago; read as New York time it would be hours ahead.
+    since = (datetime.now(UTC) - timedelta(minutes=1)).replace(tzinfo=None).isoformat()
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        code, out, _ = run(capsys, "replay", "--queue", "q", "--since", since, "--dry-run",
+                           "--app", cli_app)
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+    assert code == 0 and out.strip() == "read 5, matched 5, would send 5"
