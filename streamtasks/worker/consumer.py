@@ -38,7 +38,7 @@ from streamtasks.worker.deadletter import dead_letter_headers
 from streamtasks.worker.delayer import DelayForwarder
 from streamtasks.worker.effects import EffectRunner, Step, send_step, store_step
 from streamtasks.worker.executor import Executor, Outcome
-from streamtasks.worker.flows import FollowUps, claimer_of
+from streamtasks.worker.flows import CHORD_BODY, FollowUps, claimer_of
 from streamtasks.worker.outcomes import FAIL, FOLLOW_UP_ERRORS, RETRY, decide, error_text, safe_text
 from streamtasks.worker.runtime import Lease, PartitionRuntime
 
@@ -67,10 +67,16 @@ class _Job:
     args: list[Any]
     kwargs: dict[str, Any]
     ended: bool = False
+    #: A duplicate record of a chord body whose row is already final: not run.
+    skipped: bool = False
 
     @property
     def slot(self) -> _Slot | None:
         """The ordering slot of a task that keeps its key's records in order."""
+        if CHORD_BODY in self.msg.options:
+            # duplicates of one body record run one after another, so the second
+            # finds the first's final row and is skipped
+            return (self.record.tp, "\0body:" + self.msg.id)
         if self.task.options.ordered and self.msg.key is not None:
             return (self.record.tp, self.msg.key)
         return None
@@ -333,7 +339,28 @@ class Worker:
     def _submit(self, job: _Job) -> None:
         self.executor.submit(job.task, job.args, job.kwargs,
                              lambda outcome: self._outcomes.put((job, outcome)),
-                             start=job.lease.start)
+                             start=lambda: self._may_start(job))
+
+    def _may_start(self, job: _Job) -> bool:
+        """In the thread about to run the task: may it run?
+
+        Not when its partition was revoked or lost while it was queued (the next owner
+        runs it), nor when it is a chord body whose row is already final (a duplicate
+        record sent by a member that carried out the chord's decision again).
+        """
+        if not job.lease.start():
+            return False
+        if CHORD_BODY in job.msg.options:
+            try:
+                meta = self.app.backend.fetch(job.msg.id)
+            except Exception as err:  # cannot tell: run it (at least once)
+                log.warning("cannot read a chord body's row; running it", id=job.msg.id,
+                            error=f"{type(err).__name__}: {error_text(err)}")
+                return True
+            if meta is not None and meta.ready:
+                job.skipped = True
+                return False
+        return True
 
     # -- carrying outcomes out (the loop thread) -----------------------------------
 
@@ -354,6 +381,11 @@ class Worker:
 
     def _carry_out(self, job: _Job, outcome: Outcome | None) -> None:
         """Make a run's outcome durable, as :func:`decide` says, then end its lease."""
+        if job.skipped:
+            log.info("chord body already ran: duplicate record skipped", id=job.msg.id,
+                     group=job.msg.options.get(CHORD_BODY))
+            self._job_done(job)
+            return
         if outcome is None or not job.lease.current():
             # Not run (its partition left while it was queued), or it ran but the
             # partition is no longer ours: the owner runs it; write nothing over its row.

@@ -6,23 +6,31 @@ same task ids), never loses them.
 
 Chords: each member records its result in the backend (:meth:`join_group`); the
 members that see the group complete race for its trigger row (:meth:`claim_group`, a
-lightweight transaction), and only the winner sends the body. The claimer is the
-member's *record* (topic, partition, offset): the same record delivered again after a
-crash claims again and re-sends, while a duplicate record of a member does not.
+lightweight transaction). A claimer wins only the outcome it claimed (``fired`` or
+``failed``): whoever claims second defers to the recorded decision. The holder sends
+the decision's messages and then *settles* the trigger row; a member that finds the
+row settled does nothing more. The claimer is the member's *record* (topic, partition,
+offset): the same record delivered again after a crash carries out its unsettled
+decision again, and so, after :data:`CLAIM_PATIENCE_S`, does any member that completes
+the chord (the claimer's record may come back only as another attempt). Body ids are
+fixed, so a repeat sends a duplicate record, which the body's worker skips once the
+body's row is final (see :data:`CHORD_BODY`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from streamtasks import states
-from streamtasks.backend.base import GROUP_FAILED, GROUP_FIRED, TaskMeta
+from streamtasks.backend.base import GROUP_FAILED, GROUP_FIRED, GroupClaim, TaskMeta
 from streamtasks.broker.base import Record
-from streamtasks.errors import WorkflowError
+from streamtasks.errors import BackendError, WorkflowError
+from streamtasks.fanin import FanIn
 from streamtasks.message import TaskMessage, now_ms
 from streamtasks.worker.effects import Step, StepDone, send_all_step, store_all_step
 from streamtasks.worker.outcomes import FOLLOW_UP_ERRORS
@@ -47,6 +55,28 @@ log = structlog.get_logger("streamtasks.worker")
 #: Errors that make follow-ups impossible to send (retrying gives the same).
 
 
+#: Option set on the messages of a chord's body: the group whose decision sent them. A
+#: worker skips such a task when its row is already final (a duplicate body record).
+CHORD_BODY = "chord_body"
+#: Seconds a chord decision may stay unconfirmed before another member carries it out.
+CLAIM_PATIENCE_S = 10.0
+
+
+class ChordPending(BackendError):
+    """Another member decided the chord a moment ago and has not confirmed it yet.
+
+    Retried like an infrastructure error: the member waits for the decision.
+    """
+
+
+@dataclass(slots=True)
+class _Plan:
+    """What a chord decision sends, and the trigger rows to settle once it is confirmed."""
+
+    records: list[Outgoing]
+    settle: list[str]
+
+
 def claimer_of(record: Record) -> str:
     """Return the identity of a record, as a chord trigger's claimer."""
     return f"{record.topic}/{record.partition}@{record.offset}"
@@ -64,6 +94,8 @@ class FollowUps:
         self.app = app
         self.worker = worker
         self._default_queue = app.settings.default_queue
+        #: See :data:`CLAIM_PATIENCE_S`.
+        self.claim_patience_s = CLAIM_PATIENCE_S
         # chord bookkeeping waits on Cassandra round trips: never on the consumer thread
         self._pool = ThreadPoolExecutor(2, thread_name_prefix="streamtasks-chord")
 
@@ -139,35 +171,22 @@ class FollowUps:
         return [send_all_step(self.app.broker, [self.app.outgoing(m, now) for m in messages])]
 
     def _join_step(self, msg: TaskMessage, join: Node, result: Any, claimer: str) -> Step:
-        """Record the member; if it completes the chord and wins the claim, fire the body.
+        """Record the member; if it completes the chord, carry out the chord's decision.
 
         The join (every member) completes on the backend's callbacks, holding no thread;
-        only the member that sees the group complete uses the pool to claim and fire.
+        only a member that sees the group complete uses the pool to claim and fire.
         """
         backend = self.app.backend
         group_id, size = str(join["group"]), int(join["size"])
 
-        def fire() -> list[Outgoing]:
+        def fire() -> _Plan:
             # Under load many members see the group complete (each counted its shard
-            # after the last write to it): a cheap read turns most of them away, and
-            # the claim comes before the work of gathering the results.
+            # after the last write to it): a cheap read turns most of them away, and the
+            # claim comes before the work of gathering the results.
             claim = backend.group_claim(group_id)
-            if claim is not None and claim.claimer != claimer:
-                return []
-            if not backend.claim_group(group_id, claimer, GROUP_FIRED).result():
-                return []
-            results = backend.group_results(group_id, size).result()
-            now = now_ms()
-            try:
-                messages = launch(join["body"], [results], [], msg, self._default_queue, now)
-                records = [self.app.outgoing(m, now) for m in messages]
-            except FOLLOW_UP_ERRORS as err:
-                log.error("chord body cannot be sent: the chord fails", group=group_id,
-                          error=str(err))
-                text = f"chord {group_id}: the body cannot be sent: {error_text(err)}"
-                return self._fail_chord(join, msg, err, claimer, text)
-            log.info("chord fired", group=group_id, size=size, by=msg.id)
-            return records
+            if claim is None:
+                claim = backend.claim_group(group_id, claimer, GROUP_FIRED).result()
+            return self._follow(join, msg, claimer, claim, None)
 
         def step(done: StepDone) -> None:
             def joined(future: Future[bool]) -> None:
@@ -192,45 +211,126 @@ class FollowUps:
         return self._threaded(lambda: self._fail_chord(join, msg, error, claimer))
 
     def _fail_chord(
-        self, join: Node, member: TaskMessage, error: BaseException, claimer: str,
-        text: str | None = None,
-    ) -> list[Outgoing]:
-        """Claim the chord as failed; if won, mark its body FAILURE, return its callbacks.
+        self, join: Node, member: TaskMessage, error: BaseException | str, claimer: str
+    ) -> _Plan:
+        """Claim the chord as failed, then carry out whatever the trigger row decided.
 
-        A chord whose body ends in the join of an outer chord (the chord is a member
-        there) fails that outer chord too, and so on outwards. Blocking: in the pool.
+        Blocking: in the pool.
         """
         group_id = str(join["group"])
-        if not self.app.backend.claim_group(group_id, claimer, GROUP_FAILED).result():
-            return []
+        text = chord_failure_text(join, member, error)
+        claim = self.app.backend.claim_group(group_id, claimer, GROUP_FAILED, text).result()
+        return self._follow(join, member, claimer, claim, error)
+
+    def _follow(
+        self, join: Node, member: TaskMessage, claimer: str, claim: GroupClaim,
+        error: BaseException | str | None,
+    ) -> _Plan:
+        """Carry out a chord's recorded decision (blocking; in the pool).
+
+        - settled: the body (or the failure) is confirmed sent: nothing more to do;
+        - decided by this record: send its messages, then settle the trigger;
+        - decided by another claimer a while ago and still not settled (its worker died
+          before the send was confirmed, and its record may come back only as another
+          attempt): any member that completes the chord carries it out again — the ids
+          are fixed, so this is a duplicate record, which the body's worker skips;
+        - decided by another claimer just now: wait for it (:class:`ChordPending` is
+          retried like an infrastructure error, so this member's offset waits too).
+        """
+        group_id = str(join["group"])
+        if claim.settled:
+            return _Plan([], [])
+        if claim.claimer != claimer:
+            age_s = (now_ms() - (claim.claimed_ms or 0)) / 1000
+            if age_s < self.claim_patience_s:
+                raise ChordPending(
+                    f"chord {group_id}: {claim.outcome} by {claim.claimer} {age_s:.1f}s ago, "
+                    "not yet confirmed"
+                )
+            log.warning("chord decision not confirmed by its claimer; carrying it out",
+                        group=group_id, outcome=claim.outcome, claimer=claim.claimer,
+                        age_s=round(age_s, 1), by=member.id)
+        if claim.outcome == GROUP_FAILED:
+            cause = error if error is not None and claim.claimer == claimer else (
+                claim.reason or f"chord {group_id} failed")
+            return self._failure_plan(join, member, cause)
+        return self._body_plan(join, member)
+
+    def _body_plan(self, join: Node, member: TaskMessage) -> _Plan:
+        """Gather the members' results and build the chord body's records."""
+        group_id, size = str(join["group"]), int(join["size"])
+        results = self.app.backend.group_results(group_id, size).result()
         now = now_ms()
-        text = text or chord_failure_text(join, member, error)
-        self._store_all([self._doomed(node, member, type(error).__name__, text, now)
+        try:
+            messages = launch(join["body"], [results], [], member, self._default_queue, now)
+            for body in messages:
+                body.options[CHORD_BODY] = group_id
+            records = [self.app.outgoing(m, now) for m in messages]
+        except FOLLOW_UP_ERRORS as err:
+            # The body can never be sent as it is: the chord fails (its trigger says
+            # fired, so the failure is carried out under the fired decision).
+            log.error("chord body cannot be sent: the chord fails", group=group_id,
+                      error=str(err))
+            text = f"chord {group_id}: the body cannot be sent: {error_text(err)}"
+            return self._failure_plan(join, member, err, text)
+        log.info("chord fired", group=group_id, size=size, by=member.id)
+        return _Plan(records, [group_id])
+
+    def _failure_plan(
+        self, join: Node, member: TaskMessage, error: BaseException | str,
+        text: str | None = None,
+    ) -> _Plan:
+        """The body's rows FAILURE (written here), the error callbacks to send.
+
+        A chord whose body ends in the join of an outer chord (the chord is a member
+        there) fails that outer chord too, and so on outwards.
+        """
+        group_id = str(join["group"])
+        now = now_ms()
+        text = text or (error if isinstance(error, str) else
+                        chord_failure_text(join, member, error))
+        error_type = type(error).__name__ if not isinstance(error, str) else "ChordError"
+        self._store_all([self._doomed(node, member, error_type, text, now)
                          for node in task_nodes(join["body"])])
         log.warning("chord failed", group=group_id, member=join["index"], by=member.id,
                     error=error_text(error))
-        records: list[Outgoing] = []
+        plan = _Plan([], [group_id])
         try:
             callbacks = on_chord_failure(join, member, error, self._default_queue, now)
-            records = [self.app.outgoing(m, now) for m in callbacks]
+            plan.records += [self.app.outgoing(m, now) for m in callbacks]
         except Exception as err:
             log.error("chord error callbacks cannot be sent", group=group_id,
                       error=f"{type(err).__name__}: {err}")
         for outer in joins_in(join["body"]):
-            records += self._fail_chord(outer, member, error, claimer)
-        return records
+            inner = self._fail_chord(outer, member, error, f"{group_id}>{outer['group']}")
+            plan.records += inner.records
+            plan.settle += inner.settle
+        return plan
 
-    def _threaded(self, work: Callable[[], list[Outgoing]]) -> Step:
-        """A step whose bookkeeping runs in the pool, then sends what it returned."""
-        broker = self.app.broker
+    def _threaded(self, work: Callable[[], _Plan]) -> Step:
+        """A step whose bookkeeping runs in the pool, then sends what it planned.
+
+        The trigger rows are settled only after the broker confirmed every record.
+        """
+        broker, backend = self.app.broker, self.app.backend
 
         def step(done: StepDone) -> None:
-            def finished(future: Future[list[Outgoing]]) -> None:
+            def settle(error: BaseException | None, plan: _Plan) -> None:
+                if error is not None or not plan.settle:
+                    done(error)
+                    return
+                gather = FanIn(len(plan.settle), done)
+                for group_id in plan.settle:
+                    backend.settle_group(group_id).add_done_callback(
+                        lambda f: gather.one(f.exception()))
+
+            def finished(future: Future[_Plan]) -> None:
                 error = future.exception()
                 if error is not None:
                     done(error)
-                else:
-                    send_all_step(broker, future.result())(done)
+                    return
+                plan = future.result()
+                send_all_step(broker, plan.records)(lambda err: settle(err, plan))
 
             self._pool.submit(work).add_done_callback(finished)
 
