@@ -17,7 +17,7 @@ import pytest
 from streamtasks import states
 from streamtasks.backend.base import GROUP_FAILED, GROUP_FIRED, ResultBackend, TaskMeta
 from streamtasks.backend.cassandra import CassandraBackend, listing_shard, load_migrations
-from streamtasks.errors import BackendError
+from streamtasks.errors import BackendError, ConfigError
 from streamtasks.settings import Settings
 from tests.contracts.backend_contract import BackendContract, json_text, make_codec
 
@@ -35,6 +35,10 @@ def backend_url() -> str:
 def url_with_keyspace(url: str, keyspace: str) -> str:
     parts = urlsplit(url)
     return urlunsplit(parts._replace(path="/" + keyspace))
+
+
+def url_with_option(url: str, option: str) -> str:
+    return url + ("&" if "?" in url else "?") + option
 
 
 def make_backend(url: str, **settings: int) -> CassandraBackend:
@@ -145,6 +149,45 @@ def test_a_not_applied_claim_returns_the_stored_row(cassandra: CassandraBackend)
     assert (got.claimer, got.outcome, got.settled, got.reason) == (
         "record-1", GROUP_FIRED, True, None)
     assert got.claimed_ms == won.claimed_ms
+
+
+def test_consistency_one_is_fine_on_a_single_replica() -> None:
+    backend = make_backend(url_with_option(backend_url(), "consistency=ONE"))
+    try:
+        backend.check_groups()
+        group_id = str(uuid.uuid4())
+        assert backend.join_group(group_id, 0, 1, "ok").result(timeout=30)
+        assert backend.claim_group(group_id, "r", GROUP_FIRED).result(timeout=30).held_by(
+            "r", GROUP_FIRED)
+    finally:
+        backend.close()
+
+
+def test_consistency_one_is_refused_for_groups_on_three_replicas(
+    cassandra: CassandraBackend,
+) -> None:
+    # a keyspace replicated three times (on one node: every write at ONE still succeeds)
+    keyspace = "streamtasks_rf3_" + uuid.uuid4().hex[:8]
+    cassandra.session.execute(
+        f'CREATE KEYSPACE "{keyspace}" WITH replication = '
+        "{'class': 'SimpleStrategy', 'replication_factor': 3}",
+        timeout=60,
+    )
+    backend = make_backend(
+        url_with_option(url_with_keyspace(backend_url(), keyspace), "consistency=ONE")
+    )
+    try:
+        with pytest.raises(ConfigError, match=r"consistency ONE.*3 replicas"):
+            backend.check_groups()
+        with pytest.raises(ConfigError, match="consistency ONE"):
+            backend.join_group("g", 0, 1, None)
+        with pytest.raises(ConfigError, match="consistency ONE"):
+            backend.claim_group("g", "r", GROUP_FIRED)
+        with pytest.raises(ConfigError, match="consistency ONE"):
+            backend.group_claim("g")
+    finally:
+        backend.close()
+        cassandra.session.execute(f'DROP KEYSPACE IF EXISTS "{keyspace}"', timeout=60)
 
 
 def test_migrate_is_idempotent_on_a_fresh_keyspace() -> None:

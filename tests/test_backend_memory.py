@@ -168,3 +168,102 @@ def test_settle_group_keeps_the_claim_and_sets_settled() -> None:
     assert backend.group_claim("g") == GroupClaim("r1", GROUP_FAILED, won.claimed_ms, True, "boom")
     backend.clear()
     assert backend.group_claim("g") is None
+
+
+SIMPLE = "org.apache.cassandra.locator.SimpleStrategy"
+NTS = "org.apache.cassandra.locator.NetworkTopologyStrategy"
+
+
+def simple(rf: int) -> dict[str, str]:
+    return {"class": SIMPLE, "replication_factor": str(rf)}
+
+
+def nts(**dcs: int) -> dict[str, str]:
+    return {"class": NTS, **{dc: str(rf) for dc, rf in dcs.items()}}
+
+
+@pytest.mark.parametrize("level", ["ONE", "LOCAL_ONE", "ANY", "TWO", "THREE", "one"])
+@pytest.mark.parametrize("replication", [simple(3), simple(2), nts(dc1=3), nts(dc1=1, dc2=1)])
+def test_counted_levels_are_refused_with_more_than_one_replica(
+    level: str, replication: dict[str, str]
+) -> None:
+    from streamtasks.backend.cassandra import check_group_consistency
+
+    with pytest.raises(ConfigError, match=r"consistency .*setting consistency.*LOCAL_QUORUM"):
+        check_group_consistency(level, "SERIAL", replication, "ks")
+
+
+@pytest.mark.parametrize("level", ["ONE", "LOCAL_ONE", "LOCAL_QUORUM", "QUORUM", "ALL"])
+@pytest.mark.parametrize("replication", [simple(1), nts(dc1=1), nts(dc1=1, dc2=0)])
+def test_a_single_replica_accepts_every_level(level: str, replication: dict[str, str]) -> None:
+    from streamtasks.backend.cassandra import check_group_consistency
+
+    serial = "LOCAL_SERIAL" if level.startswith("LOCAL_") else "SERIAL"
+    assert check_group_consistency(level, serial, replication, "ks") == []
+
+
+@pytest.mark.parametrize("level", ["LOCAL_QUORUM", "QUORUM", "EACH_QUORUM", "ALL"])
+@pytest.mark.parametrize("serial", ["SERIAL", "LOCAL_SERIAL"])
+def test_quorum_class_levels_are_accepted_on_one_data_center(level: str, serial: str) -> None:
+    from streamtasks.backend.cassandra import check_group_consistency
+
+    for replication in (simple(3), nts(dc1=3), nts(dc1=3, dc2=0)):
+        assert check_group_consistency(level, serial, replication, "ks") == []
+
+
+@pytest.mark.parametrize("serial", ["QUORUM", "LOCAL_QUORUM", "ONE", "ALL"])
+def test_a_serial_consistency_other_than_serial_is_refused(serial: str) -> None:
+    from streamtasks.backend.cassandra import check_group_consistency
+
+    with pytest.raises(ConfigError, match=r"serial_consistency"):
+        check_group_consistency("QUORUM", serial, simple(1), "ks")
+
+
+def test_local_serial_is_refused_on_several_data_centers() -> None:
+    from streamtasks.backend.cassandra import check_group_consistency
+
+    with pytest.raises(ConfigError, match=r"serial_consistency=LOCAL_SERIAL.*dc1, dc2.*SERIAL"):
+        check_group_consistency("LOCAL_QUORUM", "LOCAL_SERIAL", nts(dc1=3, dc2=3), "ks")
+    # SERIAL decides across them; LOCAL_QUORUM joins are only warned about
+    warnings = check_group_consistency("LOCAL_QUORUM", "SERIAL", nts(dc1=3, dc2=3), "ks")
+    assert len(warnings) == 1 and "one data center" in warnings[0]
+    assert check_group_consistency("QUORUM", "SERIAL", nts(dc1=3, dc2=3), "ks") == []
+
+
+def test_replicas_reads_the_system_schema_map() -> None:
+    from streamtasks.backend.cassandra import replicas
+
+    assert replicas(simple(3)) == {"*": 3}
+    assert replicas(nts(dc1=3, dc2=2)) == {"dc1": 3, "dc2": 2}
+    assert replicas({"class": NTS, "dc1": "3/1", "dc2": "0"}) == {"dc1": 3}
+
+
+@pytest.mark.parametrize(
+    ("query", "serial"),
+    [("", "LOCAL_SERIAL"), ("?consistency=QUORUM", "SERIAL"),
+     ("?serial_consistency=serial", "SERIAL"),
+     ("?consistency=QUORUM&serial_consistency=LOCAL_SERIAL", "LOCAL_SERIAL")],
+)
+def test_serial_consistency_option(query: str, serial: str) -> None:
+    from streamtasks.backend.cassandra import CassandraOptions
+
+    opts = CassandraOptions.from_url("cassandra://h/ks" + query, Settings())
+    assert opts.serial_consistency == serial
+
+
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [("?serial_consistency=QUORUM", "serial_consistency=QUORUM"),
+     ("?serial_consistency=NOPE", "unknown Cassandra consistency"),
+     ("?consistency=SERIAL", "serial level"),
+     ("?consistency=LOCAL_SERIAL", "serial level")],
+)
+def test_serial_consistency_errors(query: str, message: str) -> None:
+    from streamtasks.backend.cassandra import CassandraOptions
+
+    with pytest.raises(ConfigError, match=message):
+        CassandraOptions.from_url("cassandra://h/ks" + query, Settings())
+
+
+def test_memory_backend_accepts_any_group_configuration() -> None:
+    assert MemoryBackend().check_groups() is None

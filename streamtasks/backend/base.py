@@ -133,6 +133,8 @@ class ResultBackend(ABC):
         Raises:
             EncodeError: the result cannot be encoded (nothing is written).
             ValueError: ``index`` is not in ``0 .. size-1`` (nothing is written).
+            ConfigError: the backend's consistency cannot make joins correct
+                (:meth:`check_groups`; nothing is written).
         """
 
     @abstractmethod
@@ -187,6 +189,18 @@ class ResultBackend(ABC):
         """Return the group's trigger row (claimer, outcome, settled, reason), or None.
 
         A read, not a decision: act on :meth:`claim_group`'s answer only.
+        """
+
+    def check_groups(self) -> None:  # noqa: B027 - optional hook
+        """Refuse a configuration under which group joins and claims cannot be correct.
+
+        Backends run it before their first group operation; a worker may call it at
+        start to fail fast. The default accepts everything.
+
+        Raises:
+            ConfigError: naming the setting to change.
+            BackendError: the backend cannot be reached to tell.
+
         """
 
     def migrate(self) -> list[str]:

@@ -8,6 +8,8 @@ URL: ``cassandra://h1:9042[,h2:9042]/keyspace?option=value&...`` with options
   ``replication_factor``, the keyspace is replicated in by ``migrate``);
 - ``replication_factor``: replicas of the keyspace ``migrate`` creates (default 1);
 - ``consistency``: overrides ``Settings.consistency`` (default ``LOCAL_QUORUM``);
+- ``serial_consistency``: of the chord claims' Paxos phase, ``SERIAL`` or ``LOCAL_SERIAL``
+  (default ``LOCAL_SERIAL`` when ``consistency`` is a ``LOCAL_`` level, else ``SERIAL``);
 - ``connect_timeout``, ``request_timeout``: seconds (default 5 and 10);
 - ``protocol_version``: native protocol version (default 5, Cassandra 4.0+; use 4 for 3.x).
 
@@ -171,6 +173,7 @@ class CassandraOptions:
     hosts: tuple[tuple[str, int], ...]
     keyspace: str
     consistency: str = "LOCAL_QUORUM"
+    serial_consistency: str = "LOCAL_SERIAL"
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     ssl: bool = False
@@ -205,6 +208,7 @@ class CassandraOptions:
         known = {
             "username", "password", "ssl", "ssl_ca", "ssl_cert", "ssl_key",
             "ssl_check_hostname", "local_dc", "replication_factor", "consistency",
+            "serial_consistency",
             "connect_timeout", "request_timeout", "protocol_version",
         }
         unknown = sorted(set(opts) - known)
@@ -215,10 +219,21 @@ class CassandraOptions:
             )
         consistency = opts.get("consistency", settings.consistency).upper()
         _consistency_level(consistency)  # validates
+        if consistency in SERIAL_LEVELS:
+            raise ConfigError(
+                f"Cassandra consistency {consistency} (setting consistency, or the backend "
+                "URL option consistency) is a serial level, which plain reads and writes "
+                "cannot use; use LOCAL_QUORUM, and serial_consistency for the claims"
+            )
+        default_serial = "LOCAL_SERIAL" if consistency.startswith("LOCAL_") else "SERIAL"
+        serial = opts.get("serial_consistency", default_serial).upper()
+        _consistency_level(serial)  # validates
+        check_serial_consistency(serial)
         return cls(
             hosts=parsed.hosts,
             keyspace=keyspace,
             consistency=consistency,
+            serial_consistency=serial,
             username=opts.get("username"),
             password=opts.get("password"),
             ssl=_flag(opts, "ssl", False),
@@ -277,6 +292,105 @@ def _number(opts: dict[str, str], name: str, default: _N, kind: Callable[[str], 
     return value
 
 
+#: The consistency levels of a lightweight transaction's Paxos phase.
+SERIAL_LEVELS = ("SERIAL", "LOCAL_SERIAL")
+#: Levels that count replicas instead of a majority: a read after a write at such a level
+#: need not see the write once the keyspace keeps more than one replica.
+_COUNTED_LEVELS = ("ONE", "LOCAL_ONE", "ANY", "TWO", "THREE")
+
+
+def check_serial_consistency(serial: str) -> None:
+    """Refuse a serial consistency other than SERIAL or LOCAL_SERIAL.
+
+    Raises:
+        ConfigError: naming the backend URL option serial_consistency.
+
+    """
+    if serial.upper() not in SERIAL_LEVELS:
+        raise ConfigError(
+            f"backend URL option serial_consistency={serial}: chord claims need SERIAL or "
+            "LOCAL_SERIAL"
+        )
+
+
+def replicas(replication: dict[str, str]) -> dict[str, int]:
+    """Return the replicas a keyspace keeps per data center (``system_schema`` form).
+
+    ``replication`` is the keyspace's replication map, e.g. ``{'class':
+    '...SimpleStrategy', 'replication_factor': '3'}`` (returned as ``{'*': 3}``) or
+    ``{'class': '...NetworkTopologyStrategy', 'dc1': '3', 'dc2': '3'}``. A transient
+    factor ``'3/1'`` counts its full replicas (3); data centers without replicas are left out.
+    """
+    counts: dict[str, int] = {}
+    for key, value in replication.items():
+        if key == "class":
+            continue
+        try:
+            count = int(str(value).split("/", 1)[0])
+        except ValueError:
+            continue
+        if count > 0:
+            counts["*" if key == "replication_factor" else key] = count
+    return counts
+
+
+def check_group_consistency(
+    consistency: str, serial_consistency: str, replication: dict[str, str], keyspace: str
+) -> list[str]:
+    """Refuse consistency levels under which group joins and claims cannot be correct.
+
+    A join writes a member's row and then counts its shard: of members joining at once,
+    the last must see every row, which needs reads and writes whose replica sets overlap
+    (a QUORUM-class level) once the keyspace keeps more than one replica. A claim is a
+    lightweight transaction: its Paxos phase must be SERIAL or LOCAL_SERIAL, and
+    LOCAL_SERIAL only decides within one data center.
+
+    Args:
+        consistency: the level of reads and writes (``Settings.consistency`` or the URL
+            option ``consistency``).
+        serial_consistency: the level of the claims' Paxos phase.
+        replication: the keyspace's replication map, as in ``system_schema.keyspaces``.
+        keyspace: named in the messages.
+
+    Returns:
+        Warnings: a configuration that is safe but may leave a chord waiting.
+
+    Raises:
+        ConfigError: naming the setting to change.
+
+    """
+    level, serial = consistency.upper(), serial_consistency.upper()
+    check_serial_consistency(serial)
+    counts = replicas(replication)
+    total = sum(counts.values())
+    if level in _COUNTED_LEVELS and total > 1:
+        raise ConfigError(
+            f"Cassandra consistency {level} (setting consistency, or the backend URL option "
+            f"consistency) cannot make chord joins correct: keyspace {keyspace} keeps "
+            f"{total} replicas, so a member's read may miss another's write and the chord "
+            "never fires; use LOCAL_QUORUM (or QUORUM)"
+        )
+    data_centers = len(counts) if "*" not in counts else 1
+    warnings: list[str] = []
+    if data_centers > 1:
+        if serial == "LOCAL_SERIAL":
+            raise ConfigError(
+                f"backend URL option serial_consistency=LOCAL_SERIAL (the default with a "
+                f"LOCAL_ consistency) cannot make chord claims correct: keyspace {keyspace} "
+                f"is replicated to {data_centers} data centers ({', '.join(sorted(counts))}) "
+                "and workers in two of them could both win a claim; set "
+                "serial_consistency=SERIAL"
+            )
+        if level.startswith("LOCAL_"):
+            warnings.append(
+                f"Cassandra consistency {level} on keyspace {keyspace} replicated to "
+                f"{data_centers} data centers: chord joins are counted within one data "
+                "center, so members of one chord must run in one data center (else use "
+                "QUORUM)"
+            )
+    return warnings
+
+
 def _consistency_level(name: str) -> int:
     from cassandra import ConsistencyLevel
 
@@ -316,7 +430,8 @@ class CassandraBackend(ResultBackend):
     """Task rows in Cassandra.
 
     Connects lazily on first use. Call :meth:`migrate` once (``streamtasks migrate``)
-    to create the keyspace and tables.
+    to create the keyspace and tables. Group operations raise ConfigError when the
+    consistency cannot make them correct on the keyspace (:meth:`check_groups`).
 
     Args:
         url: ``cassandra://host:9042[,host2]/keyspace[?options]`` (see the module docs).
@@ -350,6 +465,7 @@ class CassandraBackend(ResultBackend):
         self._session: Any = None
         self._statements: _Statements | None = None
         self._group_statements: _GroupStatements | None = None
+        self._group_refusal: ConfigError | None = None
         self._pending: set[Future[Any]] = set()
         self._pending_lock = threading.Lock()
         self._closed = False
@@ -484,9 +600,52 @@ class CassandraBackend(ResultBackend):
         """Return the session and the group statements, preparing them once.
 
         Kept apart from :meth:`_ready`, so that task rows keep working on a keyspace
-        not yet migrated to 002.
+        not yet migrated to 002. The first call checks the consistency (:meth:`check_groups`).
+
+        Raises:
+            ConfigError: the consistency cannot make group joins and claims correct.
+            BackendError: Cassandra is not reachable, or the tables are missing.
+
         """
+        if self._group_statements is None:
+            self.check_groups()
         return self._prepared_once("_group_statements", self._prepare_groups)
+
+    def check_groups(self) -> None:
+        """Refuse a consistency under which group joins and claims cannot be correct.
+
+        Reads the keyspace's replication (connecting if needed) and applies
+        :func:`check_group_consistency`; a refusal is remembered. Called on the first
+        group operation; a worker may call it at start to fail fast.
+
+        Raises:
+            ConfigError: naming the setting to change.
+            BackendError: Cassandra is not reachable.
+
+        """
+        if self._group_refusal is not None:
+            raise self._group_refusal
+        session = self._connect()
+        rows = self._run(
+            session,
+            "SELECT replication FROM system_schema.keyspaces WHERE keyspace_name = %s",
+            "reading the keyspace's replication",
+            (self.keyspace,),
+        )
+        row = rows.one()
+        if row is None:
+            return  # not migrated: the group statements' preparation says so
+        opts = self.options
+        try:
+            warnings = check_group_consistency(
+                opts.consistency, opts.serial_consistency, dict(row["replication"]),
+                opts.keyspace,
+            )
+        except ConfigError as err:
+            self._group_refusal = err
+            raise
+        for warning in warnings:
+            log.warning("%s", warning)
 
     def _prepare_groups(self, session: Any) -> _GroupStatements:
         from cassandra import ConsistencyLevel
@@ -510,10 +669,8 @@ class CassandraBackend(ResultBackend):
             "select_claim": f"SELECT claimer, outcome, claimed_at, settled, reason "
             f"FROM {ks}.group_triggers WHERE group_id = ?",
         }))
-        # the Paxos phase of claims and settles: in the local data center when the
-        # configured consistency is a LOCAL_ one, else across data centers
-        local = self.options.consistency.startswith("LOCAL_")
-        serial = ConsistencyLevel.LOCAL_SERIAL if local else ConsistencyLevel.SERIAL
+        # the Paxos phase of claims and settles (checked by check_groups)
+        serial = ConsistencyLevel.name_to_value[self.options.serial_consistency]
         statements.claim.serial_consistency_level = serial
         statements.settle.serial_consistency_level = serial
         return statements
@@ -875,7 +1032,8 @@ class CassandraBackend(ResultBackend):
         shard's mark; count the marks. Each read follows its write at the configured
         consistency, so of members joining concurrently the last to write sees True (with
         replication above 1 this needs a QUORUM-class consistency, as the default
-        LOCAL_QUORUM). No counter; only the shard marks share a partition per group.
+        LOCAL_QUORUM; others are refused, see :meth:`check_groups`). No counter; only
+        the shard marks share a partition per group.
 
         Returns:
             A future whose value is True when all ``size`` members are recorded, or
