@@ -1,4 +1,4 @@
-"""The ``streamtasks`` command: worker, send, result, tasks, migrate, topics, dlq, replay."""
+"""The `streamtasks` command: worker, send, result, tasks, migrate, topics, dlq, replay, groups."""
 
 from __future__ import annotations
 
@@ -148,6 +148,20 @@ def _add_ops_commands(
     p.add_argument("--same-ids", action="store_true",
                    help="keep task ids (result rows are overwritten); default: new ids")
     p.set_defaults(handler=_cmd_replay)
+
+    p = sub.add_parser("groups", parents=[common], help="manage consumer groups")
+    gsub = p.add_subparsers(dest="groups_command", metavar="ACTION", required=True)
+    c = gsub.add_parser(
+        "migrate", parents=[common],
+        help="copy an old group's committed offsets to each queue's group",
+        description="Copy the committed offsets of a group of an older version (one per "
+        "queue set: NS.a+b, NS.a+b.delayer) to the per-queue groups (NS.a, NS.a.delayer), "
+        "only where the new group has no offset yet. Stop the new workers first.",
+    )
+    c.add_argument("--from-group", required=True, metavar="OLD", help="the old group")
+    c.add_argument("--queues", required=True, help="comma-separated queues it served")
+    c.add_argument("--dry-run", action="store_true", help="print what would be copied")
+    c.set_defaults(handler=_cmd_groups_migrate)
 
 
 # -- argument types --------------------------------------------------------------
@@ -455,6 +469,41 @@ def _cmd_replay(ns: argparse.Namespace) -> int:
     print(f"read {report.read}, matched {report.matched}, {sent}")
     if report.skipped:
         print(f"skipped {report.skipped} undecodable record(s)", file=sys.stderr)
+    return EXIT_OK
+
+
+def _cmd_groups_migrate(ns: argparse.Namespace) -> int:
+    from streamtasks.ops import migrate_group
+
+    queues = [q.strip() for q in ns.queues.split(",") if q.strip()]
+    if not queues:
+        raise CliError("--queues names no queue")
+    app = _app(ns)
+    legacy = app.settings.topology.legacy_group_ids(queues)
+    if ns.from_group not in legacy:
+        print(f"note: {ns.from_group} is not the old group of queues {','.join(queues)} "
+              f"({' or '.join(legacy)}); copying what it has on their topics",
+              file=sys.stderr)
+    report = migrate_group(app, ns.from_group, queues, dry_run=ns.dry_run)
+    if report.old_members:
+        print(f"warning: {ns.from_group} still has {report.old_members} active member(s); "
+              "offsets it commits from now on are not carried over", file=sys.stderr)
+    verb = "would copy" if ns.dry_run else "copied"
+    for item in report.offsets:
+        where = f"{item.tp.topic}[{item.tp.partition}]"
+        if item.copies:
+            print(f"{verb} {where} offset {item.offset} -> {item.to_group}")
+        else:
+            print(f"kept {where} offset {item.existing} in {item.to_group} "
+                  f"(it has its own; {ns.from_group} has {item.offset})")
+    for topic, why in report.ignored.items():
+        print(f"ignored {topic}: {why}", file=sys.stderr)
+    print(f"{verb} {len(report.copied)} offset(s), kept {len(report.offsets) - len(report.copied)}"
+          f" from {ns.from_group}")
+    if not report.offsets and not report.ignored:
+        print(f"streamtasks groups: {ns.from_group} has no committed offset on the topics of "
+              f"queues {','.join(queues)}", file=sys.stderr)
+        return EXIT_UNKNOWN
     return EXIT_OK
 
 

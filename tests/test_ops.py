@@ -332,3 +332,105 @@ def test_cli_replay_reads_a_naive_since_as_utc_in_any_zone(
         monkeypatch.delenv("TZ")
         time.tzset()
     assert code == 0 and out.strip() == "read 5, matched 5, would send 5"
+
+
+# -- groups migrate: old per-queue-set groups to per-queue groups --------------------
+
+
+class _Listener:
+    def on_assign(self, partitions: list[TopicPartition]) -> None: ...
+    def on_revoke(self, partitions: list[TopicPartition]) -> None: ...
+    def on_lost(self, partitions: list[TopicPartition]) -> None: ...
+    def on_commit(self, committed, failed, error) -> None: ...
+
+
+def old_groups(app: App) -> tuple[str, str]:
+    """Queues a and b served by one worker of an older version: its two groups' offsets."""
+    topology = app.settings.topology
+    for queue in ("a", "b", "c"):
+        app.ensure_queue(queue)
+    worker_group, delayer_group = topology.legacy_group_ids(["b", "a"])
+    assert (worker_group, delayer_group) == ("streamtasks.a+b", "streamtasks.a+b.delayer")
+    app.broker.set_group_offsets(worker_group, {
+        TopicPartition("streamtasks.a", 0): 10, TopicPartition("streamtasks.a", 1): 11,
+        TopicPartition("streamtasks.b", 2): 12,
+        TopicPartition("streamtasks.c", 0): 99,  # another queue: left alone
+        TopicPartition("streamtasks.a.dlq", 0): 5,  # no group reads a DLQ: left alone
+    })
+    tier = topology.tier_topics("a")[0]
+    app.broker.set_group_offsets(delayer_group, {TopicPartition(tier, 1): 7})
+    return worker_group, delayer_group
+
+
+def test_migrate_copies_each_queues_offsets_to_its_own_group(app: App) -> None:
+    from streamtasks.ops import migrate_group
+
+    worker_group, delayer_group = old_groups(app)
+    app.broker.set_group_offsets("streamtasks.a", {TopicPartition("streamtasks.a", 1): 3})
+    report = migrate_group(app, worker_group, ["a", "b"])
+    broker = app.broker
+    assert broker.group_offsets("streamtasks.a") == {
+        TopicPartition("streamtasks.a", 0): 10,
+        TopicPartition("streamtasks.a", 1): 3,  # the new group's own offset is kept
+    }
+    assert broker.group_offsets("streamtasks.b") == {TopicPartition("streamtasks.b", 2): 12}
+    assert broker.group_offsets("streamtasks.c") == {}
+    assert len(report.copied) == 2 and len(report.offsets) == 3
+    assert set(report.ignored) == {"streamtasks.c", "streamtasks.a.dlq"}
+    assert broker.group_offsets(worker_group)[TopicPartition("streamtasks.a", 0)] == 10
+
+    report = migrate_group(app, delayer_group, ["a", "b"])
+    tier = app.settings.topology.tier_topics("a")[0]
+    assert broker.group_offsets("streamtasks.a.delayer") == {TopicPartition(tier, 1): 7}
+    assert [c.to_group for c in report.copied] == ["streamtasks.a.delayer"]
+
+
+def test_migrate_dry_run_writes_nothing(app: App) -> None:
+    from streamtasks.ops import migrate_group
+
+    worker_group, _ = old_groups(app)
+    report = migrate_group(app, worker_group, ["a", "b"], dry_run=True)
+    assert len(report.copied) == 3
+    assert app.broker.group_offsets("streamtasks.a") == {}
+    assert app.broker.group_offsets("streamtasks.b") == {}
+
+
+def test_migrate_refuses_a_new_group_with_members_and_copies_nothing(app: App) -> None:
+    from streamtasks.ops import GroupBusyError, migrate_group
+
+    worker_group, _ = old_groups(app)
+    member = app.broker.consumer("streamtasks.b", ["streamtasks.b"], _Listener())
+    try:
+        with pytest.raises(GroupBusyError, match=r"streamtasks.b \(1 member\(s\)\).*stop"):
+            migrate_group(app, worker_group, ["a", "b"])
+    finally:
+        member.close()
+    assert app.broker.group_offsets("streamtasks.a") == {}  # not even the idle group
+
+
+def test_cli_groups_migrate(capsys, app: App, cli_app: str) -> None:
+    worker_group, _ = old_groups(app)
+    argv = ["groups", "migrate", "--from-group", worker_group, "--queues", "a,b",
+            "--app", cli_app]
+    code, out, err = run(capsys, *argv, "--dry-run")
+    assert code == 0
+    assert "would copy streamtasks.a[0] offset 10 -> streamtasks.a" in out
+    assert out.splitlines()[-1] == f"would copy 3 offset(s), kept 0 from {worker_group}"
+    assert "ignored streamtasks.c: no group of these queues reads it" in err
+    assert app.broker.group_offsets("streamtasks.a") == {}
+
+    code, out, _ = run(capsys, *argv)
+    assert code == 0 and "copied streamtasks.b[2] offset 12 -> streamtasks.b" in out
+    code, out, _ = run(capsys, *argv)  # again: every new group has its own offset now
+    assert code == 0 and out.splitlines()[-1] == f"copied 0 offset(s), kept 3 from {worker_group}"
+    assert "kept streamtasks.a[0] offset 10 in streamtasks.a" in out
+
+    member = app.broker.consumer("streamtasks.a", ["streamtasks.a"], _Listener())
+    code, _, err = run(capsys, *argv)
+    member.close()
+    assert code == 1 and "GroupBusyError" in err and "streamtasks.a (1 member(s))" in err
+
+    code, _, err = run(capsys, "groups", "migrate", "--from-group", "nobody", "--queues", "a",
+                       "--app", cli_app)
+    assert code == 3 and "nobody has no committed offset" in err
+    assert "note: nobody is not the old group of queues a" in err

@@ -243,3 +243,33 @@ class Broker(ABC):
             BrokerError: the records could not be deleted.
         """
         raise NotImplementedError(f"{type(self).__name__} cannot delete records")
+
+    # -- consumer group offsets (operator tools: ``streamtasks groups migrate``) ----------
+
+    def group_offsets(self, group_id: str) -> dict[TopicPartition, int]:
+        """Return the offsets ``group_id`` has committed, per partition.
+
+        Partitions without a committed offset are left out; an unknown group has none.
+
+        Raises:
+            BrokerError: the broker did not answer.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot list a group's offsets")
+
+    def group_member_count(self, group_id: str) -> int:
+        """Return how many consumers are members of ``group_id`` now (0: none or unknown).
+
+        Raises:
+            BrokerError: the broker did not answer.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot describe a group")
+
+    def set_group_offsets(self, group_id: str, offsets: Mapping[TopicPartition, int]) -> None:
+        """Commit ``offsets`` (the next record to read, per partition) for ``group_id``.
+
+        The group must have no active member; it is created when unknown.
+
+        Raises:
+            BrokerError: the group has members, or the broker refused an offset.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot alter a group's offsets")

@@ -511,6 +511,74 @@ class KafkaBroker(Broker):
                 ours = TopicPartition(part.topic, part.partition)
                 raise BrokerError(f"cannot delete records of {ours}: {err!r}") from err
 
+    # -- consumer group offsets -----------------------------------------------------------
+
+    def group_offsets(self, group_id: str) -> dict[TopicPartition, int]:
+        """Return the offsets ``group_id`` has committed (ListConsumerGroupOffsets).
+
+        Raises:
+            BrokerError: Kafka did not answer, or answered with an error.
+        """
+        request = [ck.ConsumerGroupTopicPartitions(group_id)]
+        try:
+            futures = self._get_admin().list_consumer_group_offsets(
+                request, request_timeout=REQUEST_TIMEOUT_S
+            )
+            answer = futures[group_id].result(timeout=REQUEST_TIMEOUT_S * 3)
+        except (ck.KafkaException, TimeoutError) as err:
+            raise BrokerError(f"cannot list the offsets of group {group_id!r}: {err!r}") from err
+        offsets: dict[TopicPartition, int] = {}
+        for tp in answer.topic_partitions or []:
+            if tp.error is not None:
+                raise BrokerError(f"cannot list the offset of group {group_id!r} on "
+                                  f"{tp.topic}[{tp.partition}]: {tp.error}")
+            if tp.offset >= 0:
+                offsets[TopicPartition(tp.topic, tp.partition)] = tp.offset
+        return offsets
+
+    def group_member_count(self, group_id: str) -> int:
+        """Return how many consumers are members of ``group_id`` now (DescribeGroups).
+
+        Raises:
+            BrokerError: Kafka did not answer, or answered with an error.
+        """
+        try:
+            futures = self._get_admin().describe_consumer_groups(
+                [group_id], request_timeout=REQUEST_TIMEOUT_S
+            )
+            description = futures[group_id].result(timeout=REQUEST_TIMEOUT_S * 3)
+        except ck.KafkaException as err:
+            if _error_code(err) == ck.KafkaError.GROUP_ID_NOT_FOUND:
+                return 0
+            raise BrokerError(f"cannot describe group {group_id!r}: {err!r}") from err
+        except TimeoutError as err:
+            raise BrokerError(f"cannot describe group {group_id!r}: {err!r}") from err
+        return len(description.members or [])
+
+    def set_group_offsets(self, group_id: str, offsets: Mapping[TopicPartition, int]) -> None:
+        """Commit ``offsets`` for ``group_id`` (AlterConsumerGroupOffsets).
+
+        Kafka refuses while the group has active members.
+
+        Raises:
+            BrokerError: Kafka refused the group or an offset (naming the partition).
+        """
+        if not offsets:
+            return
+        parts = [ck.TopicPartition(tp.topic, tp.partition, off) for tp, off in offsets.items()]
+        request = [ck.ConsumerGroupTopicPartitions(group_id, parts)]
+        try:
+            futures = self._get_admin().alter_consumer_group_offsets(
+                request, request_timeout=REQUEST_TIMEOUT_S
+            )
+            answer = futures[group_id].result(timeout=REQUEST_TIMEOUT_S * 3)
+        except (ck.KafkaException, TimeoutError) as err:
+            raise BrokerError(f"cannot set the offsets of group {group_id!r}: {err!r}") from err
+        failed = [tp for tp in answer.topic_partitions or [] if tp.error is not None]
+        if failed:
+            shown = ", ".join(f"{tp.topic}[{tp.partition}]: {tp.error}" for tp in failed)
+            raise BrokerError(f"cannot set the offsets of group {group_id!r}: {shown}")
+
     def close(self) -> None:
         """Flush what can be flushed (up to 30 s) and release connections."""
         with self._lock:

@@ -228,6 +228,33 @@ class MemoryBroker(Broker):
                                       f"its offsets end at {high}")
                 self._low[tp] = max(self._low.get(tp, 0), offset)
 
+    def group_offsets(self, group_id: str) -> dict[TopicPartition, int]:
+        """Return the offsets ``group_id`` has committed (none for an unknown group)."""
+        with self._cond:
+            group = self._groups.get(group_id)
+            return dict(group.committed) if group is not None else {}
+
+    def group_member_count(self, group_id: str) -> int:
+        """Return how many consumers are members of ``group_id`` now."""
+        with self._cond:
+            group = self._groups.get(group_id)
+            return len(group.members) if group is not None else 0
+
+    def set_group_offsets(self, group_id: str, offsets: Mapping[TopicPartition, int]) -> None:
+        """Commit ``offsets`` for ``group_id``, which must have no member (as Kafka asks).
+
+        Raises:
+            BrokerError: the group has members.
+        """
+        with self._cond:
+            group = self._groups.setdefault(group_id, _Group())
+            if group.members:
+                raise BrokerError(
+                    f"cannot set the offsets of group {group_id!r}: it has "
+                    f"{len(group.members)} active member(s)"
+                )
+            group.committed.update(offsets)
+
     def close(self) -> None:
         """Serve the pending delivery callbacks."""
         self.flush(0)
