@@ -126,3 +126,133 @@ def wait_groups_settled(groups: list[str], members: int, timeout_s: float = 120)
             return
         time.sleep(0.2)
     raise AssertionError(f"groups {groups} not stable with {members} members in {timeout_s}s")
+
+
+def exec_lines(log: Path) -> list[str]:
+    """The lines of an execution log (``IT_EXEC_LOG``), in the order they were written."""
+    return log.read_text().split() if log.exists() else []
+
+
+def pids_by_label(log: Path) -> dict[str, list[int]]:
+    """``label -> [pid, ...]`` in execution order, from lines ``label:pid`` (it.tag, it.step)."""
+    out: dict[str, list[int]] = {}
+    for line in exec_lines(log):
+        label, _, pid = line.rpartition(":")
+        if label and pid.isdigit():
+            out.setdefault(label, []).append(int(pid))
+    return out
+
+
+def committed_and_high(group: str, topic: str) -> dict[int, tuple[int | None, int]]:
+    """``partition -> (committed offset of group or None, high watermark)`` of ``topic``.
+
+    Read with a consumer that never joins ``group`` (an offset fetch, not a membership).
+    """
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": kafka_bootstrap(), "group.id": group,
+                         "enable.auto.commit": False})
+    try:
+        meta = consumer.list_topics(topic, timeout=10).topics[topic]
+        parts = sorted(meta.partitions)
+        committed = consumer.committed([TopicPartition(topic, p) for p in parts], timeout=10)
+        out: dict[int, tuple[int | None, int]] = {}
+        for tp in committed:
+            _low, high = consumer.get_watermark_offsets(
+                TopicPartition(topic, tp.partition), timeout=10)
+            out[tp.partition] = (tp.offset if tp.offset >= 0 else None, high)
+        return out
+    finally:
+        consumer.close()
+
+
+def wait_committed_to_high(pairs: list[tuple[str, str]], timeout_s: float) -> dict[
+    tuple[str, str], dict[int, tuple[int | None, int]]
+]:
+    """Wait until each ``(group, topic)`` has committed every partition's high watermark.
+
+    Partitions that never received a record (high 0) count as caught up. Returns the
+    last reading; raises AssertionError naming the partitions behind.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        seen = {pair: committed_and_high(*pair) for pair in pairs}
+        behind = {
+            f"{group} {topic}[{p}]": f"committed {c} high {h}"
+            for (group, topic), parts in seen.items()
+            for p, (c, h) in parts.items() if h > 0 and c != h
+        }
+        if not behind:
+            return seen
+        if time.monotonic() > deadline:
+            raise AssertionError(f"committed offsets behind the high watermark after "
+                                 f"{timeout_s}s: {behind}")
+        time.sleep(0.5)
+
+
+def wait_namespace_quiet(namespace: str, groups_at_least: int, quiet_s: float = 3.0,
+                         timeout_s: float = 90) -> list[str]:
+    """Wait until every consumer group of ``namespace`` is stable and unchanged for ``quiet_s``.
+
+    Whatever the groups are called: a worker that names its groups differently is
+    still waited for. Returns the group ids seen (at least ``groups_at_least``).
+    """
+    from confluent_kafka import ConsumerGroupState
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap()})
+    deadline = time.monotonic() + timeout_s
+    last: object = None
+    since = time.monotonic()
+    while time.monotonic() < deadline:
+        listed = admin.list_consumer_groups(request_timeout=10).result()
+        ids = sorted(g.group_id for g in listed.valid if g.group_id.startswith(namespace + "."))
+        snapshot: object = None
+        if len(ids) >= groups_at_least:
+            described = admin.describe_consumer_groups(ids, request_timeout=10)
+            groups = [f.result() for f in described.values()]
+            if all(g.state == ConsumerGroupState.STABLE and g.members for g in groups):
+                snapshot = sorted(
+                    (g.group_id, m.member_id,
+                     tuple(sorted((tp.topic, tp.partition)
+                                  for tp in m.assignment.topic_partitions)))
+                    for g in groups for m in g.members
+                )
+        if snapshot is None or snapshot != last:
+            last, since = snapshot, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            return ids
+        time.sleep(0.3)
+    raise AssertionError(f"consumer groups of {namespace} not quiet for {quiet_s}s "
+                         f"within {timeout_s}s")
+
+
+@contextmanager
+def workers_for(env: dict[str, str], queue_sets: list[str], log_dir: Path | None = None,
+                **options: object) -> Iterator[list[WorkerProcess]]:
+    """One worker process per entry of ``queue_sets`` (e.g. ``["a", "a,b"]``).
+
+    Processes appended to the yielded list are stopped too: SIGTERM, then SIGKILL
+    after 60 s. With ``log_dir``, worker ``n`` writes its output to ``worker-n.log``.
+    """
+    procs: list[WorkerProcess] = []
+
+    def log_of(n: int) -> Path | None:
+        return log_dir / f"worker-{n}.log" if log_dir else None
+
+    try:
+        for n, queues in enumerate(queue_sets):
+            procs.append(WorkerProcess(env, queues=queues, log_path=log_of(n),
+                                       **options))  # type: ignore[arg-type]
+        yield procs
+    finally:
+        for p in procs:
+            if p.proc.poll() is None:
+                p.proc.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.proc.kill()
+                p.proc.wait(timeout=30)
+            p.close_log()

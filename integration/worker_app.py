@@ -114,3 +114,49 @@ def member(i: int, ms: int) -> int:
     time.sleep(ms / 1000)
     _record_execution(f"{i}:{os.getpid()}")
     return i * 2
+
+
+# -- delivery and chaos tests (integration/test_delivery_kafka.py, test_chaos_kafka.py) --
+
+
+@app.task(name="it.tag")
+def tag(label: str) -> str:
+    """Record ``label:pid`` (one execution of the task labelled ``label``); return it."""
+    _record_execution(f"{label}:{os.getpid()}")
+    return label
+
+
+@app.task(name="it.step")
+def step(label: str, acc: int) -> int:
+    """A chain step: record ``label:pid`` and return ``acc + 1``."""
+    _record_execution(f"{label}:{os.getpid()}")
+    return acc + 1
+
+
+@app.task(name="it.poison", max_retries=0)
+def poison(label: str) -> None:
+    """Record ``label:pid``, then raise an error whose text holds a lone surrogate."""
+    _record_execution(f"{label}:{os.getpid()}")
+    raise ValueError(f"bad name \udcff in {label}")
+
+
+@app.task(name="it.body")
+def body(label: str, results: list[int]) -> int:
+    """A chord body: record ``body:label:start:pid`` and ``...:end:pid``; return the sum."""
+    import time
+
+    pid = os.getpid()
+    _record_execution(f"body:{label}:start:{pid}")
+    time.sleep(0.05)
+    _record_execution(f"body:{label}:end:{pid}")
+    return sum(results)
+
+
+@app.task(name="it.nap")
+def nap(label: str, ms: int) -> str:
+    """Hold a slot ``ms`` milliseconds, then record ``label:pid``; return ``label``."""
+    import time
+
+    time.sleep(ms / 1000)
+    _record_execution(f"{label}:{os.getpid()}")
+    return label
