@@ -1,0 +1,327 @@
+"""Task rows of the Cassandra backend: one row per task, listed by queue, state and time.
+
+Writes are asynchronous (``execute_async`` of prepared statements) and bounded by
+``Settings.backend_max_in_flight``; reads are synchronous (:meth:`TaskRows.fetch_many`
+reads concurrently, a window at a time). A listing entry per task (table
+``tasks_by_state``) is spread over :data:`LISTING_SHARDS` partitions per queue, state and
+hour; a listing reads the shards of each hour and merges them newest first.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import threading
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from functools import partial
+from typing import Any
+
+from streamtasks.backend.base import TaskMeta
+from streamtasks.backend.cassandra.connection import Connection
+from streamtasks.backend.cassandra.futures import Gather
+from streamtasks.backend.memory import state_time_ms
+from streamtasks.codec.base import Codec
+from streamtasks.errors import BackendError, StreamTasksError
+from streamtasks.fanin import FanIn
+from streamtasks.message import now_ms
+
+log = logging.getLogger(__name__)
+
+HOUR_MS = 3_600_000
+#: Partitions per (queue, state, hour) of the listing table (part of its format: 003).
+LISTING_SHARDS = 16
+_EPOCH = datetime(1970, 1, 1)  # the driver returns naive UTC datetimes
+_MAX_BUCKETS = 24 * 400  # a listing never scans more hours than this
+
+_TASK_COLUMNS = (
+    "task_id", "name", "queue", "state", "result", "result_value", "error_type",
+    "error_message", "traceback", "attempts", "worker", "created_at", "started_at",
+    "finished_at", "updated_at", "parent_id", "root_id", "group_id", "group_index", "extra",
+)
+
+
+def listing_shard(task_id: str) -> int:
+    """Return the listing partition shard of a task: crc32 of its id mod LISTING_SHARDS."""
+    return zlib.crc32(task_id.encode()) % LISTING_SHARDS
+
+
+def to_ms(value: datetime | None) -> int | None:
+    """Return a driver timestamp (naive UTC) as epoch milliseconds."""
+    if value is None:
+        return None
+    return round((value - _EPOCH) / timedelta(milliseconds=1))
+
+
+@dataclass(slots=True)
+class _RowStatements:
+    insert_task: Any
+    insert_index: Any
+    select_task: Any
+    select_index: Any
+
+
+def _prepare_rows(conn: Connection) -> _RowStatements:
+    ks = conn.ks
+    columns = ", ".join(_TASK_COLUMNS)
+    marks = ", ".join("?" for _ in _TASK_COLUMNS)
+    return _RowStatements(**conn.prepare_all({
+        "insert_task": f"INSERT INTO {ks}.tasks ({columns}) VALUES ({marks}) USING TTL ?",
+        "insert_index": f"INSERT INTO {ks}.tasks_by_state (queue, state, bucket, shard, "
+        "updated_at, task_id, name) VALUES (?, ?, ?, ?, ?, ?, ?) USING TTL ?",
+        "select_task": f"SELECT {columns} FROM {ks}.tasks WHERE task_id = ?",
+        "select_index": f"SELECT task_id, updated_at FROM {ks}.tasks_by_state WHERE queue = ? "
+        "AND state = ? AND bucket = ? AND shard = ? AND updated_at >= ? AND updated_at < ?",
+    }))
+
+
+class TaskRows:
+    """Stores, reads and lists task rows (the task half of :class:`CassandraBackend`).
+
+    Args:
+        connection: the session and its prepared statements.
+        codec: encodes results with their exact types (``result_value`` column).
+        json_text: renders a result as JSON text (``result`` column, for cqlsh).
+        ttl_s: TTL of rows and listing entries (0: none).
+        max_in_flight: concurrent stores; :meth:`store` blocks beyond.
+
+    """
+
+    def __init__(
+        self,
+        connection: Connection,
+        codec: Codec,
+        json_text: Callable[[Any], str],
+        ttl_s: int,
+        max_in_flight: int,
+    ) -> None:
+        self._conn = connection
+        self._codec = codec
+        self._json_text = json_text
+        self._ttl_s = ttl_s
+        self._slots = threading.BoundedSemaphore(max_in_flight)
+
+    def _ready(self) -> tuple[Any, _RowStatements]:
+        """Return the session and the prepared task statements, preparing them once."""
+        return self._conn.prepared("rows", _prepare_rows)
+
+    def store(self, meta: TaskMeta) -> Future[None]:
+        """Upsert the row of ``meta.task_id`` and its listing entry, asynchronously.
+
+        Blocks only while ``backend_max_in_flight`` stores are already in flight (and, once,
+        to connect). The future completes on the driver's I/O thread, so callbacks added
+        to it must be short and must not call :meth:`store` themselves.
+
+        Returns:
+            A future done when both writes are acknowledged at the configured
+            consistency, or failed with BackendError.
+
+        Raises:
+            EncodeError: the result cannot be encoded (nothing is written).
+
+        """
+        future: Future[None] = Future()
+        try:
+            session, statements = self._ready()
+        except BackendError as err:
+            future.set_exception(err)
+            return future
+        task_params, index_params = self._write_params(meta)
+        self._slots.acquire()
+        self._conn.track(future)
+        write = FanIn(2, partial(self._write_done, future, meta.task_id))
+        for statement, params in (
+            (statements.insert_task, task_params),
+            (statements.insert_index, index_params),
+        ):
+            try:
+                response = session.execute_async(statement, params)
+            except Exception as err:  # e.g. the session was shut down
+                write.failed(err)
+                continue
+            response.add_callbacks(write.succeeded, write.failed)
+        return future
+
+    def _write_params(self, meta: TaskMeta) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+        if meta.result is None:
+            text: str | None = None
+            value: bytes | None = None
+        else:
+            text = self._json_text(meta.result)
+            value = self._codec.encode_value(meta.result)
+        updated = state_time_ms(meta)
+        ttl = self._ttl_s
+        task_params = (
+            meta.task_id, meta.name, meta.queue, meta.state, text, value, meta.error_type,
+            meta.error_message, meta.traceback, meta.attempts, meta.worker, meta.created_ms,
+            meta.started_ms, meta.finished_ms, updated, meta.parent_id, meta.root_id,
+            meta.group_id, meta.group_index, dict(meta.extra) or None, ttl,
+        )
+        index_params = (
+            meta.queue, meta.state, updated - updated % HOUR_MS, listing_shard(meta.task_id),
+            updated, meta.task_id,
+            meta.name, ttl,
+        )
+        return task_params, index_params
+
+    def _write_done(self, future: Future[None], task_id: str, error: BaseException | None) -> None:
+        """Both statements of a store answered: free its slot, complete its future."""
+        self._slots.release()
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(self._conn.error(error, f"storing task {task_id}"))
+
+    # ---------------------------------------------------------------- reads
+
+    def fetch(self, task_id: str) -> TaskMeta | None:
+        """Return the row of ``task_id``, or None when there is none (or it expired).
+
+        Raises:
+            BackendError: Cassandra failed the read.
+
+        """
+        session, statements = self._ready()
+        row = self._conn.read_one(session, statements.select_task, (task_id,),
+                                  f"fetching task {task_id}")
+        return None if row is None else self.to_meta(row)
+
+    def fetch_many(self, task_ids: Sequence[str]) -> list[TaskMeta | None]:
+        """Return the rows of ``task_ids`` in the same order (None where there is none).
+
+        Reads concurrently, at most 256 rows in flight.
+
+        Raises:
+            BackendError: Cassandra failed a read.
+
+        """
+        if not task_ids:
+            return []
+        session, statements = self._ready()
+
+        def wrap(err: BaseException, position: int) -> BackendError:
+            return self._conn.error(err, f"fetching task {task_ids[position]}")
+
+        requests = [(statements.select_task, (task_id,)) for task_id in task_ids]
+        pages = Gather(session, requests, wrap, list).start().result()
+        return [self.to_meta(rows[0]) if rows else None for rows in pages]
+
+    def list_tasks(
+        self,
+        queue: str,
+        state: str,
+        since_ms: int,
+        until_ms: int,
+        limit: int = 100,
+    ) -> list[TaskMeta]:
+        """List tasks of ``queue`` now in ``state`` whose last update is in the window.
+
+        Reads the hour buckets from ``until_ms`` back to ``since_ms``, newest first, until
+        ``limit`` tasks are found. Listing entries of tasks that moved on to another state
+        (or were updated again) are skipped. Buckets older than the row TTL
+        (``result_expires_s``) hold nothing and are not read; at most 400 days are read.
+
+        Raises:
+            BackendError: Cassandra failed a read.
+
+        """
+        session, statements = self._ready()
+        now = now_ms()
+        if self._ttl_s:
+            since_ms = max(since_ms, now - self._ttl_s * 1000 - HOUR_MS)
+        until_ms = min(until_ms, now + _MAX_BUCKETS * HOUR_MS)
+        since_ms = max(since_ms, until_ms - _MAX_BUCKETS * HOUR_MS)
+        found: list[TaskMeta] = []
+        if limit <= 0 or since_ms >= until_ms:
+            return found
+        bucket = (until_ms - 1) - (until_ms - 1) % HOUR_MS
+        while bucket >= since_ms - since_ms % HOUR_MS and len(found) < limit:
+            shards = [
+                self._index_entries(session, statements.select_index,
+                                    (queue, state, bucket, shard, since_ms, until_ms), limit)
+                for shard in range(LISTING_SHARDS)
+            ]
+            # each shard is newest first (ties by task id): so is their merge
+            merged = heapq.merge(*shards, key=lambda entry: (-entry[1], entry[0]))
+            while len(found) < limit:
+                batch = list(itertools.islice(merged, max(limit - len(found), 50)))
+                if not batch:
+                    break
+                found.extend(self._current_rows(session, statements, batch, state))
+            bucket -= HOUR_MS
+        return found[:limit]
+
+    def _index_entries(
+        self, session: Any, statement: Any, params: tuple[Any, ...], limit: int
+    ) -> Iterator[tuple[str, int]]:
+        """Yield one listing partition's (task id, updated ms), page by page, lazily."""
+        bound = statement.bind(params)
+        bound.fetch_size = min(max(limit, 50), 1000)
+        try:
+            rows = session.execute(bound)
+            while True:
+                for row in rows.current_rows:
+                    yield row["task_id"], to_ms(row["updated_at"]) or 0
+                if not rows.has_more_pages:
+                    return
+                rows.fetch_next_page()
+        except StreamTasksError:
+            raise
+        except Exception as err:
+            raise self._conn.error(err, f"listing queue {params[0]} state {params[1]}") from err
+
+    def _current_rows(
+        self, session: Any, statements: _RowStatements, entries: list[tuple[str, int]], state: str
+    ) -> list[TaskMeta]:
+        """Fetch the task rows of listing entries; keep those still as listed."""
+        responses = [
+            (task_id, updated, session.execute_async(statements.select_task, (task_id,)))
+            for task_id, updated in entries
+        ]
+        kept = []
+        for task_id, updated, response in responses:
+            try:
+                row = response.result().one()
+            except Exception as err:
+                raise self._conn.error(err, f"fetching task {task_id}") from err
+            if row is None or row["state"] != state or to_ms(row["updated_at"]) != updated:
+                continue
+            kept.append(self.to_meta(row))
+        return kept
+
+    def to_meta(self, row: dict[str, Any]) -> TaskMeta:
+        """Return the TaskMeta of a ``tasks`` row (a result that cannot be decoded: None)."""
+        result: Any = None
+        blob = row["result_value"]
+        if blob is not None:
+            try:
+                result = self._codec.decode_value(bytes(blob))
+            except Exception as err:
+                log.warning(
+                    "task %s: stored result cannot be decoded (%s); returning None",
+                    row["task_id"], err,
+                )
+        return TaskMeta(
+            task_id=row["task_id"],
+            state=row["state"] or "",
+            name=row["name"] or "",
+            queue=row["queue"] or "",
+            result=result,
+            error_type=row["error_type"],
+            error_message=row["error_message"],
+            traceback=row["traceback"],
+            attempts=row["attempts"] or 0,
+            worker=row["worker"],
+            created_ms=to_ms(row["created_at"]),
+            started_ms=to_ms(row["started_at"]),
+            finished_ms=to_ms(row["finished_at"]),
+            parent_id=row["parent_id"],
+            root_id=row["root_id"],
+            group_id=row["group_id"],
+            group_index=row["group_index"],
+            extra=dict(row["extra"] or {}),
+        )
