@@ -136,7 +136,7 @@ def test_a_chord_with_a_failing_member_fails_visibly_and_calls_back_once(
     with workers(env, 2, concurrency=4):
         # the workers and their delay forwarders are up and done rebalancing
         sig(app, "it.add", 1, 1).delay().get(timeout=120)
-        groups = [app.settings.group_id("default"), app.settings.delayer_group_id(["default"])]
+        groups = [app.settings.group_id("default"), app.settings.delayer_group_id("default")]
         wait_groups_settled(groups, members=2)
         members = [sig(app, "it.count", i) for i in range(9)] + [sig(app, "it.always_fails")]
         workflow = chord(members, sig(app, "it.collect")).on_error(sig(app, "it.on_error"))
