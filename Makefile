@@ -62,3 +62,4 @@ bench: up
 	$(PYTHON) bench/codec.py
 	$(PYTHON) bench/run.py
 	$(PYTHON) bench/chord.py
+	$(PYTHON) bench/many_queues.py
