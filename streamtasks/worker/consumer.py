@@ -455,14 +455,6 @@ class Worker:
         error line rather than holding its partition for ever.
         """
         msg = job.msg
-        now = now_ms()
-        failed = Outcome(states.FAILURE, None, error, None, now, now)
-        steps: list[Step] = [store_step(self.app.backend, self._meta(msg, failed)),
-                             self._dead_letter_step(job.record, job.group_id, "effect-failed",
-                                                    error)]
-        if fallback:
-            steps += self.flows.after_failure(msg, error, claimer_of(job.record))
-            self.stats["failed"] += 1
 
         def let_go(err: BaseException) -> None:
             log.error("the failure of a task could not be recorded; the record is let go",
@@ -470,6 +462,25 @@ class Worker:
                       offset=job.record.offset, error=f"{type(err).__name__}: {error_text(err)}")
             self._job_done(job)
 
+        now = now_ms()
+        failed = Outcome(states.FAILURE, None, error, None, now, now)
+        steps: list[Step] = []
+        builders: list[Callable[[], list[Step]]] = [
+            lambda: [store_step(self.app.backend, self._meta(msg, failed))],
+            lambda: [self._dead_letter_step(job.record, job.group_id, "effect-failed", error)],
+        ]
+        if fallback:
+            builders.append(lambda: self.flows.after_failure(msg, error, claimer_of(job.record)))
+        for build in builders:  # each part that can be built is recorded
+            try:
+                steps += build()
+            except Exception as err:
+                log.error("part of a task's failure cannot be recorded", id=msg.id,
+                          error=f"{type(err).__name__}: {error_text(err)}")
+        if not steps:
+            let_go(error)
+            return
+        self.stats["failed"] += 1
         self.effects.run(steps, lambda: self._job_done(job), f"failure of {msg.name} {msg.id}",
                          on_failed=let_go, guard=job.lease.current)
 

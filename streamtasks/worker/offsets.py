@@ -175,15 +175,17 @@ def commit_watermarks(
     marks = tracker.watermarks(partitions, resend=not asynchronous)
     if not marks:
         return True
+    if asynchronous:
+        tracker.sent(marks)  # before the call: a consumer may answer inside it
     try:
         consumer.commit(marks, asynchronous=asynchronous)
     except BrokerError as err:
+        if asynchronous:
+            tracker.confirm({}, marks)
         log.warning("commit failed; it is retried, or the records are repeated",
                     error=str(err))
         return False
-    if asynchronous:
-        tracker.sent(marks)
-    else:
+    if not asynchronous:
         tracker.committed(marks)
     return True
 
