@@ -683,3 +683,60 @@ def test_an_async_tasks_own_timeout_error_is_not_a_time_limit() -> None:
     retried = row(app, flaky.id)
     assert (retried.state, retried.attempts, retried.result) == (states.SUCCESS, 2, "answered")
     assert tries.count("flaky_io") == 2 and tries.count("own_timeout") == 1
+
+
+def test_a_revoke_lets_a_queued_record_below_a_finished_one_run(app: App) -> None:
+    # A record queued behind its ordered key, below a record of another key that already
+    # finished: dropping it on revoke would stop the committed offset below it, and the
+    # next owner would run the finished one again.
+    runs = Runs()
+    gate, blocked = threading.Event(), threading.Event()
+
+    @app.task(name="keyed", ordered=True)
+    def keyed(i: int) -> int:
+        runs.add(i)
+        if i == 0:
+            blocked.set()
+            assert gate.wait(10)
+        return i
+
+    a = Worker(app, ["default"], concurrency=2, name="A")
+    b = Worker(app, ["default"], concurrency=2, name="B")
+    lost = 1  # with two members, A keeps partitions 0 and 2
+    same = key_for(lost)
+    try:
+        # Given A running record 0 (key K, blocked), record 1 (key K) waiting behind
+        # it, and record 2 (another key, same partition) finished
+        a.start()
+        results = [keyed.apply_async([0], key=same)]
+        app.flush()
+        step_until(blocked.is_set, a)
+        results.append(keyed.apply_async([1], key=same))
+        app.flush()
+        step_until(lambda: a.stats["received"] == 2, a)
+        results.append(keyed.apply_async([2], key=_other_key_in(lost, same)))
+        app.flush()
+        step_until(lambda: runs.counts[2] == 1 and row(app, results[2].id).ready, a)
+        assert runs.counts[1] == 0
+        # When B joins and partition 1 moves while record 0 still runs (it ends
+        # during A's revoke wait)
+        threading.Timer(0.3, gate.set).start()
+        b.start()
+        a._step(0.01)
+        step_until(lambda: a._idle() and b._idle(), a, b)
+        # Then record 1 ran on A within the grace, and nothing ran twice
+        assert runs.counts == Counter({0: 1, 1: 1, 2: 1})
+        assert [row(app, r.id).worker for r in results] == ["A", "A", "A"]
+        assert no_lag(app, a) and no_lag(app, b)
+    finally:
+        gate.set()
+        a.close()
+        b.close()
+
+
+def _other_key_in(partition: int, not_key: str) -> str:
+    """A key other than ``not_key`` whose records land in ``partition``."""
+    n = 0
+    while f"k{n}" == not_key or zlib.crc32(f"k{n}".encode()) % PARTITIONS != partition:
+        n += 1
+    return f"k{n}"

@@ -324,7 +324,7 @@ class Worker:
         self._submit(job)
 
     def released(self, partitions: Sequence[TopicPartition]) -> None:
-        """Partitions leave: forget the records of their ordered keys still waiting."""
+        """Partitions left: forget the records of their ordered keys still waiting."""
         gone = set(partitions)
         for slot in [s for s in self._waiting if s[0] in gone]:
             for job in self._waiting.pop(slot):
@@ -392,7 +392,8 @@ class Worker:
             self.stats["dropped"] += 1
             job.ended = True
             job.lease.drop()
-            self._start_next_of_key(job.slot)
+            if job.lease.current():  # refused during a revoke: the key's next may start
+                self._start_next_of_key(job.slot)
             return
         msg, error = job.msg, outcome.error
         if error is None:

@@ -101,7 +101,7 @@ class DelayForwarder:
                 app.broker, self.settings.delayer_group_id(q),
                 [self.settings.tier_topic(q, t) for t in self.tiers], self,
                 commit_interval_s=self.settings.commit_interval_s,
-                grace_s=self.settings.shutdown_grace_s, service=self._service,
+                grace_s=self.settings.shutdown_grace_s, service=self._service_held,
             )
             for q in self.queues
         ]
@@ -249,7 +249,7 @@ class DelayForwarder:
         self._forward(record, source, lease, now)
 
     def released(self, partitions: Sequence[TopicPartition]) -> None:
-        """Partitions leave (or the forwarder drains): forget heads and held records."""
+        """Partitions left: forget heads and held records."""
         for tp in partitions:
             for _record, _source, _due, lease in self._held.pop(tp, ()):
                 lease.drop()
@@ -302,6 +302,11 @@ class DelayForwarder:
             f"forward of {record.topic}/{record.partition}@{record.offset} to {target}",
             guard=lease.current,
         )
+
+    def _service_held(self) -> None:
+        """While a revoke or drain waits: held records fall due too."""
+        self._release_held()
+        self._service()
 
     def _service(self) -> None:
         """Serve delivery reports and due retries, then collect confirmed forwards."""

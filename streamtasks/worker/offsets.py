@@ -69,6 +69,15 @@ class PartitionOffsets:
             return None
         return self._released
 
+    def done_below(self, floor: int) -> bool:
+        """Whether every record taken in below ``floor`` is done."""
+        for offset in self._pending:
+            if offset >= floor:
+                return True
+            if offset not in self._done:
+                return False
+        return True
+
     def sent(self, offset: int) -> None:
         """Remember that ``offset`` was sent in an asynchronous commit, not yet answered."""
         self._sent = offset
@@ -124,6 +133,11 @@ class OffsetTracker:
             part = self._parts.get(tp)
             if part is not None:
                 part.committed(offset)
+
+    def done_below(self, tp: TopicPartition, floor: int) -> bool:
+        """Whether every record of ``tp`` taken in below ``floor`` is done."""
+        part = self._parts.get(tp)
+        return part is None or part.done_below(floor)
 
     def sent(self, marks: Mapping[TopicPartition, int]) -> None:
         """Remember offsets sent in an asynchronous commit (answered by :meth:`confirm`)."""

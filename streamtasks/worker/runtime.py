@@ -9,8 +9,11 @@ each record's lease, when the record's effects are durable.
 Rebalance rules (``docs/decisions.md``, "Rebalance"):
 
 - **revoke**: records taken in but not started are dropped (:meth:`Lease.start` refuses
-  them from then on); the runtime waits, within the grace period, for the started ones to
-  become durable, commits synchronously, and releases the partitions;
+  them from then on) — except those below the highest offset already started, which
+  the committed offset cannot pass without them: they still run, or a record that
+  finished here would repeat on the next owner. The runtime waits, within the grace
+  period, for the started ones (and those below) to become durable, commits
+  synchronously, and releases the partitions;
 - **lost**: everything is dropped without a commit (another member may own them);
 - a lease of a released partition is stale: it may not start, and its late completion
   is ignored; a handler checks :meth:`Lease.current` before writing anything;
@@ -48,7 +51,10 @@ class PartitionHandler(Protocol):
         """
 
     def released(self, partitions: Sequence[TopicPartition]) -> None:
-        """Partitions left (revoked or lost): forget what is queued for them."""
+        """Partitions left (revoked or lost): forget what is queued for them.
+
+        Every lease of these partitions is stale by now.
+        """
 
     def holds(self) -> set[TopicPartition]:
         """Partitions the handler wants paused now (slow heads, heads not yet due)."""
@@ -138,6 +144,10 @@ class PartitionRuntime:
         self._revoking: set[TopicPartition] = set()
         self._unfinished: defaultdict[TopicPartition, int] = defaultdict(int)
         self._started: defaultdict[TopicPartition, int] = defaultdict(int)
+        # Highest offset started per partition, and while revoking the offset below
+        # which queued records may still start (see _begin_revoke).
+        self._high: dict[TopicPartition, int] = {}
+        self._floor: dict[TopicPartition, int] = {}
         self._paused: set[TopicPartition] = set()
         self._reapply_pauses = False
         self._last_commit = 0.0
@@ -252,10 +262,8 @@ class PartitionRuntime:
     def drain(self, deadline: float) -> None:
         """Stop starting records; wait (until ``deadline``) for started ones; commit."""
         self._draining = True
-        with self._lock:
-            self._revoking.update(self._assigned)
         owned = list(self._assigned)
-        self.handler.released(owned)
+        self._begin_revoke(owned)
         self._wait_started(owned, deadline)
         self.maybe_commit(force=True)
 
@@ -265,13 +273,17 @@ class PartitionRuntime:
         with self._lock:
             if lease._state != Lease._QUEUED:
                 return lease._state == Lease._STARTED
-            if (self._generation[lease.tp] != lease.generation
-                    or lease.tp in self._revoking):
+            tp = lease.tp
+            if self._generation[tp] != lease.generation or (
+                tp in self._revoking and lease.offset >= self._floor.get(tp, 0)
+            ):
                 lease._state = Lease._ENDED
-                self._unfinished[lease.tp] -= 1 if lease.current() else 0
+                self._unfinished[tp] -= 1 if lease.current() else 0
                 return False
             lease._state = Lease._STARTED
-            self._started[lease.tp] += 1
+            self._started[tp] += 1
+            if lease.offset > self._high.get(tp, -1):
+                self._high[tp] = lease.offset
             return True
 
     def _end(self, lease: Lease, *, done: bool) -> None:
@@ -288,10 +300,30 @@ class PartitionRuntime:
         if done:
             self._ended.put((lease, True))
 
+    def _begin_revoke(self, partitions: Sequence[TopicPartition]) -> None:
+        """Refuse records not yet started from now on, but those below the highest started.
+
+        A record above a queued one may have finished already: if the queued one were
+        dropped, the committed offset would stop below it and the next owner would run
+        the finished one again. So queued records below the highest started offset may
+        still start (within the grace period).
+        """
+        with self._lock:
+            for tp in partitions:
+                self._revoking.add(tp)
+                self._floor[tp] = self._high.get(tp, -1) + 1
+
+    def _busy(self, tp: TopicPartition) -> bool:
+        """Started records not yet durable, or records below the floor not yet done."""
+        if self._started[tp]:
+            return True
+        return not self.tracker.done_below(tp, self._floor.get(tp, 0))
+
     def _wait_started(self, partitions: Sequence[TopicPartition], deadline: float) -> None:
         while time.monotonic() < deadline:
+            self.collect()
             with self._lock:
-                busy = any(self._started[tp] for tp in partitions)
+                busy = any(self._busy(tp) for tp in partitions)
             if not busy:
                 break
             self._service()
@@ -308,6 +340,8 @@ class PartitionRuntime:
                 self._unfinished[tp] = 0
                 self._started[tp] = 0
                 self._revoking.discard(tp)
+                self._high.pop(tp, None)
+                self._floor.pop(tp, None)
         self._assigned = self._assigned | frozenset(partitions)
         self._paused.difference_update(partitions)
         self._reapply_pauses = True
@@ -318,9 +352,7 @@ class PartitionRuntime:
         mine = [tp for tp in partitions if tp in self._assigned]
         if not mine:
             return
-        with self._lock:
-            self._revoking.update(mine)
-        self.handler.released(mine)
+        self._begin_revoke(mine)
         self._wait_started(mine, time.monotonic() + self.grace_s)
         if not commit_watermarks(self.consumer, self.tracker, mine, asynchronous=False):
             log.warning("commit on revoke failed; records past the last commit will repeat",
@@ -339,7 +371,6 @@ class PartitionRuntime:
         mine = [tp for tp in partitions if tp in self._assigned]
         if not mine:
             return
-        self.handler.released(mine)
         self._release(mine)
         log.warning("partitions lost", group=self.group_id, partitions=_names(mine))
 
@@ -359,9 +390,12 @@ class PartitionRuntime:
                 self._unfinished.pop(tp, None)
                 self._started.pop(tp, None)
                 self._revoking.discard(tp)
+                self._high.pop(tp, None)
+                self._floor.pop(tp, None)
         self._assigned = self._assigned - frozenset(partitions)
         self._paused.difference_update(partitions)
         self._reapply_pauses = True
+        self.handler.released(partitions)
 
 
 def _names(partitions: Sequence[TopicPartition]) -> list[str]:
