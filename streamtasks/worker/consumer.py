@@ -612,7 +612,16 @@ class Worker:
         self._apply_pauses()
         deadline = time.monotonic() + grace_s
         for rt in self.runtimes:
-            rt.drain(deadline)
+            rt.begin_drain()
+        # The consumers keep being polled: a rebalance during the drain is served, so
+        # the final commit carries the group's current generation.
+        while time.monotonic() < deadline and any(rt.drain_busy() for rt in self.runtimes):
+            for rt in self.runtimes:
+                rt.poll(0.002)
+            self._service()
+            self._apply_pauses()
+        for rt in self.runtimes:
+            rt.finish_drain()
         log.info("worker drained", worker=self.name, left=self.outstanding, **self.stats)
 
     def _idle(self) -> bool:

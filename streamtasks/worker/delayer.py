@@ -338,9 +338,15 @@ class DelayForwarder:
     def _drain(self) -> None:
         """Wait (within the grace period) for unconfirmed forwards, then commit."""
         deadline = time.monotonic() + self.settings.shutdown_grace_s
-        for rt in self.runtimes:
-            if rt.started:
-                rt.drain(deadline)
+        runtimes = [rt for rt in self.runtimes if rt.started]
+        for rt in runtimes:
+            rt.begin_drain()
+        while time.monotonic() < deadline and any(rt.drain_busy() for rt in runtimes):
+            for rt in runtimes:
+                rt.poll(0.002)
+            self._service_held()
+        for rt in runtimes:
+            rt.finish_drain()
         if self.unconfirmed:
             log.warning("forwards unconfirmed at stop; they will be forwarded again",
                         unconfirmed=self.unconfirmed)

@@ -198,6 +198,8 @@ class PartitionRuntime:
     def poll(self, timeout_s: float) -> int:
         """Poll once, hand the records of owned partitions to the handler; return how many."""
         records = self.consumer.poll(timeout_s, _POLL_BATCH)
+        if self._draining:
+            return 0  # not taken in: read again by whoever owns them next
         for record in records:
             if record.tp in self._assigned and record.tp not in self._revoking:
                 self.handler.take(record, self)
@@ -259,13 +261,43 @@ class PartitionRuntime:
             return False
         return caught_up(self.consumer, self.broker, self._assigned)
 
-    def drain(self, deadline: float) -> None:
-        """Stop starting records; wait (until ``deadline``) for started ones; commit."""
+    def begin_drain(self) -> None:
+        """Stop starting records (but those a commit needs, see :meth:`_begin_revoke`).
+
+        Records polled from now on are not taken in; partitions assigned meanwhile are
+        not read. Keep calling :meth:`poll` while draining: it serves rebalances.
+        """
         self._draining = True
-        owned = list(self._assigned)
-        self._begin_revoke(owned)
-        self._wait_started(owned, deadline)
-        self.maybe_commit(force=True)
+        self._begin_revoke(list(self._assigned))
+
+    def drain_busy(self) -> bool:
+        """While draining: whether records that must end before the commit are running."""
+        self.collect()
+        with self._lock:
+            return any(self._busy(tp) for tp in self._assigned)
+
+    def finish_drain(self, attempts: int = 5) -> bool:
+        """Commit what is done, polling between tries.
+
+        A commit refused during a rebalance goes through once the group's new
+        generation is known.
+        """
+        for attempt in range(attempts):
+            if self.maybe_commit(force=True):
+                return True
+            if attempt + 1 < attempts:
+                self.poll(0.2)
+        log.warning("commit at drain failed; records past the last commit will repeat",
+                    group=self.group_id)
+        return False
+
+    def drain(self, deadline: float) -> None:
+        """Drain alone: stop starting records, wait (until ``deadline``), commit."""
+        self.begin_drain()
+        while time.monotonic() < deadline and self.drain_busy():
+            self.poll(0.005)
+            self._service()
+        self.finish_drain()
 
     # -- leases ------------------------------------------------------------------
 
@@ -345,6 +377,8 @@ class PartitionRuntime:
         self._assigned = self._assigned | frozenset(partitions)
         self._paused.difference_update(partitions)
         self._reapply_pauses = True
+        if self._draining:
+            self._begin_revoke(partitions)
         log.info("partitions assigned", group=self.group_id, partitions=_names(partitions))
 
     def on_revoke(self, partitions: list[TopicPartition]) -> None:
