@@ -12,6 +12,7 @@ from streamtasks import App, TaskFailed, chord
 from streamtasks.backend.base import GROUP_FAILED, GROUP_FIRED
 from streamtasks.broker.memory import MemoryBroker
 from streamtasks.headers import TASK_ID
+from streamtasks.ops.replay import replay
 from tests.workflow_fixtures import Calls
 
 
@@ -125,3 +126,18 @@ def test_a_duplicate_body_record_is_skipped_once_the_body_is_final(
     _run(app)
     # Then it is not run again
     assert _totals(calls) == 1
+
+
+def test_an_operator_replay_of_a_chord_body_with_the_same_ids_runs_it_again(
+    app: App, calls: Calls
+) -> None:
+    # Given a chord that fired and ran its body
+    add, total = app.tasks["add"], app.tasks["total"]
+    chord([add.s(i, i) for i in range(3)], total.s()).apply_async()
+    _run(app)
+    assert _totals(calls) == 1
+    # When an operator replays the queue keeping the ids (the body's row is final)
+    replay(app, "default", since_ms=0, name="total", same_ids=True)
+    _run(app)
+    # Then the body runs again: only the chord machinery's duplicates are skipped
+    assert _totals(calls) == 2

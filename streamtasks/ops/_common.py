@@ -7,12 +7,24 @@ from collections.abc import Callable, Iterator, Mapping
 from streamtasks.app import App
 from streamtasks.broker.base import Record, TopicPartition
 from streamtasks.message import TaskMessage
+from streamtasks.worker.flows import CHORD_BODY
 
 #: Progress is reported after every this many records read (and at the end).
 PROGRESS_EVERY = 1000
 
 #: Called with (records read so far, records to read in all).
 Progress = Callable[[int, int], None]
+
+
+def run_again(msg: TaskMessage, queue: str) -> None:
+    """Make ``msg`` run again now on ``queue``: attempt 1, no due time.
+
+    A chord body sent again by an operator runs even though its row is final (the
+    worker skips only duplicates that the chord machinery itself may send).
+    """
+    msg.queue, msg.attempt, msg.eta_ms = queue, 1, None
+    if CHORD_BODY in msg.options:
+        msg.options = {k: v for k, v in msg.options.items() if k != CHORD_BODY}
 
 
 class Resender:

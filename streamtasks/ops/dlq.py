@@ -16,7 +16,13 @@ from streamtasks.app import App
 from streamtasks.broker.base import Record
 from streamtasks.errors import BrokerError, MessageError
 from streamtasks.headers import ATTEMPT, TASK_ID, TASK_NAME, header_text
-from streamtasks.ops._common import Progress, Resender, partition_ranges, read_ranges
+from streamtasks.ops._common import (
+    Progress,
+    Resender,
+    partition_ranges,
+    read_ranges,
+    run_again,
+)
 from streamtasks.worker.deadletter import (
     DEAD_AT,
     ERROR_MESSAGE,
@@ -170,7 +176,7 @@ def requeue(
             continue
         seen.add(msg.id)
         # Runs again now, from attempt 1 (a due time would send it to a delay tier).
-        msg.queue, msg.attempt, msg.eta_ms = queue, 1, None
+        run_again(msg, queue)
         original = letter.original_partition
         valid = partitions is not None and original is not None and 0 <= original < partitions
         carried = {name: record.headers[name] for name in _CARRIED if name in record.headers}

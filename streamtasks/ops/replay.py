@@ -21,7 +21,7 @@ from streamtasks.broker.base import Record, TopicPartition
 from streamtasks.errors import MessageError
 from streamtasks.headers import TASK_NAME, header_text
 from streamtasks.message import new_task_id
-from streamtasks.ops._common import Progress, Resender, read_ranges
+from streamtasks.ops._common import Progress, Resender, read_ranges, run_again
 
 log = structlog.get_logger("streamtasks.ops")
 
@@ -138,8 +138,8 @@ def _resend(app: App, sender: Resender, record: Record, target: str, same_ids: b
     if not same_ids:
         msg.id = new_task_id()
         msg.options = {**msg.options, REPLAY_OF_OPTION: original}
-    # A replay runs now, from attempt 1 (a due time would send it to a delay tier).
-    msg.queue, msg.attempt, msg.eta_ms = target, 1, None
+    # Runs again now, from attempt 1 (a due time would send it to a delay tier).
+    run_again(msg, target)
     # The record key is kept, so tasks sharing a key still share a partition.
     sender.send(msg, key=record.key, headers={REPLAY_OF: original.encode()})
     return True
