@@ -39,6 +39,7 @@ from streamtasks.worker.delayer import DelayForwarder
 from streamtasks.worker.effects import EffectRunner, Step, send_step, store_step
 from streamtasks.worker.executor import Executor, Outcome
 from streamtasks.worker.flows import CHORD_BODY, FollowUps, claimer_of
+from streamtasks.worker.observe import NullObserver, WorkerObserver
 from streamtasks.worker.outcomes import FAIL, FOLLOW_UP_ERRORS, RETRY, decide, error_text, safe_text
 from streamtasks.worker.runtime import Lease, PartitionRuntime
 
@@ -69,6 +70,8 @@ class _Job:
     ended: bool = False
     #: A duplicate record of a chord body whose row is already final: not run.
     skipped: bool = False
+    #: When the outcome's effects were started (monotonic s; 0 before).
+    effects_started: float = 0.0
 
     @property
     def slot(self) -> _Slot | None:
@@ -91,6 +94,7 @@ class Worker:
         concurrency: tasks running at once (default: the ``concurrency`` setting).
         max_in_flight: records held before partitions are paused.
         name: this worker's name in result rows (default ``host:pid``).
+        observer: told about tasks finished, dead letters, commits (metrics).
     """
 
     def __init__(
@@ -101,8 +105,10 @@ class Worker:
         concurrency: int | None = None,
         max_in_flight: int | None = None,
         name: str | None = None,
+        observer: WorkerObserver | None = None,
     ) -> None:
         self.app = app
+        self.observer: WorkerObserver = observer or NullObserver()
         self.settings = app.settings
         self.queues = list(dict.fromkeys(queues))
         self.concurrency = concurrency or self.settings.concurrency
@@ -115,6 +121,7 @@ class Worker:
                 app.broker, self.settings.group_id(q), [self.settings.topic(q)], self,
                 commit_interval_s=self.settings.commit_interval_s,
                 grace_s=self.settings.shutdown_grace_s, eager=True, service=self._service,
+                observer=self.observer,
             )
             for q in self.queues
         ]
@@ -152,7 +159,7 @@ class Worker:
         for rt in self.runtimes:
             rt.start()
         if self.settings.run_delayer and self.delayer is None:
-            self.delayer = DelayForwarder(self.app, self.queues)
+            self.delayer = DelayForwarder(self.app, self.queues, observer=self.observer)
             self.delayer.start()
         log.info("worker started", worker=self.name, queues=self.queues, groups=self.group_ids,
                  concurrency=self.concurrency, max_in_flight=self.max_in_flight)
@@ -218,7 +225,7 @@ class Worker:
                 if stop.wait(delay_s):
                     return
                 delay_s = min(delay_s * 2, 30.0)
-                self.delayer = DelayForwarder(self.app, self.queues)
+                self.delayer = DelayForwarder(self.app, self.queues, observer=self.observer)
                 self.delayer.start()
 
     def run_until_idle(self, timeout_s: float) -> None:
@@ -282,6 +289,7 @@ class Worker:
         for rt in self.runtimes:
             rt.maybe_commit()
         self._apply_pauses()
+        self.observer.loop_turned("worker")
 
     def _service(self) -> None:
         """Serve delivery reports, due effect steps, outcomes, and ended leases."""
@@ -406,6 +414,7 @@ class Worker:
                                               error=err, traceback=None)
             else:
                 self.stats["succeeded"] += 1
+                self._finished(job, outcome, states.SUCCESS)
                 self._effects(job, [store_step(self.app.backend, self._meta(msg, outcome)),
                                     *follow_ups], f"result of {msg.name} {msg.id}")
                 return
@@ -415,14 +424,21 @@ class Worker:
         if decision.kind == RETRY:
             assert decision.delay_s is not None
             self.stats["retried"] += 1
+            self._finished(job, outcome, states.RETRY)
             self._effects(job, self._retry_steps(job, outcome, decision.delay_s),
                           f"retry of {msg.name} {msg.id}")
             return
         assert decision.kind == FAIL and decision.reason is not None
         self._fail(job, outcome, error, decision.reason)
 
+    def _finished(self, job: _Job, outcome: Outcome, state: str) -> None:
+        job.effects_started = time.monotonic()
+        duration_s = max(0, outcome.finished_ms - outcome.started_ms) / 1000
+        self.observer.task_finished(job.msg.queue, job.msg.name, state, duration_s)
+
     def _fail(self, job: _Job, outcome: Outcome, error: BaseException, reason: str) -> None:
         self.stats["failed"] += 1
+        self._finished(job, outcome, states.FAILURE)
         if len(self.task_errors) < _MAX_KEPT_ERRORS:
             self.task_errors.append(error)
         msg = job.msg
@@ -447,6 +463,8 @@ class Worker:
             return
         job.ended = True
         job.lease.done()
+        if job.effects_started:
+            self.observer.result_written(time.monotonic() - job.effects_started)
         self._start_next_of_key(job.slot)
 
     def _give_up(self, job: _Job, error: BaseException, *, fallback: bool) -> None:
@@ -539,6 +557,7 @@ class Worker:
         queue_name = self._topic_queue.get(record.topic, record.topic)
         headers = dead_letter_headers(record, reason, error, group_id)
         self.stats["dead_lettered"] += 1
+        self.observer.dead_lettered(queue_name, reason)
         log.warning("dead-lettered", topic=record.topic, partition=record.partition,
                     offset=record.offset, reason=reason, error=error_text(error))
         return send_step(self.app.broker, self.settings.dlq_topic(queue_name),
@@ -582,6 +601,7 @@ class Worker:
         meta = self._meta(msg, Outcome(states.REVOKED, None, None, None, now_ms(), now_ms()))
         meta.error_type, meta.error_message = "Expired", f"expired at {msg.expires_ms} ms"
         expired = TaskExpired(f"task {msg.id} expired at {msg.expires_ms} ms before it ran")
+        self.observer.task_finished(msg.queue, msg.name, states.REVOKED, 0.0)
         steps = [store_step(self.app.backend, meta),
                  *self.flows.after_failure(msg, expired, claimer_of(record))]
         self._record_effects(lease, steps, f"expiry of {msg.id}")

@@ -32,6 +32,7 @@ from streamtasks.errors import ConfigError
 from streamtasks.headers import ETA_MS, header_text
 from streamtasks.message import now_ms
 from streamtasks.worker.effects import EffectRunner, send_step
+from streamtasks.worker.observe import NullObserver, WorkerObserver
 from streamtasks.worker.runtime import Lease, PartitionRuntime
 
 if TYPE_CHECKING:
@@ -77,14 +78,18 @@ class DelayForwarder:
     Args:
         app: the app whose broker and settings are used.
         queues: the queues whose tier topics are forwarded.
+        observer: told how late each forward is (metrics).
 
     Raises:
         ConfigError: no queue was given.
     """
 
-    def __init__(self, app: App, queues: Sequence[str]) -> None:
+    def __init__(
+        self, app: App, queues: Sequence[str], *, observer: WorkerObserver | None = None
+    ) -> None:
         if not queues:
             raise ConfigError("a DelayForwarder needs at least one queue")
+        self.observer: WorkerObserver = observer or NullObserver()
         self.app = app
         self.settings = app.settings
         self.queues = list(dict.fromkeys(queues))
@@ -102,6 +107,7 @@ class DelayForwarder:
                 [self.settings.tier_topic(q, t) for t in self.tiers], self,
                 commit_interval_s=self.settings.commit_interval_s,
                 grace_s=self.settings.shutdown_grace_s, service=self._service_held,
+                observer=self.observer,
             )
             for q in self.queues
         ]
@@ -195,6 +201,7 @@ class DelayForwarder:
         for rt in self.runtimes:
             rt.maybe_commit()
         self._apply_pauses()
+        self.observer.loop_turned("forwarder")
 
     def idle(self) -> bool:
         """Return True when every assigned tier partition is forwarded and committed.
@@ -246,7 +253,7 @@ class DelayForwarder:
             # Due soon (or behind one that is): wait in memory, in offset order.
             self._held.setdefault(tp, deque()).append((record, source, due_ms, lease))
             return
-        self._forward(record, source, lease, now)
+        self._forward(record, source, lease, now, due_ms)
 
     def released(self, partitions: Sequence[TopicPartition]) -> None:
         """Partitions left: forget heads and held records."""
@@ -268,8 +275,8 @@ class DelayForwarder:
         for tp in list(self._held):
             held = self._held[tp]
             while held and held[0][2] <= now:
-                record, source, _, lease = held.popleft()
-                self._forward(record, source, lease, now)
+                record, source, due_ms, lease = held.popleft()
+                self._forward(record, source, lease, now, due_ms)
             if not held:
                 del self._held[tp]
 
@@ -282,7 +289,10 @@ class DelayForwarder:
         self._halted.add(tp)
         self.stats["waits"] += 1
 
-    def _forward(self, record: Record, source: _Source, lease: Lease, now: int) -> None:
+    def _forward(
+        self, record: Record, source: _Source, lease: Lease, now: int, due_ms: int
+    ) -> None:
+        self.observer.forwarded(source.queue, source.tier.name, max(0, now - due_ms) / 1000)
         eta = _eta_ms(record.headers)
         hop = None if eta is None else next_hop(self.tiers, eta - now)
         if hop is None:

@@ -33,6 +33,7 @@ from typing import Protocol
 import structlog
 
 from streamtasks.broker.base import Broker, Consumer, Record, TopicPartition
+from streamtasks.worker.observe import NullObserver, WorkerObserver
 from streamtasks.worker.offsets import OffsetTracker, caught_up, commit_watermarks
 
 log = structlog.get_logger("streamtasks.worker")
@@ -112,6 +113,7 @@ class PartitionRuntime:
         grace_s: how long a revoke or a drain waits for started records.
         eager: the consumer returns at the first record (see :meth:`Broker.consumer`).
         service: called while a revoke or drain waits (serves delivery reports, effects).
+        observer: told how long synchronous commits take.
     """
 
     def __init__(
@@ -125,7 +127,9 @@ class PartitionRuntime:
         grace_s: float,
         eager: bool = False,
         service: Callable[[], None] | None = None,
+        observer: WorkerObserver | None = None,
     ) -> None:
+        self.observer: WorkerObserver = observer or NullObserver()
         self.broker = broker
         self.group_id = group_id
         self.topics = list(topics)
@@ -229,7 +233,10 @@ class PartitionRuntime:
         if not force and now - self._last_commit < self.commit_interval_s:
             return True
         self._last_commit = now
-        return commit_watermarks(self.consumer, self.tracker, asynchronous=not force)
+        ok = commit_watermarks(self.consumer, self.tracker, asynchronous=not force)
+        if force:
+            self.observer.committed(self.group_id, time.monotonic() - now, ok)
+        return ok
 
     def apply_pauses(self, pause_all: bool) -> None:
         """Pause what the handler holds (or everything), resume the rest.
