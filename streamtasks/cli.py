@@ -68,11 +68,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=_positive_int, help="tasks running at once")
     p.add_argument("--max-in-flight", type=_positive_int, help="records held before pausing")
     p.add_argument("--name", help="worker name in result rows (default host:pid)")
+    _add_metrics_flags(p)
     p.set_defaults(handler=_cmd_worker)
 
     p = sub.add_parser("delayer", parents=[common],
                        help="forward delayed and retried tasks when due (alone)")
     p.add_argument("--queues", required=True, help="comma-separated queues")
+    _add_metrics_flags(p)
     p.set_defaults(handler=_cmd_delayer)
 
     p = sub.add_parser("send", parents=[common], help="send a task by name; prints its id")
@@ -110,6 +112,21 @@ def _parser() -> argparse.ArgumentParser:
 
     _add_ops_commands(sub, common)
     return parser
+
+
+def _add_metrics_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--metrics-port", type=_number(int, 0, "a port"), metavar="PORT",
+                   help="serve /metrics, /healthz, /readyz on PORT (default: setting "
+                   "metrics_port; 0: off)")
+    p.add_argument("--metrics-host", default="0.0.0.0", metavar="ADDR",
+                   help="address those endpoints bind (default 0.0.0.0)")
+
+
+def _metrics_port(ns: argparse.Namespace, app: App) -> int:
+    port = ns.metrics_port if ns.metrics_port is not None else app.settings.metrics_port
+    if not 0 <= port <= 65535:
+        raise CliError(f"metrics port must be 0-65535, got {port}")
+    return int(port)
 
 
 def _add_ops_commands(
@@ -265,16 +282,28 @@ def _cmd_worker(ns: argparse.Namespace) -> int:
     if not ns.app:
         raise CliError("worker needs --app module:app (the tasks it runs are registered there)")
     app = _app(ns)
+    from streamtasks.health import serve_worker
+    from streamtasks.metrics import WorkerMetrics
+
     queues = [q.strip() for q in ns.queues.split(",") if q.strip()] if ns.queues else None
+    port = _metrics_port(ns, app)
+    metrics = WorkerMetrics() if port else None
     worker = app.worker(queues, concurrency=ns.concurrency, max_in_flight=ns.max_in_flight,
-                        name=ns.name)
-    return worker.run()
+                        name=ns.name, observer=metrics)
+    server = serve_worker(worker, metrics, port, ns.metrics_host) if metrics else None
+    try:
+        return worker.run()
+    finally:
+        if server is not None:
+            server.close()
 
 
 def _cmd_delayer(ns: argparse.Namespace) -> int:
     import signal
     import threading
 
+    from streamtasks.health import serve_forwarder
+    from streamtasks.metrics import WorkerMetrics
     from streamtasks.worker.delayer import DelayForwarder
 
     queues = [q.strip() for q in ns.queues.split(",") if q.strip()]
@@ -284,7 +313,15 @@ def _cmd_delayer(ns: argparse.Namespace) -> int:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    DelayForwarder(app, queues).run(stop)
+    port = _metrics_port(ns, app)
+    metrics = WorkerMetrics() if port else None
+    forwarder = DelayForwarder(app, queues, observer=metrics)
+    server = serve_forwarder(forwarder, metrics, port, ns.metrics_host) if metrics else None
+    try:
+        forwarder.run(stop)
+    finally:
+        if server is not None:
+            server.close()
     return EXIT_OK
 
 
