@@ -9,7 +9,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from streamtasks import states
 from streamtasks.app import App
@@ -18,6 +18,9 @@ from streamtasks.codec import to_json_text
 from streamtasks.errors import ConfigError, ResultTimeout, StreamTasksError
 from streamtasks.logs import configure_logging
 from streamtasks.timeutil import is_relative, parse_time_ms
+
+if TYPE_CHECKING:
+    from streamtasks.ops.inspect import QueueReport
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNKNOWN = 0, 1, 2, 3
 
@@ -165,6 +168,13 @@ def _add_ops_commands(
     p.add_argument("--same-ids", action="store_true",
                    help="keep task ids (result rows are overwritten); default: new ids")
     p.set_defaults(handler=_cmd_replay)
+
+    p = sub.add_parser("inspect", parents=[common],
+                       help="per queue: group members, lag, delay-tier and DLQ depth")
+    p.add_argument("--queues", help="comma-separated queues (default: the app's, or every "
+                   "queue with a topic on Kafka)")
+    p.add_argument("--json", dest="as_json", action="store_true", help="print JSON")
+    p.set_defaults(handler=_cmd_inspect)
 
     p = sub.add_parser("groups", parents=[common], help="manage consumer groups")
     gsub = p.add_subparsers(dest="groups_command", metavar="ACTION", required=True)
@@ -507,6 +517,43 @@ def _cmd_replay(ns: argparse.Namespace) -> int:
     if report.skipped:
         print(f"skipped {report.skipped} undecodable record(s)", file=sys.stderr)
     return EXIT_OK
+
+
+def _cmd_inspect(ns: argparse.Namespace) -> int:
+    from streamtasks.ops.inspect import inspect_queues, list_queues
+
+    app = _app(ns)
+    if ns.queues:
+        queues = [q.strip() for q in ns.queues.split(",") if q.strip()]
+    else:
+        queues = app.queues() if ns.app else list_queues(app.settings)
+    if not queues:
+        print(f"streamtasks inspect: no queue found in namespace {app.settings.namespace}",
+              file=sys.stderr)
+        return EXIT_UNKNOWN
+    reports = inspect_queues(app, queues)
+    if ns.as_json:
+        print(json.dumps({"namespace": app.settings.namespace,
+                          "queues": [r.as_dict() for r in reports]}, indent=2))
+        return EXIT_OK
+    for report in reports:
+        _print_inspection(report)
+    return EXIT_OK
+
+
+def _print_inspection(report: QueueReport) -> None:
+    group, forwarder = report.group, report.forwarder
+    print(f"queue {report.queue}: {report.total} waiting (lag {report.lag_total}, "
+          f"delay tiers {report.delay_total}), {report.dlq} dead letter(s)")
+    print(f"  group {group.group}: {group.state}, {group.count} member(s)")
+    for m in group.members or []:
+        owned = " ".join(f"{t}{ps}".replace(" ", "") for t, ps in m.partitions.items())
+        print(f"    {m.client_id} on {m.host.lstrip('/')}: {owned or 'no partition'}")
+    print("  lag: " + (", ".join(f"p{p.partition}={p.lag}" for p in report.lag) or "-"))
+    print(f"  delay tiers (group {forwarder.group}: {forwarder.state}, {forwarder.count} "
+          "member(s)): " + ", ".join(f"{t}={n}" for t, n in report.delay.items()))
+    if report.missing_topics:
+        print(f"  missing topics: {', '.join(report.missing_topics)}")
 
 
 def _cmd_groups_migrate(ns: argparse.Namespace) -> int:
