@@ -155,7 +155,7 @@ def test_records_come_out_when_due_never_early(
 
     # And the forwarder commits everything it forwarded
     deadline = time.monotonic() + 30
-    while not _committed_all(producer_app, settings, running_forwarder.group_id):
+    while not _committed_all(producer_app, settings, running_forwarder.group_ids[0]):
         assert time.monotonic() < deadline, "tier offsets not committed within 30 s"
         time.sleep(0.2)
 
