@@ -11,6 +11,7 @@ from typing import Any
 
 from streamtasks import states
 from streamtasks.errors import ResultTimeout
+from streamtasks.fanin import FanIn
 
 #: Group members per shard of a group's join rows: a member reads only its shard to learn
 #: whether the shard is complete, so no partition or counter is shared by a whole group.
@@ -92,6 +93,29 @@ class ResultBackend(ABC):
 
         The future completes when the write is durable, or fails with BackendError.
         """
+
+    def store_many(self, metas: Sequence[TaskMeta]) -> Future[None]:
+        """Write (upsert) several task rows; the future completes when all are durable.
+
+        It fails with the first error (some rows may be written: every write is an
+        idempotent upsert, so the caller writes them all again). The default stores one
+        by one; a backend overrides it to write the listing entries of a batch together.
+
+        Raises:
+            EncodeError: a result cannot be encoded (nothing of that row is written).
+        """
+        future: Future[None] = Future()
+
+        def finished(error: BaseException | None) -> None:
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(error)
+
+        gather = FanIn(len(metas), finished)
+        for meta in metas:
+            self.store(meta).add_done_callback(lambda f: gather.one(f.exception()))
+        return future
 
     @abstractmethod
     def fetch(self, task_id: str) -> TaskMeta | None:

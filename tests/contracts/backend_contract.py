@@ -204,6 +204,28 @@ class BackendContract:
         for meta in metas[::37]:
             assert backend.fetch(meta.task_id) == meta
 
+    def test_store_many_writes_every_row_and_lists_each_once(
+        self, backend: ResultBackend, queue: str
+    ) -> None:
+        # Given 120 rows over two states and up to two hours (several listing partitions)
+        base = now_ms() - 50 * MINUTE_MS
+        metas = [
+            full_meta(new_id(), queue, states.SUCCESS if i % 3 else states.FAILURE,
+                      at_ms=base + (i % 3) * 20 * MINUTE_MS + i)
+            for i in range(120)
+        ]
+        # When they are stored as one batch
+        assert backend.store_many(metas).result(timeout=60) is None
+        # Then each row reads back, and each is listed once under its state
+        for meta in metas[::7]:
+            assert backend.fetch(meta.task_id) == meta
+        window = (base - MINUTE_MS, now_ms() + MINUTE_MS)
+        for state in (states.SUCCESS, states.FAILURE):
+            listed = [m.task_id for m in backend.list_tasks(queue, state, *window, limit=500)]
+            wanted = [m.task_id for m in metas if m.state == state]
+            assert sorted(listed) == sorted(wanted), (state, len(listed), len(wanted))
+        assert backend.store_many([]).result(timeout=5) is None
+
     # ------------------------------------------------------------------ wait
 
     def test_wait_returns_when_a_later_store_makes_it_final(

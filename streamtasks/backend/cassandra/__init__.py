@@ -130,6 +130,10 @@ class CassandraBackend(ResultBackend):
         """Upsert a task row and its listing entry, asynchronously (:meth:`TaskRows.store`)."""
         return self._rows.store(meta)
 
+    def store_many(self, metas: Sequence[TaskMeta]) -> Future[None]:
+        """Upsert rows; listing entries batched per partition (:meth:`TaskRows.store_many`)."""
+        return self._rows.store_many(metas)
+
     def fetch(self, task_id: str) -> TaskMeta | None:
         """Return the row of ``task_id``, or None (:meth:`TaskRows.fetch`)."""
         return self._rows.fetch(task_id)

@@ -146,6 +146,71 @@ class TaskRows:
             response.add_callbacks(write.succeeded, write.failed)
         return future
 
+    def store_many(self, metas: Sequence[TaskMeta]) -> Future[None]:
+        """Upsert several task rows and their listing entries, asynchronously.
+
+        Each task row is its own write (a batch over many partitions is a Cassandra
+        anti-pattern); the listing entries go as one UNLOGGED BATCH per listing partition
+        ``(queue, state, hour, shard)``, so the index costs a fraction of a write per task.
+        Blocks while ``backend_max_in_flight`` row writes are in flight.
+
+        Raises:
+            EncodeError: a result cannot be encoded (nothing is written).
+
+        """
+        future: Future[None] = Future()
+        if not metas:
+            future.set_result(None)
+            return future
+        try:
+            session, statements = self._ready()
+        except BackendError as err:
+            future.set_exception(err)
+            return future
+        from cassandra.query import BatchStatement, BatchType
+
+        params = [self._write_params(meta) for meta in metas]  # may raise EncodeError
+        groups: dict[tuple[Any, ...], list[tuple[Any, ...]]] = {}
+        for _, index_params in params:
+            groups.setdefault(index_params[:4], []).append(index_params)
+        self._conn.track(future)
+        what = f"storing {len(metas)} tasks"
+        write = FanIn(len(metas) + len(groups), partial(self._batch_done, future, what))
+
+        def row_done(_rows: object) -> None:
+            self._slots.release()
+            write.one(None)
+
+        def row_failed(err: BaseException) -> None:
+            self._slots.release()
+            write.one(err)
+
+        for task_params, _ in params:
+            self._slots.acquire()
+            try:
+                response = session.execute_async(statements.insert_task, task_params)
+            except Exception as err:  # e.g. the session was shut down
+                row_failed(err)
+                continue
+            response.add_callbacks(row_done, row_failed)
+        for entries in groups.values():
+            batch = BatchStatement(batch_type=BatchType.UNLOGGED)
+            for entry in entries:
+                batch.add(statements.insert_index, entry)
+            try:
+                response = session.execute_async(batch)
+            except Exception as err:
+                write.failed(err)
+                continue
+            response.add_callbacks(write.succeeded, write.failed)
+        return future
+
+    def _batch_done(self, future: Future[None], what: str, error: BaseException | None) -> None:
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(self._conn.error(error, what))
+
     def _write_params(self, meta: TaskMeta) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
         if meta.result is None:
             text: str | None = None
