@@ -44,6 +44,8 @@ class Settings:
         min_insync_replicas: ``min.insync.replicas`` of topics the library creates
             (0: 2 when ``replication_factor`` is 3 or more, else 1).
         concurrency: tasks run at once per worker process.
+        inline_max_ms: a sync task whose runs average below this runs in the worker's
+            loop thread, not a pool thread (a hop costs more than such a task; 0: never).
         max_in_flight: records held by a worker (running or waiting) before it pauses.
         commit_interval_s: how often a worker commits its done watermarks.
         shutdown_grace_s: how long a draining worker waits for running tasks.
@@ -70,6 +72,7 @@ class Settings:
     group_expires_s: int = 7 * 24 * 3600
     min_insync_replicas: int = 0
     concurrency: int = 8
+    inline_max_ms: float = 1.0
     max_in_flight: int = 1000
     commit_interval_s: float = 0.5
     shutdown_grace_s: float = 30.0

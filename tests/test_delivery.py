@@ -218,7 +218,7 @@ def test_a_revoke_drops_queued_records_and_repeats_nothing(
         step_until(lambda: a.stats["dropped"] == len(moved), a)
         # Then every task ran exactly once; the moved ones on B, never on A
         assert runs.counts == Counter(range(31))
-        a_threads = set(a.executor._pool._threads)
+        a_threads = set(a.executor._threads)
         assert not [i for i in moved if runs.threads[i][0] in a_threads]
         # and A wrote no row of a record of the partition it lost
         moved_ids = {results[i].id for i in moved}

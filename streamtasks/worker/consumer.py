@@ -126,7 +126,8 @@ class Worker:
             for q in self.queues
         ]
         self.flows = FollowUps(app, self.name)
-        self.executor = Executor(self.concurrency)
+        self.executor = Executor(self.concurrency,
+                                 inline_max_s=self.settings.inline_max_ms / 1000)
         #: Errors raised by tasks here, newest last (kept for :meth:`App.drain`).
         self.task_errors: list[BaseException] = []
         #: Forwards this worker's delayed records when due (``run_delayer``), or None.
@@ -282,6 +283,7 @@ class Worker:
         return 0.005 if self.outstanding else 0.1
 
     def _step(self, timeout_s: float) -> None:
+        self.executor.new_turn()
         share = timeout_s / len(self.runtimes)
         for rt in self.runtimes:
             rt.poll(share)
@@ -347,7 +349,8 @@ class Worker:
     def _submit(self, job: _Job) -> None:
         self.executor.submit(job.task, job.args, job.kwargs,
                              lambda outcome: self._outcomes.put((job, outcome)),
-                             start=lambda: self._may_start(job))
+                             start=lambda: self._may_start(job),
+                             inline=CHORD_BODY not in job.msg.options)
 
     def _may_start(self, job: _Job) -> bool:
         """In the thread about to run the task: may it run?

@@ -1,13 +1,14 @@
-"""Running task functions: sync ones in a thread pool, ``async def`` ones on an event loop."""
+"""Running task functions: sync ones in threads (or inline when cheap), async ones on a loop."""
 
 from __future__ import annotations
 
 import asyncio
+import queue
 import threading
 import time
 import traceback
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,17 @@ class Outcome:
     traceback: str | None = None
     started_ms: int = 0
     finished_ms: int = 0
+    started_ns: int = 0
+    finished_ns: int = 0
+
+
+@dataclass(slots=True)
+class _Run:
+    task: Task[Any, Any]
+    args: list[Any]
+    kwargs: dict[str, Any]
+    start: Callable[[], bool]
+    done: Callable[[Outcome | None], None]
 
 
 class TimeLimitExceeded(Exception):
@@ -55,17 +67,40 @@ def _report(future: Future[Outcome | None], done: Callable[[Outcome | None], Non
 class Executor:
     """Runs tasks with at most ``concurrency`` of each kind at once.
 
-    Sync tasks run in a thread pool; async tasks on one event loop in its own
-    thread, bounded by a semaphore. Every run completes its future with an
-    :class:`Outcome`; a task's exception never escapes.
+    Sync tasks run in ``concurrency`` threads fed by one queue (no future per run); a sync
+    task whose runs have been cheap (average below ``inline_max_s``) runs at once in the
+    caller's thread instead, within a budget per turn of the caller's loop
+    (:meth:`new_turn`): a hop to a thread and back costs more than such a task. Async
+    tasks run on one event loop in its own thread, bounded by a semaphore. Every run
+    reports an :class:`Outcome`; a task's exception never escapes.
+
+    Args:
+        concurrency: sync tasks (and async tasks) running at once.
+        inline_max_s: a sync task whose average run is below this runs inline (0: never).
+        inline_budget_s: the longest inline running per turn.
     """
 
-    def __init__(self, concurrency: int) -> None:
+    #: Runs of a task measured before it may run inline.
+    INLINE_AFTER_RUNS = 8
+
+    def __init__(
+        self, concurrency: int, inline_max_s: float = 0.0, inline_budget_s: float = 0.005
+    ) -> None:
         self.concurrency = concurrency
-        self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="streamtasks-task")
+        self.inline_max_s = inline_max_s
+        self.inline_budget_s = inline_budget_s
+        self._queue: queue.SimpleQueue[_Run | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._closed = False
+        self._cost: dict[str, tuple[int, float]] = {}  # task name -> (runs, average s)
+        self._budget_s = inline_budget_s
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
         self._semaphore: asyncio.Semaphore | None = None
+
+    def new_turn(self) -> None:
+        """The caller's loop turned: inline runs get a new budget."""
+        self._budget_s = self.inline_budget_s
 
     def submit(
         self,
@@ -74,19 +109,60 @@ class Executor:
         kwargs: dict[str, Any],
         done: Callable[[Outcome | None], None],
         start: Callable[[], bool] = lambda: True,
+        inline: bool = True,
     ) -> None:
-        """Queue one run; ``done`` is called with its outcome from a worker thread.
+        """Queue one run (or run it now, inline); ``done`` is called with its outcome.
 
         ``start`` is asked when the run is about to begin (it may have waited in the
         queue): when it answers False the task is not run and ``done`` gets None.
+        ``inline``: the caller allows running it in its own thread when it is cheap.
         """
         if task.is_async:
             future: Future[Outcome | None] = asyncio.run_coroutine_threadsafe(
                 self._run_async(task, args, kwargs, start), self._event_loop()
             )
-        else:
-            future = self._pool.submit(self._run_sync, task, args, kwargs, start)
-        future.add_done_callback(lambda f: _report(f, done))
+            future.add_done_callback(lambda f: _report(f, done))
+            return
+        run = _Run(task, args, kwargs, start, done)
+        if inline and self._budget_s > 0 and self._cheap(task.name):
+            began = time.perf_counter()
+            self._execute(run)
+            self._budget_s -= time.perf_counter() - began
+            return
+        if len(self._threads) < self.concurrency:
+            self._spawn()
+        self._queue.put(run)
+
+    def _cheap(self, name: str) -> bool:
+        runs, average = self._cost.get(name, (0, 0.0))
+        return runs >= self.INLINE_AFTER_RUNS and average < self.inline_max_s
+
+    def _spawn(self) -> None:
+        thread = threading.Thread(target=self._serve, name="streamtasks-task", daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            run = self._queue.get()
+            if run is None:
+                return
+            self._execute(run)
+
+    def _execute(self, run: _Run) -> None:
+        try:
+            outcome = self._run_sync(run.task, run.args, run.kwargs, run.start)
+            if outcome is not None and self.inline_max_s:
+                self._measure(run.task.name, outcome)
+            run.done(outcome)
+        except BaseException:  # the outcome is lost: say so loudly (the worker also guards)
+            log.exception("a task outcome could not be handed to the worker")
+
+    def _measure(self, name: str, outcome: Outcome) -> None:
+        runs, average = self._cost.get(name, (0, 0.0))
+        took = max(0.0, (outcome.finished_ns - outcome.started_ns) / 1e9)
+        weight = 1 / (runs + 1) if runs < self.INLINE_AFTER_RUNS else 0.1
+        self._cost[name] = (runs + 1, average + (took - average) * weight)
 
     @staticmethod
     def _run_sync(
@@ -94,12 +170,16 @@ class Executor:
     ) -> Outcome | None:
         if not start():
             return None
+        started_ns = time.perf_counter_ns()
         started = _now_ms()
         try:
             result = task.fn(*args, **kwargs)
         except BaseException as err:
-            return _failure(err, started)
-        return Outcome(states.SUCCESS, result, None, None, started, _now_ms())
+            outcome = _failure(err, started)
+        else:
+            outcome = Outcome(states.SUCCESS, result, None, None, started, _now_ms())
+        outcome.started_ns, outcome.finished_ns = started_ns, time.perf_counter_ns()
+        return outcome
 
     async def _run_async(
         self, task: Task[Any, Any], args: list[Any], kwargs: dict[str, Any],
@@ -145,8 +225,22 @@ class Executor:
         return self._loop
 
     def shutdown(self, wait: bool = True) -> None:
-        """Stop taking runs; with ``wait``, let running ones finish."""
-        self._pool.shutdown(wait=wait, cancel_futures=not wait)
+        """Stop taking runs; with ``wait``, let running ones finish.
+
+        Runs still queued are not run (their ``done`` is not called).
+        """
+        if not self._closed:
+            self._closed = True
+            while True:  # drop what is queued: the worker is leaving its partitions
+                try:
+                    self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            for _ in self._threads:
+                self._queue.put(None)
+            if wait:
+                for thread in self._threads:
+                    thread.join()
         if self._loop is not None:
             loop, self._loop = self._loop, None
             loop.call_soon_threadsafe(loop.stop)
