@@ -36,7 +36,7 @@ from streamtasks.message import TaskMessage, now_ms
 from streamtasks.task import Task
 from streamtasks.worker.deadletter import dead_letter_headers
 from streamtasks.worker.delayer import DelayForwarder
-from streamtasks.worker.effects import EffectRunner, Step, send_step, store_step
+from streamtasks.worker.effects import EffectRunner, Step, StepDone, send_step, store_step
 from streamtasks.worker.executor import Executor, Outcome
 from streamtasks.worker.flows import CHORD_BODY, FollowUps, claimer_of
 from streamtasks.worker.observe import NullObserver, WorkerObserver
@@ -376,21 +376,54 @@ class Worker:
     # -- carrying outcomes out (the loop thread) -----------------------------------
 
     def _carry_out_outcomes(self) -> None:
+        """Carry out the outcomes that came back; plain successes are written as one batch."""
+        plain: list[tuple[_Job, TaskMeta]] = []
         while True:
             try:
                 job, outcome = self._outcomes.get_nowait()
             except queue.Empty:
-                return
+                break
             try:
-                self._carry_out(job, outcome)
+                self._carry_out(job, outcome, plain)
             except Exception as err:
                 # Never a frozen record: whatever went wrong, the task ends visibly.
                 log.error("carrying out an outcome failed; the task fails",
                           id=job.msg.id, error=f"{type(err).__name__}: {error_text(err)}",
                           exc_info=True)
                 self._give_up(job, err, fallback=False)
+        if plain:
+            self._store_batch(plain)
 
-    def _carry_out(self, job: _Job, outcome: Outcome | None) -> None:
+    def _store_batch(self, batch: list[tuple[_Job, TaskMeta]]) -> None:
+        """Write the rows of tasks that succeeded with nothing to follow, as one batch.
+
+        One effect for the batch (``store_many``: rows as single-row writes, listing
+        entries batched per partition); each job's lease is done when all are durable.
+        Rows of partitions released meanwhile are left out at each try. A permanent
+        error splits the batch: each task then goes its own way (a result that cannot be
+        encoded fails that task alone).
+        """
+        backend = self.app.backend
+
+        def step(done: StepDone) -> None:
+            live = [meta for job, meta in batch if job.lease.current()]
+            backend.store_many(live).add_done_callback(lambda f: done(f.exception()))
+
+        def all_done() -> None:
+            for job, _ in batch:
+                self._job_done(job)
+
+        def split(_error: BaseException) -> None:
+            for job, meta in batch:
+                self._effects(job, [store_step(backend, meta)],
+                              f"result of {job.msg.name} {job.msg.id}")
+
+        self.effects.run([step], all_done, f"results of {len(batch)} tasks", on_failed=split,
+                         guard=lambda: any(job.lease.current() for job, _ in batch))
+
+    def _carry_out(
+        self, job: _Job, outcome: Outcome | None, plain: list[tuple[_Job, TaskMeta]]
+    ) -> None:
         """Make a run's outcome durable, as :func:`decide` says, then end its lease."""
         if job.skipped:
             log.info("chord body already ran: duplicate record skipped", id=job.msg.id,
@@ -418,8 +451,12 @@ class Worker:
             else:
                 self.stats["succeeded"] += 1
                 self._finished(job, outcome, states.SUCCESS)
-                self._effects(job, [store_step(self.app.backend, self._meta(msg, outcome)),
-                                    *follow_ups], f"result of {msg.name} {msg.id}")
+                meta = self._meta(msg, outcome)
+                if follow_ups:
+                    self._effects(job, [store_step(self.app.backend, meta), *follow_ups],
+                                  f"result of {msg.name} {msg.id}")
+                else:
+                    plain.append((job, meta))
                 return
         decision = decide(job.task.options.retry, msg.options, msg.attempt, error, now_ms())
         if decision.note is not None:
