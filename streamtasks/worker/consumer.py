@@ -49,6 +49,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger("streamtasks.worker")
 
 _SLOW_HEAD_FACTOR = 10
+#: A worker full of records not yet durable for this long pauses every partition.
+_FULL_PAUSE_AFTER_S = 1.0
 _MAX_KEPT_ERRORS = 100
 #: Restarts of the delay forwarder in a row (without a healthy minute) before the worker
 #: gives up and exits non-zero, so that its supervisor (Kubernetes) restarts it.
@@ -136,6 +138,7 @@ class Worker:
         self.exit_code = 0
         self._outcomes: queue.SimpleQueue[tuple[_Job, Outcome | None]] = queue.SimpleQueue()
         self._full = False
+        self._full_since: float | None = None
         self._waiting: dict[_Slot, deque[_Job]] = {}
         self._stop = threading.Event()
         self.stats = {"received": 0, "succeeded": 0, "failed": 0, "retried": 0,
@@ -286,7 +289,9 @@ class Worker:
         self.executor.new_turn()
         share = timeout_s / len(self.runtimes)
         for rt in self.runtimes:
-            rt.poll(share)
+            # Take no more than the room left: pausing (which drops what librdkafka
+            # fetched ahead, and costs a new fetch on resume) is kept for a lasting stall.
+            rt.poll(share, self.max_in_flight - self.outstanding)
         self._service()
         for rt in self.runtimes:
             rt.maybe_commit()
@@ -649,15 +654,25 @@ class Worker:
     # -- pauses --------------------------------------------------------------------
 
     def _apply_pauses(self) -> None:
-        """Pause partitions: all while full (until half the room is free) or draining.
+        """Pause every partition while full for a while, or draining; else the slow ones.
 
-        Otherwise only partitions whose slow head holds too many records behind it.
+        Everything is paused while full for a while (until half the room is free) or
+        draining; otherwise only partitions whose slow head holds too many records
+        behind it. While full, polls take at most one record per turn; only a stall that lasts
+        (``_FULL_PAUSE_AFTER_S``: results not becoming durable, e.g. Cassandra down)
+        pauses everything, so memory stays flat and the group membership stays alive.
         """
         outstanding = self.outstanding
+        now = time.monotonic()
         if outstanding >= self.max_in_flight:
-            self._full = True
+            if self._full_since is None:
+                self._full_since = now
+            if now - self._full_since >= _FULL_PAUSE_AFTER_S:
+                self._full = True
         elif outstanding <= self.max_in_flight // 2:
-            self._full = False
+            self._full, self._full_since = False, None
+        elif not self._full:
+            self._full_since = None
         pause_all = self._stop.is_set() or self._full
         for rt in self.runtimes:
             rt.apply_pauses(pause_all)

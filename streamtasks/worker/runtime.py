@@ -199,9 +199,9 @@ class PartitionRuntime:
         """Records taken in whose effects are not yet durable (nor dropped)."""
         return sum(self._unfinished.values())
 
-    def poll(self, timeout_s: float) -> int:
+    def poll(self, timeout_s: float, max_records: int = _POLL_BATCH) -> int:
         """Poll once, hand the records of owned partitions to the handler; return how many."""
-        records = self.consumer.poll(timeout_s, _POLL_BATCH)
+        records = self.consumer.poll(timeout_s, max(1, min(max_records, _POLL_BATCH)))
         if self._draining:
             return 0  # not taken in: read again by whoever owns them next
         for record in records:
