@@ -4,7 +4,8 @@
 
 1. send rate: ``app.send`` of N no-op tasks, then ``app.flush()``.
 2. drain rate: one ``streamtasks worker`` process (concurrency 8) drains the N tasks;
-   measured from its first commit to the last (its start-up excluded).
+   measured from its first commit to the last (its start-up excluded); then the same
+   with ``--processes 2``.
 3. the alternative, in the same run: a naive consumer loop (the shape kombu's Kafka
    transport and many hand-written workers have) that writes each result with a
    synchronous Cassandra call and commits each offset synchronously.
@@ -54,12 +55,13 @@ def committed_total(group: str, topic: str, partitions: int) -> int:
         probe.close()
 
 
-def drain_with_worker(namespace: str, count: int) -> tuple[float, float]:
+def drain_with_worker(namespace: str, count: int, processes: int = 1) -> tuple[float, float]:
     env = {**os.environ, **make_env(namespace)}
     started = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamtasks.cli", "worker", "--app", "bench.bench_app:app",
-         "--queues", "default", "--concurrency", "8"], cwd=ROOT, env=env)
+         "--queues", "default", "--concurrency", "8", "--processes", str(processes)],
+        cwd=ROOT, env=env)
     group, topic = f"{namespace}.default", f"{namespace}.default"
     first = None
     try:
@@ -129,6 +131,14 @@ def main() -> int:
     send_rate = send_tasks(app, ns.tasks)
     steady, overall = drain_with_worker(namespace, ns.tasks)
 
+    two_ns = f"bench-2p-{uuid.uuid4().hex[:8]}"
+    two_app = App("bench", settings=Settings.from_env(env=make_env(two_ns)))
+    two_app.tasks["bench.noop"] = noop
+    two_app.ensure_queue("default")
+    send_tasks(two_app, ns.tasks)
+    steady_2p, overall_2p = drain_with_worker(two_ns, ns.tasks, processes=2)
+    two_app.close()
+
     base_ns = f"bench-naive-{uuid.uuid4().hex[:8]}"
     base_app = App("bench", settings=Settings.from_env(env=make_env(base_ns)))
     base_app.tasks["bench.noop"] = noop
@@ -142,6 +152,8 @@ def main() -> int:
     print(f"{send_label:58} {send_rate:>10,.0f}")
     print(f"{'drain: 1 worker process, concurrency 8 (steady)':58} {steady:>10,.0f}")
     print(f"{'drain: same, including worker start-up':58} {overall:>10,.0f}")
+    print(f"{'drain: worker --processes 2 (steady)':58} {steady_2p:>10,.0f}")
+    print(f"{'drain: same, including start-up':58} {overall_2p:>10,.0f}")
     naive_label = f"alternative: sync INSERT + sync commit per record ({ns.baseline_tasks})"
     print(f"{naive_label:58} {naive:>10,.0f}")
     app.close()

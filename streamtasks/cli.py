@@ -34,7 +34,9 @@ class CliError(Exception):
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the process exit code."""
     parser = _parser()
-    ns = parser.parse_args(_glue_relative_times(sys.argv[1:] if argv is None else argv))
+    raw = _glue_relative_times(sys.argv[1:] if argv is None else argv)
+    ns = parser.parse_args(raw)
+    ns.argv = raw
     if not getattr(ns, "command", None):
         parser.print_help(sys.stderr)
         return EXIT_USAGE
@@ -71,6 +73,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=_positive_int, help="tasks running at once")
     p.add_argument("--max-in-flight", type=_positive_int, help="records held before pausing")
     p.add_argument("--name", help="worker name in result rows (default host:pid)")
+    p.add_argument("--processes", type=_positive_int, default=1,
+                   help="worker processes, each a member of the queues' groups, supervised "
+                   "(default 1; process i serves metrics on PORT + i)")
     _add_metrics_flags(p)
     p.set_defaults(handler=_cmd_worker)
 
@@ -292,6 +297,8 @@ def _cmd_worker(ns: argparse.Namespace) -> int:
     if not ns.app:
         raise CliError("worker needs --app module:app (the tasks it runs are registered there)")
     app = _app(ns)
+    if ns.processes > 1:
+        return _supervise_workers(ns, app)
     from streamtasks.health import serve_worker
     from streamtasks.metrics import WorkerMetrics
 
@@ -306,6 +313,23 @@ def _cmd_worker(ns: argparse.Namespace) -> int:
     finally:
         if server is not None:
             server.close()
+
+
+def _supervise_workers(ns: argparse.Namespace, app: App) -> int:
+    """``worker --processes N``: N ``worker`` children under a :class:`Supervisor`."""
+    from streamtasks.worker.supervisor import Supervisor, child_command
+
+    port = _metrics_port(ns, app)
+    own = ("--processes", "--metrics-port", "--name")
+    base = child_command(ns.argv, lambda arg: arg.split("=")[0] in own)
+
+    def command(index: int) -> list[str]:
+        argv = [*base, "--metrics-port", str(port + index if port else 0)]
+        if ns.name:  # one name in every row would hide which process ran what
+            argv += ["--name", f"{ns.name}-{index}"]
+        return argv
+
+    return Supervisor(command, ns.processes, app.settings.shutdown_grace_s).run()
 
 
 def _cmd_delayer(ns: argparse.Namespace) -> int:
