@@ -170,7 +170,7 @@ class GroupResult:
 
     def get(
         self, timeout: float | None = None, propagate: bool = True,
-        interval_s: float = 0.02, max_interval_s: float = 0.5,
+        interval_s: float = 0.002, max_interval_s: float = 0.5,
     ) -> list[Any]:
         """Wait for every member and return their results in group order.
 

@@ -238,7 +238,7 @@ class ResultBackend(ABC):
         self,
         task_id: str,
         timeout_s: float | None,
-        interval_s: float = 0.02,
+        interval_s: float = 0.002,
         max_interval_s: float = 0.5,
     ) -> TaskMeta:
         """Poll until the task is in a final state and return its row.

@@ -144,7 +144,7 @@ class KafkaBroker(Broker):
     def producer_config(self) -> dict[str, Any]:
         """Return the librdkafka configuration of the producer (secrets included)."""
         return {
-            "linger.ms": 5,
+            "linger.ms": 1,
             "compression.type": "lz4",
             "queue.buffering.max.messages": 1_000_000,
             "message.max.bytes": self._limit_bytes,
