@@ -14,12 +14,14 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 import structlog
 
+from streamtasks import tracing
 from streamtasks.backend.base import ResultBackend
 from streamtasks.broker.base import Broker, TopicSpec
 from streamtasks.codec import AvroCodec, Codec, check_arguments, to_json_text
 from streamtasks.delays import next_hop
 from streamtasks.errors import ConfigError, MessageTooLargeError, SendError, UnknownTaskError
 from streamtasks.headers import task_headers
+from streamtasks.logs import ensure_configured
 from streamtasks.message import TaskMessage, new_task_id, now_ms
 from streamtasks.result import AsyncResult
 from streamtasks.retry import RetryPolicy, call_options
@@ -79,6 +81,7 @@ class App:
         }
         base = settings or Settings()
         self.settings = Settings.build({**_as_dict(base), **overrides}) if overrides else base
+        ensure_configured(self.settings)
         self.codec: Codec = codec or AvroCodec()
         self.tasks: dict[str, Task[Any, Any]] = {}
         self._broker = broker if isinstance(broker, Broker) else None
@@ -270,6 +273,8 @@ class App:
                 max_retries, backoff, backoff_s,
                 None if deadline_s is None else now + int(deadline_s * 1000),
             ),
+            # inside a task: the task's trace; elsewhere a new one
+            traceparent=tracing.traceparent_for_send(),
         )
         self.publish(msg)
         if confirm:
@@ -289,7 +294,10 @@ class App:
             task = self.tasks.get(msg.name)
             if task is not None:
                 check_arguments(task.fn, msg.args, msg.kwargs)
+        traceparent = tracing.traceparent_for_send()  # one workflow, one trace
         for msg in messages:
+            if msg.traceparent is None:
+                msg.traceparent = traceparent
             self.publish(msg)
         if confirm:
             self.flush(only=[msg.id for msg in messages])

@@ -34,6 +34,7 @@ from streamtasks.errors import DecodeError, MessageError, ResultTimeout, TaskExp
 from streamtasks.headers import task_headers
 from streamtasks.message import TaskMessage, now_ms
 from streamtasks.task import Task
+from streamtasks.tracing import record_traceparent
 from streamtasks.worker.deadletter import dead_letter_headers
 from streamtasks.worker.delayer import DelayForwarder
 from streamtasks.worker.effects import EffectRunner, Step, StepDone, send_step, store_step
@@ -352,10 +353,22 @@ class Worker:
                 if rt.tracker.in_flight(tp) > cap}
 
     def _submit(self, job: _Job) -> None:
+        record, msg = job.record, job.msg
+        context = {"task_id": msg.id, "queue": msg.queue, "attempt": msg.attempt,
+                   "partition": record.partition, "offset": record.offset,
+                   "traceparent": record_traceparent(record.headers, msg.traceparent)}
         self.executor.submit(job.task, job.args, job.kwargs,
-                             lambda outcome: self._outcomes.put((job, outcome)),
+                             lambda outcome: self._ran(job, outcome),
                              start=lambda: self._may_start(job),
-                             inline=CHORD_BODY not in job.msg.options)
+                             inline=CHORD_BODY not in job.msg.options, context=context)
+
+    def _ran(self, job: _Job, outcome: Outcome | None) -> None:
+        """In the thread that ran the task: hand the outcome to the worker's thread."""
+        if outcome is not None and outcome.traceparent:
+            # follow-ups (retry, chain step, callbacks, chord body) inherit the message's
+            # traceparent: from here on it is the run's span, their parent
+            job.msg.traceparent = outcome.traceparent
+        self._outcomes.put((job, outcome))
 
     def _may_start(self, job: _Job) -> bool:
         """In the thread about to run the task: may it run?

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import structlog
 
 from streamtasks import states
+from streamtasks.logs import task_context
 from streamtasks.task import Task
 
 log = structlog.get_logger("streamtasks.worker")
@@ -32,6 +34,8 @@ class Outcome:
     finished_ms: int = 0
     started_ns: int = 0
     finished_ns: int = 0
+    #: The run's W3C trace context: what the task's follow-ups carry.
+    traceparent: str | None = None
 
 
 @dataclass(slots=True)
@@ -41,6 +45,7 @@ class _Run:
     kwargs: dict[str, Any]
     start: Callable[[], bool]
     done: Callable[[Outcome | None], None]
+    context: Mapping[str, object] | None = None
 
 
 class TimeLimitExceeded(Exception):
@@ -54,6 +59,16 @@ def _now_ms() -> int:
 def _failure(err: BaseException, started_ms: int) -> Outcome:
     trace = "".join(traceback.format_exception(err))
     return Outcome(states.FAILURE, None, err, trace, started_ms, _now_ms())
+
+
+@contextlib.contextmanager
+def _scope(name: str, context: Mapping[str, object] | None) -> Iterator[list[str]]:
+    """Within a run: its log fields and trace bound; yields [the run's traceparent]."""
+    if context is None:
+        yield []
+        return
+    with task_context(name, context) as run:
+        yield [run.traceparent]
 
 
 def _report(future: Future[Outcome | None], done: Callable[[Outcome | None], None]) -> None:
@@ -110,20 +125,24 @@ class Executor:
         done: Callable[[Outcome | None], None],
         start: Callable[[], bool] = lambda: True,
         inline: bool = True,
+        context: Mapping[str, object] | None = None,
     ) -> None:
         """Queue one run (or run it now, inline); ``done`` is called with its outcome.
 
         ``start`` is asked when the run is about to begin (it may have waited in the
         queue): when it answers False the task is not run and ``done`` gets None.
         ``inline``: the caller allows running it in its own thread when it is cheap.
+        ``context``: the run's log fields (task_id, queue, attempt, partition, offset)
+        and its record's ``traceparent``, bound while it runs (see
+        :func:`streamtasks.logs.task_context`); the outcome carries the run's trace.
         """
         if task.is_async:
             future: Future[Outcome | None] = asyncio.run_coroutine_threadsafe(
-                self._run_async(task, args, kwargs, start), self._event_loop()
+                self._run_async(task, args, kwargs, start, context), self._event_loop()
             )
             future.add_done_callback(lambda f: _report(f, done))
             return
-        run = _Run(task, args, kwargs, start, done)
+        run = _Run(task, args, kwargs, start, done, context)
         if inline and self._budget_s > 0 and self._cheap(task.name):
             began = time.perf_counter()
             self._execute(run)
@@ -151,7 +170,7 @@ class Executor:
 
     def _execute(self, run: _Run) -> None:
         try:
-            outcome = self._run_sync(run.task, run.args, run.kwargs, run.start)
+            outcome = self._run_sync(run.task, run.args, run.kwargs, run.start, run.context)
             if outcome is not None and self.inline_max_s:
                 self._measure(run.task.name, outcome)
             run.done(outcome)
@@ -166,46 +185,62 @@ class Executor:
 
     @staticmethod
     def _run_sync(
-        task: Task[Any, Any], args: list[Any], kwargs: dict[str, Any], start: Callable[[], bool]
+        task: Task[Any, Any], args: list[Any], kwargs: dict[str, Any], start: Callable[[], bool],
+        context: Mapping[str, object] | None = None,
     ) -> Outcome | None:
-        if not start():
-            return None
-        started_ns = time.perf_counter_ns()
-        started = _now_ms()
-        try:
-            result = task.fn(*args, **kwargs)
-        except BaseException as err:
-            outcome = _failure(err, started)
-        else:
-            outcome = Outcome(states.SUCCESS, result, None, None, started, _now_ms())
+        with _scope(task.name, context) as trace:
+            if not start():
+                return None
+            started_ns = time.perf_counter_ns()
+            started = _now_ms()
+            try:
+                result = task.fn(*args, **kwargs)
+            except BaseException as err:
+                outcome = _failure(err, started)
+            else:
+                outcome = Outcome(states.SUCCESS, result, None, None, started, _now_ms())
         outcome.started_ns, outcome.finished_ns = started_ns, time.perf_counter_ns()
+        outcome.traceparent = trace[0] if trace else None
         return outcome
 
     async def _run_async(
         self, task: Task[Any, Any], args: list[Any], kwargs: dict[str, Any],
-        start: Callable[[], bool],
+        start: Callable[[], bool], context: Mapping[str, object] | None = None,
     ) -> Outcome | None:
         assert self._semaphore is not None
         async with self._semaphore:
-            if not start():
-                return None
-            started = _now_ms()
-            limit = task.options.time_limit_s
-            timer = asyncio.timeout(limit) if limit else None
-            try:
-                if timer is None:
+            # a coroutine run by run_coroutine_threadsafe is its own asyncio task: what
+            # the scope binds stays within this run
+            with _scope(task.name, context) as trace:
+                outcome = await self._run_coroutine(task, args, kwargs, start)
+            if outcome is not None:
+                outcome.traceparent = trace[0] if trace else None
+            return outcome
+
+    @staticmethod
+    async def _run_coroutine(
+        task: Task[Any, Any], args: list[Any], kwargs: dict[str, Any],
+        start: Callable[[], bool],
+    ) -> Outcome | None:
+        if not start():
+            return None
+        started = _now_ms()
+        limit = task.options.time_limit_s
+        timer = asyncio.timeout(limit) if limit else None
+        try:
+            if timer is None:
+                result = await task.fn(*args, **kwargs)
+            else:
+                async with timer:
                     result = await task.fn(*args, **kwargs)
-                else:
-                    async with timer:
-                        result = await task.fn(*args, **kwargs)
-            except TimeoutError as err:
-                if timer is not None and timer.expired():
-                    limited = TimeLimitExceeded(f"{task.name} ran longer than {limit}s")
-                    return _failure(limited, started)
-                return _failure(err, started)  # the task's own TimeoutError stays itself
-            except BaseException as err:
-                return _failure(err, started)
-            return Outcome(states.SUCCESS, result, None, None, started, _now_ms())
+        except TimeoutError as err:
+            if timer is not None and timer.expired():
+                limited = TimeLimitExceeded(f"{task.name} ran longer than {limit}s")
+                return _failure(limited, started)
+            return _failure(err, started)  # the task's own TimeoutError stays itself
+        except BaseException as err:
+            return _failure(err, started)
+        return Outcome(states.SUCCESS, result, None, None, started, _now_ms())
 
     def _event_loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:

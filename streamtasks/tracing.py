@@ -1,0 +1,184 @@
+"""Trace context: W3C ``traceparent`` from a send, through the worker, to every follow-up.
+
+A task record carries ``traceparent`` (header and message field). While a task runs, its
+*run* is a span: same trace id as its record, a span id of its own, and the record's span
+as parent. The run's context is the current one (a contextvar) in the task's thread or
+coroutine, so a task sent from inside it joins the trace; the worker gives the run's
+``traceparent`` to everything it sends for the task (retry, chain step, callbacks, chord
+body), so a whole workflow is one trace.
+
+OpenTelemetry is used only when the ``streamtasks[otel]`` extra (``opentelemetry-api``)
+is installed: each run is then a real span (kind CONSUMER) whose parent is the record's
+context, and the run's ``traceparent`` is that span's. Without it nothing is imported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import secrets
+from collections.abc import Iterator, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+from streamtasks.headers import TRACEPARENT, header_text
+
+_TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?$")
+_ZERO_TRACE = "0" * 32
+_ZERO_SPAN = "0" * 16
+#: Sampled: the default flags of a trace started here.
+SAMPLED = "01"
+
+
+@dataclass(frozen=True, slots=True)
+class TraceContext:
+    """A position in a trace: the trace id, the current span id and the trace flags."""
+
+    trace_id: str
+    span_id: str
+    flags: str = SAMPLED
+
+    @property
+    def traceparent(self) -> str:
+        """The W3C ``traceparent`` text (version 00)."""
+        return f"00-{self.trace_id}-{self.span_id}-{self.flags}"
+
+    def child(self) -> TraceContext:
+        """Return a new span of the same trace (a fresh span id, same flags)."""
+        return TraceContext(self.trace_id, _new_span_id(), self.flags)
+
+
+_current: ContextVar[TraceContext | None] = ContextVar("streamtasks_trace", default=None)
+
+
+def _new_span_id() -> str:
+    span = secrets.token_hex(8)
+    return span if span != _ZERO_SPAN else _new_span_id()
+
+
+def new_trace() -> TraceContext:
+    """Return the root span of a new trace (sampled)."""
+    trace = secrets.token_hex(16)
+    if trace == _ZERO_TRACE:  # pragma: no cover - one in 2**128
+        return new_trace()
+    return TraceContext(trace, _new_span_id())
+
+
+def parse(text: str | None) -> TraceContext | None:
+    """Parse a W3C ``traceparent``; None when absent or invalid (then a new trace starts).
+
+    Versions other than 00 are read by their first four fields, as the spec asks;
+    version ``ff`` and all-zero ids are invalid.
+    """
+    if not text:
+        return None
+    match = _TRACEPARENT.match(text.strip())
+    if match is None:
+        return None
+    version, trace_id, span_id, flags, rest = match.groups()
+    if version == "ff" or (version == "00" and rest):
+        return None
+    if trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN:
+        return None
+    return TraceContext(trace_id, span_id, flags)
+
+
+def current() -> TraceContext | None:
+    """Return the trace context of the running task (or code in :func:`activated`)."""
+    return _current.get()
+
+
+def traceparent_for_send() -> str:
+    """Return the ``traceparent`` of a task sent now.
+
+    Inside a running task: its run's span, so the new task joins the task's trace.
+    Elsewhere: the root span of a new trace.
+    """
+    ctx = _current.get()
+    return (ctx or new_trace()).traceparent
+
+
+def record_traceparent(headers: Mapping[str, bytes], fallback: str | None) -> str | None:
+    """Return a record's ``traceparent``: its header, else ``fallback`` (the message's)."""
+    return header_text(headers, TRACEPARENT) or fallback
+
+
+@contextlib.contextmanager
+def activated(ctx: TraceContext) -> Iterator[TraceContext]:
+    """Make ``ctx`` the current trace context within the block (this thread / task)."""
+    token = _current.set(ctx)
+    try:
+        yield ctx
+    finally:
+        _current.reset(token)
+
+
+@contextlib.contextmanager
+def task_run(
+    name: str, traceparent: str | None, attributes: Mapping[str, object] | None = None
+) -> Iterator[TraceContext]:
+    """Trace one run of a task: the current context within the block is the run's span.
+
+    Args:
+        name: the task name (the OpenTelemetry span name).
+        traceparent: the record's ``traceparent`` (its sender's span), or None.
+        attributes: span attributes (OpenTelemetry only).
+
+    Yields:
+        The run's trace context: a child of the record's, or a new trace's root.
+    """
+    parent = parse(traceparent)
+    otel = _otel_trace()
+    if otel is None:
+        with activated(parent.child() if parent is not None else new_trace()) as ctx:
+            yield ctx
+        return
+    with _otel_span(otel, name, parent, attributes or {}) as ctx, activated(ctx):
+        yield ctx
+
+
+# -- OpenTelemetry (optional) -------------------------------------------------------------
+
+_otel_module: list[Any] = []  # [module or None] once looked up
+
+
+def _otel_trace() -> Any:
+    """Return ``opentelemetry.trace`` when installed, else None (imported on first use)."""
+    if not _otel_module:
+        try:
+            from opentelemetry import trace
+        except ImportError:
+            _otel_module.append(None)
+        else:
+            _otel_module.append(trace)
+    return _otel_module[0]
+
+
+def otel_available() -> bool:
+    """True when OpenTelemetry spans are made (``pip install streamtasks[otel]``)."""
+    return _otel_trace() is not None
+
+
+@contextlib.contextmanager
+def _otel_span(
+    otel: Any, name: str, parent: TraceContext | None, attributes: Mapping[str, object]
+) -> Iterator[TraceContext]:
+    parent_ctx = None
+    if parent is not None:
+        remote = otel.SpanContext(
+            trace_id=int(parent.trace_id, 16), span_id=int(parent.span_id, 16),
+            is_remote=True, trace_flags=otel.TraceFlags(int(parent.flags, 16)),
+        )
+        parent_ctx = otel.set_span_in_context(otel.NonRecordingSpan(remote))
+    tracer = otel.get_tracer("streamtasks")
+    attrs = {k: v for k, v in attributes.items() if isinstance(v, str | int | float | bool)}
+    with tracer.start_as_current_span(
+        name, context=parent_ctx, kind=otel.SpanKind.CONSUMER, attributes=attrs,
+    ) as span:
+        sc = span.get_span_context()
+        if sc.is_valid:
+            yield TraceContext(f"{sc.trace_id:032x}", f"{sc.span_id:016x}",
+                               f"{int(sc.trace_flags):02x}")
+        else:  # the API without an SDK: no real span, keep the trace going ourselves
+            yield parent.child() if parent is not None else new_trace()
