@@ -58,8 +58,17 @@ demo: up
 	$(PYTHON) -m streamtasks.cli migrate
 	$(PYTHON) examples/demo.py
 
-bench: up
+# Celery's own environment, Redis (Debian) and Machinery's Go module, for bench/compare.py.
+bench-deps:
+	command -v redis-server >/dev/null || { apt-get update && apt-get install -y redis-server; }
+	test -x bench/.venv-celery/bin/python || $(PYTHON) -m venv bench/.venv-celery
+	bench/.venv-celery/bin/python -m pip install --quiet --disable-pip-version-check 'celery[redis]>=5,<6'
+	cd bench/machinery && GOFLAGS=-mod=mod go mod download
+
+# Prints figures and the issue-10 table; writes bench/results/latest.json (BENCH_TASKS=N).
+bench: up bench-deps
 	$(PYTHON) bench/codec.py
 	$(PYTHON) bench/run.py
 	$(PYTHON) bench/chord.py
 	$(PYTHON) bench/many_queues.py
+	$(PYTHON) bench/compare.py --tasks $(or $(BENCH_TASKS),20000)
