@@ -177,8 +177,9 @@ def _otel_span(
         name, context=parent_ctx, kind=otel.SpanKind.CONSUMER, attributes=attrs,
     ) as span:
         sc = span.get_span_context()
-        if sc.is_valid:
-            yield TraceContext(f"{sc.trace_id:032x}", f"{sc.span_id:016x}",
-                               f"{int(sc.trace_flags):02x}")
-        else:  # the API without an SDK: no real span, keep the trace going ourselves
+        run = TraceContext(f"{sc.trace_id:032x}", f"{sc.span_id:016x}",
+                           f"{int(sc.trace_flags):02x}")
+        if sc.is_valid and (parent is None or run.span_id != parent.span_id):
+            yield run
+        else:  # the API without an SDK (no span, or the parent's): keep the trace ourselves
             yield parent.child() if parent is not None else new_trace()

@@ -205,3 +205,18 @@ def test_without_opentelemetry_nothing_is_imported(tmp_path: object) -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_opentelemetry_api_without_an_sdk_still_gives_each_run_its_own_span(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from opentelemetry import trace
+    from opentelemetry.trace import NoOpTracerProvider
+
+    monkeypatch.setattr(tracing, "_otel_module", [trace])
+    monkeypatch.setattr(trace, "get_tracer", NoOpTracerProvider().get_tracer)
+    record = tracing.new_trace()
+    with tracing.task_run("t", record.traceparent) as run:
+        assert run.trace_id == record.trace_id and run.span_id != record.span_id
+    with tracing.task_run("t", None) as run:
+        assert tracing.current() == run
