@@ -62,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--backend", help="backend URL, e.g. cassandra://127.0.0.1:9042/ks")
     common.add_argument("--namespace", help="topic name prefix (default streamtasks)")
     common.add_argument("--app", help="module:attribute of your App (registers the tasks)")
+    common.add_argument("--log-format", choices=("json", "console", "auto"),
+                        help="log lines as JSON or for a console (default: setting "
+                        "log_format; auto: JSON when stdout is not a terminal)")
 
     parser = argparse.ArgumentParser(
         prog="streamtasks", description="Distributed tasks on Kafka and Cassandra."
@@ -271,7 +274,7 @@ def _app(ns: argparse.Namespace) -> App:
         app = App.from_env(
             config_file=ns.config, broker=ns.broker, backend=ns.backend, namespace=ns.namespace
         )
-    configure_logging(app.settings)
+    configure_logging(app.settings, log_format=ns.log_format)
     return app
 
 

@@ -52,7 +52,7 @@ class Settings:
         consistency: Cassandra consistency level of reads and writes.
         backend_max_in_flight: concurrent Cassandra writes per process.
         track_started: write a STARTED row when a task starts (one more write per task).
-        log_format: ``json`` or ``console``.
+        log_format: ``json``, ``console``, or ``auto`` (JSON when stdout is not a terminal).
         log_level: ``debug``, ``info``, ``warning``, ``error``.
         metrics_port: port of the worker's /metrics, /healthz, /readyz (0 disables).
         delay_tiers: the delay tiers, comma-separated (``1s,5s,30s,2m,10m,1h``).
@@ -79,7 +79,7 @@ class Settings:
     consistency: str = "LOCAL_QUORUM"
     backend_max_in_flight: int = 256
     track_started: bool = False
-    log_format: str = "console"
+    log_format: str = "auto"
     log_level: str = "info"
     metrics_port: int = 0
     delay_tiers: str = "1s,5s,30s,2m,10m,1h"
@@ -150,8 +150,10 @@ class Settings:
         from streamtasks.topology import check_min_insync_replicas
 
         check_min_insync_replicas(self.replication_factor, self.min_insync_replicas)
-        if self.log_format not in ("json", "console"):
-            raise ConfigError(f"log_format must be 'json' or 'console', got {self.log_format!r}")
+        if self.log_format not in ("json", "console", "auto"):
+            raise ConfigError(
+                f"log_format must be 'json', 'console' or 'auto', got {self.log_format!r}"
+            )
         from streamtasks.delays import parse_tiers
 
         parse_tiers(self.delay_tiers)
