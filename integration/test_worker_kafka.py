@@ -22,6 +22,7 @@ from integration._workers import (
     worker_env,
     workers,
 )
+from integration.test_ops_http_kafka import free_port, wait_for
 from streamtasks import TaskFailed, states
 
 pytestmark = pytest.mark.integration
@@ -141,23 +142,32 @@ def test_a_worker_killed_mid_run_loses_nothing(tmp_path: Path) -> None:
 def test_an_outage_under_load_loses_nothing(service: str, tmp_path: Path) -> None:
     require_restartable(service)
     total = 3_000
-    env = worker_env(new_namespace(f"outage-{service}"), STREAMTASKS_LOG_LEVEL="info")
+    port = free_port()
+    env = worker_env(new_namespace(f"outage-{service}"), STREAMTASKS_LOG_LEVEL="info",
+                     STREAMTASKS_METRICS_PORT=str(port))
     app = make_app(env)
     app.ensure_queue("default")
     rows = Rows()
     worker_log = tmp_path / "worker.log"
-    with workers(env, 1, concurrency=4, log_path=worker_log):
+    with workers(env, 1, concurrency=4, log_path=worker_log) as procs:
         # Given about 40 s of work (3,000 tasks of 50 ms, 4 at a time)
         ids = [app.send("it.sleep", args=[50, i]).id for i in range(total)]
         app.flush(timeout_s=120)
         time.sleep(3)
+        ready_before = wait_for(port, "/readyz", 200, procs[0].proc, worker_log)
         # When the service stops for 20 s under load, then starts again
         services(f"{service}-stop")
-        time.sleep(20)
+        stopped = time.monotonic()
+        # (the worker's /readyz says so, naming the service)
+        down = wait_for(port, "/readyz", 503, procs[0].proc, worker_log, timeout_s=18)
+        time.sleep(max(0.0, 20 - (time.monotonic() - stopped)))
         services(f"{service}-start")
         # Then the worker recovers by itself and every task succeeds
         counts = rows.wait_states(ids, states.SUCCESS, timeout_s=600)
+        ready_after = wait_for(port, "/readyz", 200, procs[0].proc, worker_log, timeout_s=60)
     rows.close()
+    print(f"/readyz before {ready_before}, during {down}, after {ready_after}")
+    assert service in json.dumps(down).lower()
     print(f"\n{service} outage of 20 s: {counts[states.SUCCESS]}/{total} SUCCESS")
     if counts[states.SUCCESS] != total:
         print("--- worker log, last 200 lines ---")
