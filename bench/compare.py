@@ -11,8 +11,8 @@ workers (each has run a task before any clock starts). Per system:
   worker commits a record only once its row is written), and a sample of 500 rows (the
   last one among them) reads SUCCESS from Cassandra. Celery and Machinery: every result
   reads SUCCESS from the Redis backend (MGET, 500 keys at a time).
-- enqueue: N / (time to send the burst, flush included); streamtasks by ``.delay()`` and
-  (a row of its own, no worker running) by ``app.send``.
+- enqueue: N / (time to send the burst, flush included), the worker running beside the
+  sender; for streamtasks also with no worker running, by ``.delay()`` and by ``app.send``.
 - round trip: ``--roundtrips`` sequential send + get of one task with a warm, idle worker.
 - RSS: the worker's resident memory at the end (for ``--processes 2``: supervisor and
   children added up).
@@ -172,13 +172,24 @@ def streamtasks_burst(tasks: int, roundtrips: int, processes: int) -> dict[str, 
 
 
 def streamtasks_send(tasks: int) -> dict[str, Any]:
+    """Enqueue only, no worker: N ``.delay()`` + flush, then N ``app.send`` + flush."""
     app = App("bench", settings=Settings.from_env(
         env=make_env(f"bench-cmpsend-{uuid.uuid4().hex[:8]}")))
+
+    @app.task(name="bench.noop")
+    def noop() -> None:
+        """Only sent."""
+
     app.ensure_queue("default")
     try:
         app.send("bench.noop")  # warm: connected, topic metadata known
         app.flush(timeout_s=60)
-        return {"tasks": tasks, "enqueue_per_s": send_tasks(app, tasks)}
+        t0 = time.perf_counter()
+        for _ in range(tasks):
+            noop.delay()
+        app.flush(timeout_s=300)
+        delay_rate = tasks / (time.perf_counter() - t0)
+        return {"tasks": tasks, "delay_per_s": delay_rate, "send_per_s": send_tasks(app, tasks)}
     finally:
         app.close()
 
@@ -329,7 +340,7 @@ def main() -> int:
             "streamtasks_1p": attempt("streamtasks, 1 worker process", streamtasks_burst,
                                       n, rt, 1),
             "streamtasks_2p": attempt("streamtasks, --processes 2", streamtasks_burst, n, rt, 2),
-            "streamtasks_send": attempt("streamtasks, app.send", streamtasks_send, n),
+            "streamtasks_send": attempt("streamtasks, enqueue only", streamtasks_send, n),
             "ceiling": attempt("ceiling", ceiling, n),
             "celery_redis": attempt("Celery + Redis", celery, n, rt),
             "machinery_redis": attempt("Machinery + Redis", machinery, n, rt, Path(tmp)),
@@ -338,7 +349,12 @@ def main() -> int:
     rows = [
         ("streamtasks, 1 worker process (.delay())", results["streamtasks_1p"]),
         ("streamtasks, worker --processes 2 (.delay())", results["streamtasks_2p"]),
-        ("streamtasks, app.send (enqueue only)", results["streamtasks_send"]),
+        ("streamtasks, enqueue only: .delay()",
+         {"enqueue_per_s": results["streamtasks_send"].get("delay_per_s"),
+          **{k: v for k, v in results["streamtasks_send"].items() if k == "error"}}),
+        ("streamtasks, enqueue only: app.send",
+         {"enqueue_per_s": results["streamtasks_send"].get("send_per_s"),
+          **{k: v for k, v in results["streamtasks_send"].items() if k == "error"}}),
         (f"Celery {celery_version} + Redis, threads pool", results["celery_redis"]),
         ("Machinery v2.0.13 + Redis (Go)", results["machinery_redis"]),
         ("ceiling: bare Python loop, 1 INSERT/task", results["ceiling"]),
