@@ -244,7 +244,7 @@ class Redis:
 
 def celery(tasks: int, roundtrips: int) -> dict[str, Any]:
     if not CELERY_PY.exists():
-        raise Missing(f"{CELERY_PY.relative_to(ROOT)} not found: Celery's own environment "
+        raise Missing(f"{CELERY_PY} not found: Celery's own environment "
                       "(make bench-deps)")
     check = subprocess.run([str(CELERY_PY), "-c", "import celery, redis"],
                            capture_output=True, text=True)
