@@ -188,7 +188,11 @@ class EffectRunner:
                 self._ready.append(chain)
             return
         delay = min(self.first_backoff_s * 2 ** (chain.failures - 1), self.max_backoff_s)
-        if chain.failures == 1 or chain.failures % 10 == 0:
+        if getattr(error, "expected_wait", False):
+            # a wait the step asked for (another member is settling a chord): not news
+            log.debug("side effect waits", what=chain.what, step=chain.index,
+                      retry_in_s=round(delay, 2), reason=safe_text(str(error)))
+        elif chain.failures == 1 or chain.failures % 10 == 0:
             log.warning(
                 "side effect failed, will retry",
                 what=chain.what,

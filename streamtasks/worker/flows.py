@@ -65,8 +65,11 @@ CLAIM_PATIENCE_S = 10.0
 class ChordPending(BackendError):
     """Another member decided the chord a moment ago and has not confirmed it yet.
 
-    Retried like an infrastructure error: the member waits for the decision.
+    Retried like an infrastructure error: the member waits for the decision. An expected
+    wait, logged at debug level only.
     """
+
+    expected_wait = True
 
 
 @dataclass(slots=True)
