@@ -202,6 +202,40 @@ class Topology:
 
     # -- topic specs -------------------------------------------------------------------
 
+    def check_queue(self, queue: str) -> None:
+        """Refuse a queue name that cannot name its topics and groups safely.
+
+        A queue name is 1 or more of ``A-Z a-z 0-9 . _ -`` (Kafka's topic characters),
+        does not end in ``.dlq`` or ``.delayer`` nor contain ``.delay.`` (those name
+        another queue's dead letters, forwarder group and tiers), and is short enough that
+        its longest topic fits Kafka's 249 characters.
+
+        Raises:
+            ConfigError: saying what is wrong with the name.
+        """
+        if not queue:
+            raise ConfigError("a queue name cannot be empty")
+        bad = sorted({c for c in queue if not (c.isascii() and (c.isalnum() or c in "._-"))})
+        if bad:
+            raise ConfigError(
+                f"queue name {queue!r} has characters Kafka refuses in topic names "
+                f"({''.join(bad)!r}); use letters, digits, '.', '_' and '-'"
+            )
+        if queue.endswith((".dlq", ".delayer")) or ".delay." in queue:
+            raise ConfigError(
+                f"queue name {queue!r} is reserved: '.dlq', '.delayer' and '.delay.' name "
+                "the dead letters, forwarder group and delay tiers of another queue"
+            )
+        longest = max((self.tier_topic(queue, t) for t in self.tiers), key=len,
+                      default=self.dlq_topic(queue))
+        longest = max(longest, self.dlq_topic(queue), key=len)
+        if len(longest) > 249:
+            room = len(queue) - (len(longest) - 249)
+            raise ConfigError(
+                f"queue name {queue[:40]!r}... is {len(queue)} characters: its topic "
+                f"{longest[:60]!r}... would pass Kafka's 249; use at most {room}"
+            )
+
     def topic_config(self) -> dict[str, str]:
         """Return the configs every topic of a queue is created with."""
         return {
@@ -220,6 +254,7 @@ class Topology:
             ConfigError: ``min_insync_replicas`` is above ``replication_factor``.
         """
         check_min_insync_replicas(self.replication_factor, self.min_insync_replicas)
+        self.check_queue(queue)
         count = partitions or self.partitions
         return [
             TopicSpec(name, count, self.replication_factor, self.topic_config())

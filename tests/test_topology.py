@@ -1,6 +1,6 @@
 import pytest
 
-from streamtasks import App, Settings
+from streamtasks import App, ConfigError, Settings
 from streamtasks.topology import TopicKind, TopicRole, Topology
 
 
@@ -76,3 +76,25 @@ def test_group_of_a_role(topology: Topology) -> None:
     assert topology.group_of(roles["ns.a"]) == "ns.a"
     assert topology.group_of(roles["ns.a.delay.1s"]) == "ns.a.delayer"
     assert topology.group_of(roles["ns.a.dlq"]) is None
+
+
+@pytest.mark.parametrize(("queue", "why"), [
+    ("", "empty"),
+    ("bad queue", "characters"),
+    ("a/b", "characters"),
+    ("ümlaut", "characters"),
+    ("emails.dlq", "reserved"),
+    ("emails.delay.1s", "reserved"),
+    ("emails.delayer", "reserved"),
+    ("q" * 240, "249"),
+])
+def test_a_bad_queue_name_is_refused_before_anything_is_created(queue: str, why: str) -> None:
+    topology = Settings(broker="memory://", backend="memory://").topology
+    with pytest.raises(ConfigError, match=why):
+        topology.topic_specs(queue)
+
+
+@pytest.mark.parametrize("queue", ["default", "delay", "emails.v2", "a-b_c", "q" * 200])
+def test_good_queue_names_pass(queue: str) -> None:
+    topology = Settings(broker="memory://", backend="memory://").topology
+    assert all(len(spec.name) <= 249 for spec in topology.topic_specs(queue))

@@ -41,6 +41,8 @@ QUEUE_FULL_RETRIES = 50
 REQUEST_TIMEOUT_S = 10.0
 #: How long ``create_topics`` waits for new topics to show in the metadata.
 TOPIC_VISIBLE_TIMEOUT_S = 30.0
+#: How long a first metadata request may take before the broker is called unreachable.
+REACHABLE_TIMEOUT_S = 8.0
 #: Records fetched per ``consume`` call of a range read.
 READ_BATCH = 1000
 #: How long ``delete_records`` waits for the brokers to confirm.
@@ -130,6 +132,7 @@ class KafkaBroker(Broker):
             **parsed.options,
         }
         self._lock = threading.Lock()
+        self._reachable = False
         self._producer: ck.Producer | None = None
         self._admin: AdminClient | None = None
         self._lookup: ck.Consumer | None = None
@@ -295,6 +298,7 @@ class KafkaBroker(Broker):
         if not specs:
             return []
         admin = self._get_admin()
+        self._check_reachable(admin)
         new = [
             NewTopic(s.name, s.partitions, s.replication_factor, config=dict(s.config))
             for s in specs
@@ -316,6 +320,25 @@ class KafkaBroker(Broker):
         if created:
             log.info("topics created", topics=created)
         return created
+
+    def _check_reachable(self, admin: AdminClient) -> None:
+        """Fail fast, naming the servers, when no broker answers a metadata request.
+
+        Without it, an unreachable or unresolvable broker showed as a topic creation
+        timing out after 30 s ("waiting for controller"), naming no host.
+        """
+        if self._reachable:
+            return
+        servers = self._common.get("bootstrap.servers", "?")
+        try:
+            admin.list_topics(timeout=REACHABLE_TIMEOUT_S)
+        except ck.KafkaException as err:
+            raise BrokerError(
+                f"no Kafka broker at {servers} answered within {REACHABLE_TIMEOUT_S:.0f}s "
+                f"({err.args[0].str() if err.args else err}); check that Kafka is running "
+                "there and the host:port in the broker URL"
+            ) from err
+        self._reachable = True
 
     def _wait_visible(self, topic: str) -> None:
         """Wait until ``topic`` shows in the metadata with a leader for every partition."""

@@ -114,6 +114,8 @@ class Worker:
         self.observer: WorkerObserver = observer or NullObserver()
         self.settings = app.settings
         self.queues = list(dict.fromkeys(queues))
+        for q in self.queues:
+            self.settings.topology.check_queue(q)
         self.concurrency = concurrency or self.settings.concurrency
         self.max_in_flight = max(max_in_flight or self.settings.max_in_flight, self.concurrency)
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
