@@ -26,10 +26,12 @@ from streamtasks.message import TaskMessage, new_task_id, now_ms
 from streamtasks.result import AsyncResult
 from streamtasks.retry import RetryPolicy, call_options
 from streamtasks.settings import Settings
-from streamtasks.task import Task, TaskOptions
+from streamtasks.signature import freeze_callbacks
+from streamtasks.task import CALL_OPTIONS, Task, TaskOptions, one_of, take_aliases
 from streamtasks.timeutil import epoch_ms
 
 if TYPE_CHECKING:
+    from streamtasks.signature import Canvas
     from streamtasks.worker.consumer import Worker
 
 P = ParamSpec("P")
@@ -208,26 +210,29 @@ class App:
     def send(
         self,
         name: str,
-        args: Sequence[Any] = (),
+        args: Sequence[Any] | None = (),
         kwargs: Mapping[str, Any] | None = None,
         *,
         queue: str | None = None,
         key: str | None = None,
         task_id: str | None = None,
-        countdown_s: float | None = None,
+        countdown: float | None = None,
         eta: datetime | None = None,
-        expires_s: float | None = None,
+        expires: float | datetime | None = None,
+        link: Canvas | Sequence[Canvas] | None = None,
+        link_error: Canvas | Sequence[Canvas] | None = None,
         max_retries: int | None = None,
         backoff: str | None = None,
         backoff_s: float | None = None,
         deadline_s: float | None = None,
         confirm: bool = False,
         _task: Task[Any, Any] | None = None,
+        **legacy: Any,
     ) -> AsyncResult:
         """Send a task by name; return an :class:`AsyncResult` at once.
 
-        The send is queued in the producer; :meth:`flush` (or ``confirm=True``)
-        waits for Kafka to confirm it.
+        The options keep Celery's names (``docs/celery.md``). The send is queued in the
+        producer; :meth:`flush` (or ``confirm=True``) waits for Kafka to confirm it.
 
         Args:
             name: the registered task name (the function need not be imported here).
@@ -237,23 +242,36 @@ class App:
             key: partition key: tasks with one key share a partition (and keep order
                 for ``ordered`` tasks). Default: the task id.
             task_id: the id to use (default: a fresh UUID).
-            countdown_s: run no earlier than this many seconds from now.
+            countdown: run no earlier than this many seconds from now
+                (``countdown_s`` is still accepted).
             eta: run no earlier than this time (an aware datetime, or naive UTC).
-            expires_s: not to run after this many seconds from now.
+            expires: not to run after this many seconds from now, or after this
+                datetime (naive: UTC); ``expires_s`` is still accepted.
+            link: signatures started with this task's result when it succeeds.
+            link_error: signatures started with ``(task_id, "Type: message")`` when
+                it fails for good.
             max_retries: override the task's ``max_retries`` for this call.
             backoff: override the task's backoff (``fixed``, ``exponential``,
                 ``fibonacci``).
             backoff_s: override the task's base backoff delay.
             deadline_s: schedule no retry later than this many seconds from now.
             confirm: wait until Kafka confirmed this task.
+            **legacy: the older spellings ``countdown_s`` and ``expires_s``; any other
+                name is refused with a :class:`ConfigError` naming it.
 
         Raises:
+            ConfigError: an option streamtasks refuses (``priority``, ...) or does not
+                know, or ``countdown`` with ``eta``.
             ArgumentError: the arguments do not fit a task registered here.
             EncodeError: an argument has a type that cannot be sent.
             MessageTooLargeError: the task is larger than ``max_message_bytes``.
             SendError: with ``confirm``, Kafka did not confirm it.
         """
+        aliases = take_aliases(f"send {name}", legacy, CALL_OPTIONS)
+        countdown = one_of(f"send {name}", "countdown", countdown, aliases)
+        expires = one_of(f"send {name}", "expires", expires, aliases)
         task = _task or self.tasks.get(name)
+        args = list(args or ())
         kwargs = dict(kwargs or {})
         if task is not None:
             check_arguments(task.fn, args, kwargs)
@@ -263,12 +281,12 @@ class App:
             name=name,
             queue=queue or (task.options.queue if task else self.settings.default_queue),
             # encode_task converts dataclasses / pydantic models and refuses what it cannot
-            args=list(args),
+            args=args,
             kwargs=kwargs,
             key=key,
             created_ms=now,
-            eta_ms=_eta_ms(now, countdown_s, eta),
-            expires_ms=None if expires_s is None else now + int(expires_s * 1000),
+            eta_ms=_eta_ms(now, countdown, eta),
+            expires_ms=_expires_ms(now, expires),
             options=call_options(
                 max_retries, backoff, backoff_s,
                 None if deadline_s is None else now + int(deadline_s * 1000),
@@ -276,10 +294,26 @@ class App:
             # inside a task: the task's trace; elsewhere a new one
             traceparent=tracing.traceparent_for_send(),
         )
+        msg.link = freeze_callbacks(msg.id, "link", link)
+        msg.link_error = freeze_callbacks(msg.id, "link_error", link_error)
         self.publish(msg)
         if confirm:
             self.flush(only=[msg.id])
         return AsyncResult(msg.id, self)
+
+    def send_task(
+        self,
+        name: str,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> AsyncResult:
+        """Send a task by name, as Celery's ``send_task``: :meth:`send` under its name.
+
+        Raises:
+            ConfigError: as :meth:`send`.
+        """
+        return self.send(name, args, kwargs, **options)
 
     def publish_all(self, messages: Sequence[TaskMessage], confirm: bool = False) -> None:
         """Send the first tasks of a workflow: check them all, then queue them all.
@@ -464,14 +498,22 @@ class App:
                 self._backend.close()
 
 
-def _eta_ms(now: int, countdown_s: float | None, eta: datetime | None) -> int | None:
-    if countdown_s is not None and eta is not None:
-        raise ConfigError("give countdown_s or eta, not both")
-    if countdown_s is not None:
-        return now + int(countdown_s * 1000)
+def _eta_ms(now: int, countdown: float | None, eta: datetime | None) -> int | None:
+    if countdown is not None and eta is not None:
+        raise ConfigError("give countdown or eta, not both")
+    if countdown is not None:
+        return now + int(countdown * 1000)
     if eta is not None:
         return epoch_ms(eta)
     return None
+
+
+def _expires_ms(now: int, expires: float | datetime | None) -> int | None:
+    if expires is None:
+        return None
+    if isinstance(expires, datetime):
+        return epoch_ms(expires)
+    return now + int(expires * 1000)
 
 
 def _flush_at_exit(ref: weakref.ReferenceType[App]) -> None:

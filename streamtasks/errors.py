@@ -113,14 +113,36 @@ class ResultTimeout(TaskError, TimeoutError):
 
 
 class Retry(StreamTasksError):
-    """Raise inside a task to ask for another attempt later.
+    """Raise inside a task to ask for another attempt later (as Celery's ``Retry``).
 
     Args:
-        countdown_s: seconds to wait before the next attempt (default: the task's backoff).
+        countdown: seconds to wait before the next attempt (default: the task's
+            backoff). ``countdown_s`` is the older spelling, still accepted.
+        exc: the error that caused the retry; its type and message become the reason
+            (and the task's error if no retry is left).
+        max_retries: the retries this task may have, instead of its own ``max_retries``.
         reason: why, kept in the result row while the task waits.
+
+    Raises:
+        ConfigError: both ``countdown`` and ``countdown_s``, or a negative
+            ``max_retries``.
     """
 
-    def __init__(self, countdown_s: float | None = None, reason: str = "") -> None:
-        self.countdown_s = countdown_s
-        self.reason = reason
-        super().__init__(reason or f"retry requested (countdown {countdown_s}s)")
+    def __init__(
+        self,
+        countdown: float | None = None,
+        exc: BaseException | None = None,
+        max_retries: int | None = None,
+        *,
+        reason: str = "",
+        countdown_s: float | None = None,
+    ) -> None:
+        if countdown is not None and countdown_s is not None:
+            raise ConfigError("Retry: give countdown or countdown_s, not both")
+        if max_retries is not None and max_retries < 0:
+            raise ConfigError(f"Retry: max_retries must not be negative, got {max_retries}")
+        self.countdown_s = countdown if countdown is not None else countdown_s
+        self.exc = exc
+        self.max_retries = max_retries
+        self.reason = reason or ("" if exc is None else f"{type(exc).__name__}: {exc}")
+        super().__init__(self.reason or f"retry requested (countdown {self.countdown_s}s)")

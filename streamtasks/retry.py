@@ -72,7 +72,9 @@ class RetryPolicy:
         if not self.retryable(error):
             return False
         limit = self.max_retries
-        if limit == 0 and isinstance(error, Retry):
+        if isinstance(error, Retry) and error.max_retries is not None:
+            limit = error.max_retries  # Celery's Retry(max_retries=...): this call's limit
+        elif limit == 0 and isinstance(error, Retry):
             limit = RETRY_REQUEST_LIMIT
         return attempt <= limit
 

@@ -16,12 +16,15 @@ import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from streamtasks.errors import ConfigError
 from streamtasks.message import derived_task_id, new_task_id, now_ms
 from streamtasks.result import AsyncResult, ChainResult, GroupResult, ResultHandle
 from streamtasks.retry import call_options
+from streamtasks.task import OPTION_ALIASES, unsupported_option
+from streamtasks.timeutil import epoch_ms
 from streamtasks.workflow import (
     CHAIN,
     CHORD,
@@ -120,8 +123,9 @@ class Signature(Canvas):
         args: positional arguments.
         kwargs: keyword arguments.
         immutable: never receives a previous step's result.
-        options: ``queue``, ``key``, ``countdown_s``, ``expires_s``, ``max_retries``,
-            ``backoff``, ``backoff_s`` (see :meth:`set`).
+        options: ``queue``, ``key``, ``countdown_s``, ``expires_s``, ``eta``,
+            ``expires_at``, ``max_retries``, ``backoff``, ``backoff_s``, as stored
+            (:meth:`set` takes Celery's names and stores them so).
         link: callbacks started with this task's result when it succeeds.
         link_error: callbacks started with ``(task_id, "Type: message")`` when it fails
             for good.
@@ -140,19 +144,40 @@ class Signature(Canvas):
     app: App | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "options", _stored_options(self.name, self.options))
         _check_options(self.name, self.options)
         for callback in (*self.link, *self.link_error):
             _check_part(callback, f"a callback of {self.name}")
 
     def set(self, **options: Any) -> Signature:
-        """Return a copy with options set (None removes one).
+        """Return a copy with options set, under Celery's names (None removes one).
+
+        Options: ``queue``, ``key``, ``countdown`` (seconds), ``eta`` (datetime, naive:
+        UTC), ``expires`` (seconds or datetime), ``task_id``, ``link`` / ``link_error``
+        (a signature or a list: as :meth:`on_success` / :meth:`on_error`),
+        ``max_retries``, ``backoff``, ``backoff_s``. ``countdown_s`` and ``expires_s``
+        are still accepted. A datetime in a workflow step counts from when the workflow
+        is sent.
 
         Raises:
-            ConfigError: an unknown option.
+            ConfigError: an option streamtasks refuses (``priority``, ...) or does not
+                know (the message names it), or a malformed value.
         """
-        merged = {**self.options, **options}
+        sig = self
+        rest = dict(options)
+        for callback in _as_list(rest.pop("link", None)):
+            sig = sig.on_success(callback)
+        for callback in _as_list(rest.pop("link_error", None)):
+            sig = sig.on_error(callback)
+        if "task_id" in rest:
+            sig = dataclasses.replace(sig, task_id=rest.pop("task_id"))
+        changes = _stored_options(self.name, rest)
+        if "expires" in rest or "expires_s" in rest:  # one expiry, whichever form
+            changes.setdefault("expires_s", None)
+            changes.setdefault("expires_at", None)
+        merged = {**sig.options, **changes}
         return dataclasses.replace(
-            self, options={k: v for k, v in merged.items() if v is not None}
+            sig, options={k: v for k, v in merged.items() if v is not None}
         )
 
     def on_success(self, callback: Canvas) -> Signature:
@@ -177,13 +202,20 @@ class Signature(Canvas):
         app: App | None = None,
         task_id: str | None = None,
         confirm: bool = False,
+        **options: Any,
     ) -> AsyncResult:
         """Send this task; ``args`` are appended (unless immutable), ``kwargs`` merged.
 
-        See :meth:`Canvas.apply_async` for the other arguments.
+        ``options`` are those of :meth:`set` (Celery's names: ``countdown``, ``eta``,
+        ``expires``, ``link``, ``link_error``, ``queue``, ...). See
+        :meth:`Canvas.apply_async` for the other arguments.
+
+        Raises:
+            ConfigError: an option streamtasks refuses or does not know.
         """
-        sig = dataclasses.replace(self, kwargs={**self.kwargs, **kwargs}) if kwargs else self
-        result = Canvas.apply_async(sig, args, app=app, task_id=task_id or self.task_id,
+        sig = self.set(**options) if options else self
+        sig = dataclasses.replace(sig, kwargs={**sig.kwargs, **kwargs}) if kwargs else sig
+        result = Canvas.apply_async(sig, args, app=app, task_id=task_id or sig.task_id,
                                     confirm=confirm)
         if not isinstance(result, AsyncResult):  # pragma: no cover - a task node's result
             raise TypeError(f"expected a task's result, got {result!r}")
@@ -201,7 +233,7 @@ class Signature(Canvas):
             "args": list(self.args),
             "kwargs": dict(self.kwargs),
             "immutable": self.immutable,
-            "options": dict(self.options),
+            "options": _wire_options(self.options, now_ms()),
             "link": [c._freeze(ids, False) for c in self.link],
             "link_error": [c._freeze(ids, False) for c in self.link_error],
         }
@@ -381,6 +413,73 @@ def result_of(node: Node, app: App) -> ResultHandle:
 
 # -- freezing helpers -------------------------------------------------------------
 
+#: Options a signature stores: the workflow's own and two datetimes kept until sent.
+_STORED_OPTIONS = TASK_OPTIONS | {"eta", "expires_at"}
+
+#: What :meth:`Signature.set` takes, under the names documented for it.
+_SET_OPTIONS = (
+    "queue", "key", "countdown", "eta", "expires", "task_id", "link", "link_error",
+    "max_retries", "backoff", "backoff_s",
+)
+
+
+def freeze_callbacks(
+    task_id: str, option: str, callbacks: Canvas | Sequence[Canvas] | None
+) -> list[Node]:
+    """Freeze ``link`` / ``link_error`` callbacks of a task sent alone (``App.send``).
+
+    Their ids derive from ``task_id``, so sending the same task id twice sends the same
+    callbacks.
+
+    Raises:
+        ConfigError: a callback is not a signature or workflow.
+    """
+    ids = Ids(task_id)
+    return [_check_part(c, option)._freeze(ids, False) for c in _as_list(callbacks)]
+
+
+def _as_list(callbacks: Canvas | Sequence[Canvas] | None) -> list[Canvas]:
+    if callbacks is None:
+        return []
+    if isinstance(callbacks, Canvas):
+        return [callbacks]
+    if isinstance(callbacks, list | tuple):
+        return list(callbacks)
+    return [_check_part(callbacks, "a callback")]  # refused, its type named
+
+
+def _stored_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """Return options under the names a signature stores (Celery's names translated).
+
+    Raises:
+        ConfigError: an option streamtasks refuses or does not know.
+    """
+    stored: dict[str, Any] = {}
+    for option, value in options.items():
+        if option in OPTION_ALIASES:
+            option = OPTION_ALIASES[option]
+        if option == "countdown":
+            stored["countdown_s"] = value
+        elif option == "expires":
+            key = "expires_at" if isinstance(value, datetime) else "expires_s"
+            stored[key] = value
+        elif option in _STORED_OPTIONS:
+            stored[option] = value
+        else:
+            raise unsupported_option(name, option, _SET_OPTIONS, kind="signature ")
+    return stored
+
+
+def _wire_options(options: Mapping[str, Any], now: int) -> dict[str, Any]:
+    """Return options as a workflow node carries them: datetimes as seconds from now."""
+    wire = {k: v for k, v in options.items() if k not in ("eta", "expires_at")}
+    eta, expires_at = options.get("eta"), options.get("expires_at")
+    if eta is not None:
+        wire["countdown_s"] = max(0.0, (epoch_ms(eta) - now) / 1000)
+    if expires_at is not None:
+        wire["expires_s"] = max(0.0, (epoch_ms(expires_at) - now) / 1000)
+    return wire
+
 
 def _check_options(name: str, options: Mapping[str, Any]) -> None:
     """Refuse unknown options and values a worker could not use, when the workflow is built.
@@ -388,12 +487,18 @@ def _check_options(name: str, options: Mapping[str, Any]) -> None:
     Raises:
         ConfigError: naming the option and what was wrong.
     """
-    unknown = set(options) - TASK_OPTIONS
+    unknown = set(options) - _STORED_OPTIONS
     if unknown:
         raise ConfigError(
             f"unknown signature option(s) {', '.join(sorted(unknown))} for {name}; "
-            f"known: {', '.join(sorted(TASK_OPTIONS))}"
+            f"known: {', '.join(sorted(_SET_OPTIONS))}"
         )
+    for option in ("eta", "expires_at"):
+        value = options.get(option)
+        if value is not None and not isinstance(value, datetime):
+            raise ConfigError(f"{name}: option {option} must be a datetime, got {value!r}")
+    if options.get("countdown_s") is not None and options.get("eta") is not None:
+        raise ConfigError(f"{name}: give countdown or eta, not both")
     for option in ("queue", "key"):
         value = options.get(option)
         if value is not None and (not isinstance(value, str) or not value):

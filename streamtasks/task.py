@@ -9,15 +9,99 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
+from streamtasks.errors import ConfigError
 from streamtasks.retry import RetryPolicy
 
 if TYPE_CHECKING:
     from streamtasks.app import App
     from streamtasks.result import AsyncResult
-    from streamtasks.signature import Signature
+    from streamtasks.signature import Canvas, Signature
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+#: Options a call accepts, under their documented (Celery) names.
+CALL_OPTIONS = (
+    "queue", "key", "task_id", "countdown", "eta", "expires", "link", "link_error",
+    "max_retries", "backoff", "backoff_s", "deadline_s", "confirm",
+)
+
+#: Older spellings, still accepted without a warning; the Celery name is documented.
+OPTION_ALIASES = {"countdown_s": "countdown", "expires_s": "expires"}
+
+#: Celery's call options that streamtasks refuses, with why (shown in the error).
+REFUSED_OPTIONS = {
+    "priority": "a Kafka partition is a log read in order; send urgent work to its own "
+                "queue instead",
+    "routing_key": "there is no AMQP routing; use queue= (and key= for the partition)",
+    "exchange": "there is no AMQP exchange; use queue=",
+    "serializer": "every task is encoded by the App's codec (Avro), not per call",
+    "compression": "compression is a Kafka producer setting, not a per-call option",
+    "shadow": "a task is recorded under its registered name only",
+    "headers": "record headers are written by streamtasks (ids, tracing)",
+    "retry": "the Kafka producer retries sends itself; use confirm=True to wait for it",
+    "retry_policy": "the Kafka producer retries sends itself; use confirm=True to wait "
+                    "for it",
+    "ignore_result": "every task's outcome is written to the result backend",
+    "time_limit": "a time limit is set per task, not per call: "
+                  "@app.task(time_limit_s=...)",
+    "soft_time_limit": "there is no soft time limit; use @app.task(time_limit_s=...)",
+    "add_to_parent": "results are not collected into a parent",
+    "reply_to": "results go to the result backend, not to a reply queue",
+    "delivery_mode": "every task is written to Kafka durably",
+    "mandatory": "there is no AMQP routing",
+    "immediate": "there is no AMQP routing",
+    "producer": "the App owns its producer",
+    "connection": "the App owns its broker connection",
+}
+
+
+def unsupported_option(
+    where: str, option: str, accepted: Sequence[str], kind: str = ""
+) -> ConfigError:
+    """Return the error for an option a call does not take: refused or unknown.
+
+    Args:
+        where: what was called (shown first in the message).
+        option: the option given.
+        accepted: the options that call takes, named in the message.
+        kind: what the options are of (``"signature "``), shown before "option".
+    """
+    why = REFUSED_OPTIONS.get(option)
+    if why is not None:
+        return ConfigError(
+            f"{where}: unknown {kind}option {option!r}: Celery has it, streamtasks does "
+            f"not support it ({why})"
+        )
+    return ConfigError(
+        f"{where}: unknown {kind}option {option!r}; accepted: {', '.join(sorted(accepted))}"
+    )
+
+
+def take_aliases(where: str, legacy: Mapping[str, Any], accepted: Sequence[str]) -> dict[str, Any]:
+    """Return the older spellings in ``legacy`` under their documented names.
+
+    Raises:
+        ConfigError: an option refused by streamtasks or unknown (named in the message).
+    """
+    taken: dict[str, Any] = {}
+    for option, value in legacy.items():
+        if option not in OPTION_ALIASES:
+            raise unsupported_option(where, option, accepted)
+        taken[OPTION_ALIASES[option]] = value
+    return taken
+
+
+def one_of(where: str, option: str, documented: Any, aliases: Mapping[str, Any]) -> Any:
+    """Return the value given under ``option`` or its older spelling, refusing both.
+
+    Raises:
+        ConfigError: both spellings were given.
+    """
+    alias = aliases.get(option)
+    if documented is not None and alias is not None:
+        raise ConfigError(f"{where}: give {option} or {option}_s, not both")
+    return documented if documented is not None else alias
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,22 +170,30 @@ class Task(Generic[P, R]):
 
     def apply_async(
         self,
-        args: Sequence[Any] = (),
+        args: Sequence[Any] | None = (),
         kwargs: Mapping[str, Any] | None = None,
         *,
         queue: str | None = None,
         key: str | None = None,
         task_id: str | None = None,
-        countdown_s: float | None = None,
+        countdown: float | None = None,
         eta: datetime | None = None,
-        expires_s: float | None = None,
+        expires: float | datetime | None = None,
+        link: Canvas | Sequence[Canvas] | None = None,
+        link_error: Canvas | Sequence[Canvas] | None = None,
         max_retries: int | None = None,
         backoff: str | None = None,
         backoff_s: float | None = None,
         deadline_s: float | None = None,
         confirm: bool = False,
+        **legacy: Any,
     ) -> AsyncResult:
-        """Send the task with options; see :meth:`App.send` for the arguments."""
+        """Send the task with options (Celery's names); see :meth:`App.send`.
+
+        Raises:
+            ConfigError: an option streamtasks refuses (``priority``, ...) or does not
+                know; the message names it.
+        """
         return self.app.send(
             self.name,
             args=args,
@@ -109,13 +201,16 @@ class Task(Generic[P, R]):
             queue=queue or self.options.queue,
             key=key,
             task_id=task_id,
-            countdown_s=countdown_s,
+            countdown=countdown,
             eta=eta,
-            expires_s=expires_s,
+            expires=expires,
+            link=link,
+            link_error=link_error,
             max_retries=max_retries,
             backoff=backoff,
             backoff_s=backoff_s,
             deadline_s=deadline_s,
             confirm=confirm,
             _task=self,
+            **legacy,
         )
