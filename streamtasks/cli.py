@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import json
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -17,12 +19,15 @@ from streamtasks.backend.base import TaskMeta
 from streamtasks.codec import to_json_text
 from streamtasks.errors import ConfigError, ResultTimeout, StreamTasksError
 from streamtasks.logs import configure_logging
-from streamtasks.timeutil import is_relative, parse_time_ms
+from streamtasks.timeutil import parse_time_ms
 
 if TYPE_CHECKING:
     from streamtasks.ops.inspect import QueueReport
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNKNOWN = 0, 1, 2, 3
+
+#: ``tasks --state any``: list tasks of every state.
+ANY_STATE = "ANY"
 
 _TIME_HELP = "ISO time (UTC unless it names an offset)"
 
@@ -69,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="streamtasks", description="Distributed tasks on Kafka and Cassandra."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("worker", parents=[common], help="run a worker")
@@ -105,8 +111,10 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tasks", parents=[common], help="list tasks by queue and state")
     p.add_argument("--queue", required=True)
-    p.add_argument("--state", default=states.SUCCESS, type=str.upper, choices=states.ALL_STATES)
-    p.add_argument("--since", type=_time, help=f"{_TIME_HELP} or -30m / -2h (default -1h)")
+    p.add_argument("--state", default=states.SUCCESS, type=str.upper,
+                   choices=(*states.ALL_STATES, ANY_STATE),
+                   help="the state tasks entered (ANY: every state; default SUCCESS)")
+    p.add_argument("--since", type=_time, help=f"{_TIME_HELP} or -30m / -1.5h (default -1h)")
     p.add_argument("--until", type=_time, help=f"{_TIME_HELP} (default now)")
     p.add_argument("--limit", type=_positive_int, default=50)
     p.set_defaults(handler=_cmd_tasks)
@@ -123,6 +131,14 @@ def _parser() -> argparse.ArgumentParser:
 
     _add_ops_commands(sub, common)
     return parser
+
+
+def _version() -> str:
+    """Return the installed package's version (``unknown`` when run from a bare tree)."""
+    try:
+        return importlib.metadata.version("streamtasks")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _add_metrics_flags(p: argparse.ArgumentParser) -> None:
@@ -221,24 +237,33 @@ _non_negative_float = _number(float, 0, "seconds")
 
 _TIME_FLAGS = ("--since", "--until")
 
+#: A relative time: a minus, a (possibly fractional) amount and a unit: -30m, -1.5h, -.5d.
+_RELATIVE = re.compile(r"^-(\d+(?:\.\d*)?|\.\d+)([smhd])$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
 
 def _glue_relative_times(argv: Sequence[str]) -> list[str]:
     """Turn ``--since -30m`` into ``--since=-30m``: argparse takes ``-30m`` for a flag."""
     out: list[str] = []
     for arg in argv:
-        if is_relative(arg) and out and out[-1] in _TIME_FLAGS:
+        if _RELATIVE.match(arg) and out and out[-1] in _TIME_FLAGS:
             out[-1] = f"{out[-1]}={arg}"
         else:
             out.append(arg)
     return out
 
 
-def _time(text: str) -> int:
-    """Parse an ISO-8601 time (naive: UTC) or a relative ``-30m`` into ms since the epoch."""
+def _time(text: str, now_ms: int | None = None) -> int:
+    """Parse an ISO-8601 time (naive: UTC) or a relative ``-1.5h`` into ms since the epoch."""
+    relative = _RELATIVE.match(text)
+    if relative:
+        now = int(time.time() * 1000) if now_ms is None else now_ms
+        return now - round(float(relative.group(1)) * _UNIT_S[relative.group(2)] * 1000)
     try:
         return parse_time_ms(text)
     except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
+        raise argparse.ArgumentTypeError(
+            f"{err} (relative times may be fractional: -1.5h, -90m)") from None
 
 
 def _partition_offset(text: str) -> tuple[int, int]:
@@ -380,8 +405,12 @@ def _meta_json(meta: TaskMeta) -> str:
         "state": meta.state,
         "result": meta.result,
         "error": None if meta.error_type is None else f"{meta.error_type}: {meta.error_message}",
+        "traceback": meta.traceback,
         "attempts": meta.attempts,
         "worker": meta.worker,
+        "created_at": _iso_or_none(meta.created_ms),
+        "started_at": _iso_or_none(meta.started_ms),
+        "finished_at": _iso_or_none(meta.finished_ms),
     }
     return to_json_text(body)
 
@@ -407,7 +436,14 @@ def _cmd_tasks(ns: argparse.Namespace) -> int:
     if since >= until:
         raise CliError("--since must be before --until")
     app = _app(ns)
-    for meta in app.backend.list_tasks(ns.queue, ns.state, since, until, ns.limit):
+    wanted = states.ALL_STATES if ns.state == ANY_STATE else (ns.state,)
+    found = [meta for state in wanted
+             for meta in app.backend.list_tasks(ns.queue, state, since, until, ns.limit)]
+    # One row per task (a row is listed under its current state), newest first.
+    unique = {meta.task_id: meta for meta in found}.values()
+    newest = sorted(unique, key=lambda m: m.finished_ms or m.started_ms or m.created_ms or 0,
+                    reverse=True)
+    for meta in newest[: ns.limit]:
         print(_meta_json(meta))
     return EXIT_OK
 
@@ -451,6 +487,14 @@ def _iso(ms: int | None) -> str:
     if ms is None:
         return "-"
     return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="milliseconds")
+
+
+def _iso_or_none(ms: int | None) -> str | None:
+    """Return ``ms`` since the epoch as an ISO UTC time (``...Z``), or None."""
+    if ms is None:
+        return None
+    moment = datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="milliseconds")
+    return moment.replace("+00:00", "Z")
 
 
 def _one_line(text: str | None) -> str:

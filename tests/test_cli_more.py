@@ -1,0 +1,106 @@
+"""The command line beyond the basics: version, times, result fields, send, dlq, topics, purge."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import sys
+import types
+from collections.abc import Iterator
+
+import pytest
+
+from streamtasks import App, Settings
+from streamtasks.cli import _time, main
+
+MEM = ["--broker", "memory://", "--backend", "memory://"]
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:  # argparse usage errors and --version
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def app() -> Iterator[App]:
+    """A memory app the CLI reaches as ``--app cli_more_app:app`` (one broker for all calls)."""
+    shared = App("clim", settings=Settings(broker="memory://", backend="memory://"))
+
+    @shared.task(name="add")
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    @shared.task(name="boom")
+    def boom() -> None:
+        raise ValueError("kaput")
+
+    @shared.task(name="mailer", queue="mail")
+    def mailer() -> str:
+        return "sent"
+
+    module = types.ModuleType("cli_more_app")
+    module.app = shared  # type: ignore[attr-defined]
+    sys.modules["cli_more_app"] = module
+    yield shared
+    del sys.modules["cli_more_app"]
+
+
+APP = ["--app", "cli_more_app:app"]
+
+
+def test_version_is_the_installed_package_version(capsys):
+    code, out, _ = run(capsys, "--version")
+    assert code == 0
+    assert out.strip() == f"streamtasks {importlib.metadata.version('streamtasks')}"
+
+
+@pytest.mark.parametrize(
+    ("text", "back_ms"),
+    [("-1.5h", 5_400_000), ("-90m", 5_400_000), ("-30s", 30_000), ("-.5d", 43_200_000),
+     ("-2h", 7_200_000)],
+)
+def test_relative_times_may_be_fractional(text, back_ms):
+    assert _time(text, now_ms=10**12) == 10**12 - back_ms
+
+
+def test_tasks_takes_a_fractional_relative_time_after_the_flag(capsys, app):
+    app.send("add", args=[1, 2])
+    app.drain()
+    code, out, err = run(capsys, "tasks", "--queue", "default", "--since", "-1.5h", *APP)
+    assert code == 0, err
+    assert [json.loads(line)["result"] for line in out.splitlines()] == [3]
+
+
+def test_a_bad_relative_time_is_a_usage_error(capsys):
+    code, _, err = run(capsys, "tasks", "--queue", "q", "--since", "-1.5x", *MEM)
+    assert code == 2 and "--since" in err
+
+
+def test_tasks_state_any_lists_every_state(capsys, app):
+    app.send("add", args=[1, 2])
+    app.send("boom")
+    with pytest.raises(Exception):  # noqa: B017 - drain re-raises the task's error
+        app.drain()
+    app.drain()
+    code, out, err = run(capsys, "tasks", "--queue", "default", "--state", "any", *APP)
+    assert code == 0, err
+    assert sorted(json.loads(line)["state"] for line in out.splitlines()) == [
+        "FAILURE", "SUCCESS"]
+    code, out, _ = run(capsys, "tasks", "--queue", "default", "--state", "failure", *APP)
+    assert [json.loads(line)["name"] for line in out.splitlines()] == ["boom"]
+
+
+def test_result_shows_traceback_and_iso_utc_timestamps(capsys, app):
+    failed = app.send("boom")
+    with pytest.raises(Exception):  # noqa: B017 - drain re-raises the task's error
+        app.drain()
+    code, out, _ = run(capsys, "result", failed.id, *APP)
+    body = json.loads(out)
+    assert code == 1
+    assert "ValueError: kaput" in body["traceback"]
+    assert body["finished_at"].endswith("Z") and "T" in body["finished_at"]
+    assert {"created_at", "started_at", "finished_at"} <= body.keys()
