@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import importlib.metadata
 import json
@@ -101,6 +102,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--queue", help="queue (default: the app's default queue)")
     p.add_argument("--key", help="partition key")
     p.add_argument("--id", dest="task_id", help="task id to use")
+    p.add_argument("--countdown", type=_non_negative_float, metavar="SECONDS",
+                   help="run no earlier than SECONDS from now")
+    p.add_argument("--expires", type=_positive_float, metavar="SECONDS",
+                   help="do not run later than SECONDS from now")
+    p.add_argument("--wait", type=_non_negative_float, metavar="SECONDS",
+                   help="wait up to SECONDS for a final state and print it as `result` does "
+                   "(exit code as `result`'s)")
     p.set_defaults(handler=_cmd_send)
 
     p = sub.add_parser("result", parents=[common], help="print a task's state and result")
@@ -233,6 +241,7 @@ def _number(kind: type[int] | type[float], minimum: float, what: str) -> Any:
 
 _positive_int = _number(int, 1, "a whole number")
 _non_negative_float = _number(float, 0, "seconds")
+_positive_float = _number(float, 0.001, "seconds")
 
 
 _TIME_FLAGS = ("--since", "--until")
@@ -336,6 +345,9 @@ def _cmd_worker(ns: argparse.Namespace) -> int:
     worker = app.worker(queues, concurrency=ns.concurrency, max_in_flight=ns.max_in_flight,
                         name=ns.name, observer=metrics)
     server = serve_worker(worker, metrics, port, ns.metrics_host) if metrics else None
+    # What start-up built (modules, the app, the drivers' metadata) lives as long as the
+    # process: moved out of the collector's way, full collections stay short.
+    gc.freeze()
     try:
         return worker.run()
     finally:
@@ -391,10 +403,20 @@ def _cmd_send(ns: argparse.Namespace) -> int:
     args = _json_arg(ns.args, "args", list)
     kwargs = _json_arg(ns.kwargs, "kwargs", dict)
     app = _app(ns)
-    result = app.send(ns.name, args=args, kwargs=kwargs, queue=ns.queue, key=ns.key,
-                      task_id=ns.task_id, confirm=True)
-    print(result.id)
-    return EXIT_OK
+    queue = ns.queue
+    if queue is None and not ns.app:
+        # Without the app, the task's own queue is unknown here: say where it went.
+        queue = app.settings.default_queue
+        print(f"streamtasks send: no --app and no --queue: sent {ns.name} to queue "
+              f"{queue!r} (give --queue or --app to send it to the task's own queue)",
+              file=sys.stderr)
+    result = app.send(ns.name, args=args, kwargs=kwargs, queue=queue, key=ns.key,
+                      task_id=ns.task_id, countdown_s=ns.countdown, expires_s=ns.expires,
+                      confirm=True)
+    print(result.id, flush=True)
+    if ns.wait is None:
+        return EXIT_OK
+    return _print_result(app, result.id, ns.wait)
 
 
 def _meta_json(meta: TaskMeta) -> str:
@@ -416,13 +438,20 @@ def _meta_json(meta: TaskMeta) -> str:
 
 
 def _cmd_result(ns: argparse.Namespace) -> int:
-    app = _app(ns)
+    return _print_result(_app(ns), ns.task_id, ns.wait)
+
+
+def _print_result(app: App, task_id: str, wait_s: float) -> int:
+    """Print a task's row as JSON (waiting up to ``wait_s`` for a final state).
+
+    Returns the exit code: 0 done or still running, 1 failed or revoked, 3 unknown.
+    """
     try:
-        meta = app.backend.wait(ns.task_id, ns.wait) if ns.wait else app.backend.fetch(ns.task_id)
+        meta = app.backend.wait(task_id, wait_s) if wait_s else app.backend.fetch(task_id)
     except ResultTimeout:
-        meta = app.backend.fetch(ns.task_id)
+        meta = app.backend.fetch(task_id)
     if meta is None:
-        print(f"streamtasks result: no task with id {ns.task_id} is known (yet)", file=sys.stderr)
+        print(f"streamtasks result: no task with id {task_id} is known (yet)", file=sys.stderr)
         return EXIT_UNKNOWN
     print(_meta_json(meta))
     if meta.state in (states.FAILURE, states.REVOKED):

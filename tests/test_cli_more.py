@@ -104,3 +104,56 @@ def test_result_shows_traceback_and_iso_utc_timestamps(capsys, app):
     assert "ValueError: kaput" in body["traceback"]
     assert body["finished_at"].endswith("Z") and "T" in body["finished_at"]
     assert {"created_at", "started_at", "finished_at"} <= body.keys()
+
+
+def test_send_wait_prints_the_result_like_result_does(capsys, app):
+    import threading
+
+    timer = threading.Timer(0.2, app.drain)
+    timer.start()
+    code, out, err = run(capsys, "send", "add", "--args", "[2, 5]", "--wait", "10", *APP)
+    timer.join()
+    task_id, row = out.splitlines()
+    assert code == 0, err
+    assert json.loads(row)["id"] == task_id and json.loads(row)["result"] == 7
+
+
+def test_send_wait_exits_1_for_a_failed_task(capsys, app):
+    import threading
+
+    def drain() -> None:
+        with pytest.raises(ValueError):
+            app.drain()
+
+    timer = threading.Timer(0.2, drain)
+    timer.start()
+    code, out, _ = run(capsys, "send", "boom", "--wait", "10", *APP)
+    timer.join()
+    assert code == 1 and json.loads(out.splitlines()[1])["state"] == "FAILURE"
+
+
+def test_send_countdown_goes_through_a_delay_tier(capsys, app):
+    code, _, err = run(capsys, "send", "add", "--args", "[1, 1]", "--countdown", "30",
+                       "--expires", "120", *APP)
+    assert code == 0, err
+    assert app.broker.records(app.settings.topic("default")) == []  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--countdown", "-1"), ("--expires", "0"),
+                                              ("--wait", "soon")])
+def test_send_refuses_bad_seconds(capsys, flag, value):
+    code, _, err = run(capsys, "send", "t", f"{flag}={value}", *MEM)
+    assert code == 2 and flag in err
+
+
+def test_send_without_app_or_queue_names_the_queue_it_used(capsys):
+    code, _, err = run(capsys, "send", "t", *MEM)
+    assert code == 0 and "queue 'default'" in err
+    code, _, err = run(capsys, "send", "t", "--queue", "other", *MEM)
+    assert code == 0 and err == ""
+
+
+def test_send_with_app_uses_the_tasks_queue(capsys, app):
+    code, _, err = run(capsys, "send", "mailer", *APP)
+    assert code == 0 and err == ""
+    assert len(app.broker.records(app.settings.topic("mail"))) == 1  # type: ignore[attr-defined]
