@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import importlib
 import importlib.metadata
@@ -172,6 +173,9 @@ def _add_ops_commands(
     c = dsub.add_parser("list", parents=[common], help="print a queue's dead letters")
     c.add_argument("--queue", required=True)
     c.add_argument("--limit", type=_positive_int, default=50)
+    c.add_argument("--reason", help="only dead letters of this reason (e.g. unknown-task)")
+    c.add_argument("--json", dest="as_json", action="store_true",
+                   help="one JSON object per dead letter instead of a table")
     c.set_defaults(handler=_cmd_dlq_list)
     c = dsub.add_parser("requeue", parents=[common], help="send dead letters back to run again")
     c.add_argument("--queue", required=True)
@@ -530,12 +534,23 @@ def _one_line(text: str | None) -> str:
     return " ".join(text.split()) if text else "-"
 
 
+#: The header line of ``dlq list`` (tab-separated, like its rows).
+_DLQ_COLUMNS = ("TASK_ID", "NAME", "REASON", "ERROR", "DEAD_AT")
+
+
 def _cmd_dlq_list(ns: argparse.Namespace) -> int:
     from streamtasks.ops import list_dead_letters
 
     app = _app(ns)
     _require_topic(app, ns.queue, app.settings.dlq_topic(ns.queue))
-    for letter in list_dead_letters(app, ns.queue, ns.limit):
+    letters = list_dead_letters(app, ns.queue, ns.limit, reason=ns.reason)
+    if ns.as_json:
+        for letter in letters:
+            print(to_json_text({**dataclasses.asdict(letter),
+                                "dead_at": _iso_or_none(letter.dead_at_ms)}))
+        return EXIT_OK
+    print("\t".join(_DLQ_COLUMNS))
+    for letter in letters:
         fields = (letter.task_id, letter.task_name, letter.reason, letter.error)
         print("\t".join([*(_one_line(f) for f in fields), _iso(letter.dead_at_ms)]))
     return EXIT_OK

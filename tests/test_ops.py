@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 import types
@@ -288,8 +289,9 @@ def cli_app(app: App, monkeypatch: pytest.MonkeyPatch) -> str:
 def test_cli_dlq_list_requeue_purge(capsys, app: App, cli_app: str) -> None:
     ids = dead_letter_unknown_names(app, 3)
     code, out, _ = run(capsys, "dlq", "list", "--queue", "q", "--app", cli_app)
-    lines = out.splitlines()
+    header, *lines = out.splitlines()
     assert code == 0 and len(lines) == 3
+    assert header.split("\t") == ["TASK_ID", "NAME", "REASON", "ERROR", "DEAD_AT"]
     fields = lines[0].split("\t")
     assert fields[0] in ids and fields[1:3] == ["nobody.knows", "unknown-task"]
     assert fields[3].startswith("UnknownTaskError:") and fields[4].endswith("+00:00")
@@ -301,6 +303,21 @@ def test_cli_dlq_list_requeue_purge(capsys, app: App, cli_app: str) -> None:
     assert code == 3 and "no dead letter with id nope" in err
     code, out, _ = run(capsys, "dlq", "purge", "--queue", "q", "--app", cli_app)
     assert code == 0 and out.strip() == "purged 3 dead letter(s) from streamtasks.q.dlq"
+
+
+def test_cli_dlq_list_json_and_reason_filter(capsys, app: App, cli_app: str) -> None:
+    ids = dead_letter_unknown_names(app, 3)
+    code, out, _ = run(capsys, "dlq", "list", "--queue", "q", "--json", "--app", cli_app)
+    letters = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and sorted(d["task_id"] for d in letters) == sorted(ids)
+    assert {d["reason"] for d in letters} == {"unknown-task"}
+    assert all(d["dead_at"].endswith("Z") for d in letters)
+    code, out, _ = run(capsys, "dlq", "list", "--queue", "q", "--reason", "unknown-task",
+                       "--limit", "2", "--json", "--app", cli_app)
+    assert code == 0 and len(out.splitlines()) == 2
+    code, out, _ = run(capsys, "dlq", "list", "--queue", "q", "--reason", "decode-error",
+                       "--app", cli_app)
+    assert code == 0 and out.splitlines() == ["TASK_ID\tNAME\tREASON\tERROR\tDEAD_AT"]
 
 
 def test_cli_replay_prints_counts(capsys, app: App, cli_app: str) -> None:

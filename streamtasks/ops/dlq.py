@@ -96,21 +96,27 @@ def _header_int(record: Record, name: str) -> int | None:
         return None
 
 
-def list_dead_letters(app: App, queue: str, limit: int = 50) -> list[DeadLetter]:
+def list_dead_letters(
+    app: App, queue: str, limit: int = 50, *, reason: str | None = None
+) -> list[DeadLetter]:
     """Return up to ``limit`` dead letters of ``queue``, oldest first.
 
     Args:
         app: the app (its broker and settings).
         queue: the queue whose dead-letter topic is read.
         limit: how many at most.
+        reason: only those whose ``dlq-reason`` equals this (the whole topic is read).
 
     Raises:
         BrokerError: the dead-letter topic does not exist or the broker failed.
     """
     ranges = partition_ranges(app, app.settings.dlq_topic(queue))
-    # The oldest ``limit`` overall are among the first ``limit`` of each partition.
-    firsts = {tp: (low, min(high, low + limit)) for tp, (low, high) in ranges.items()}
-    letters = [DeadLetter.from_record(r) for r in read_ranges(app, firsts, None)]
+    if reason is None:
+        # The oldest ``limit`` overall are among the first ``limit`` of each partition.
+        ranges = {tp: (low, min(high, low + limit)) for tp, (low, high) in ranges.items()}
+    letters = [DeadLetter.from_record(r) for r in read_ranges(app, ranges, None)]
+    if reason is not None:
+        letters = [d for d in letters if d.reason == reason]
     letters.sort(key=lambda d: (d.dead_at_ms or 0, d.partition, d.offset))
     return letters[:limit]
 
