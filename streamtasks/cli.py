@@ -137,6 +137,16 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--queue", required=True, action="append", help="queue (repeatable)")
     c.add_argument("--partitions", type=_positive_int, help="partition count")
     c.set_defaults(handler=_cmd_topics_create)
+    c = tsub.add_parser("list", parents=[common],
+                        help="the namespace's queues: partitions and lag of their group")
+    c.add_argument("--json", dest="as_json", action="store_true", help="print JSON")
+    c.set_defaults(handler=_cmd_topics_list)
+    c = tsub.add_parser("alter", parents=[common],
+                        help="grow a queue's topics (task topic, delay tiers, DLQ) together")
+    c.add_argument("--queue", required=True)
+    c.add_argument("--partitions", type=_positive_int, required=True,
+                   help="the new partition count (grow only)")
+    c.set_defaults(handler=_cmd_topics_alter)
 
     _add_ops_commands(sub, common)
     return parser
@@ -495,8 +505,47 @@ def _cmd_topics_create(ns: argparse.Namespace) -> int:
     specs = [spec for q in ns.queue for spec in app.topic_specs(q, ns.partitions)]
     created = app.broker.create_topics(specs)
     for spec in specs:
+        # What is there, not what was asked: an existing topic keeps its own count.
+        count = app.broker.partition_count(spec.name)
+        asked = "" if count == spec.partitions else f"; asked for {spec.partitions}"
         print(f"{spec.name}: {'created' if spec.name in created else 'exists'} "
-              f"({spec.partitions} partitions)")
+              f"({count} partitions{asked})")
+    return EXIT_OK
+
+
+def _cmd_topics_list(ns: argparse.Namespace) -> int:
+    from streamtasks.ops.topics import list_queue_topics
+
+    app = _app(ns)
+    found = list_queue_topics(app)
+    if ns.as_json:
+        for q in found:
+            print(to_json_text({"queue": q.queue, "topic": q.topic, "partitions": q.partitions,
+                                "group": q.group, "lag": q.lag_total,
+                                "lag_by_partition": {str(p.partition): p.lag for p in q.lag}}))
+        return EXIT_OK
+    if not found:
+        print(f"streamtasks topics: no queue found in namespace {app.settings.namespace}",
+              file=sys.stderr)
+        return EXIT_OK
+    print("\t".join(("QUEUE", "TOPIC", "PARTITIONS", "GROUP", "LAG")))
+    for q in found:
+        print("\t".join((q.queue, q.topic, str(q.partitions), q.group, str(q.lag_total))))
+    return EXIT_OK
+
+
+def _cmd_topics_alter(ns: argparse.Namespace) -> int:
+    from streamtasks.ops.topics import ShrinkRefused, grow_queue
+
+    app = _app(ns)
+    try:
+        changes = grow_queue(app, ns.queue, ns.partitions)
+    except ShrinkRefused as err:
+        raise CliError(str(err)) from err
+    for topic, (before, after) in changes.items():
+        what = ("created" if before == 0 else "unchanged" if before == after
+                else f"grown from {before}")
+        print(f"{topic}: {what} ({after} partitions)")
     return EXIT_OK
 
 

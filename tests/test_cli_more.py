@@ -157,3 +157,49 @@ def test_send_with_app_uses_the_tasks_queue(capsys, app):
     code, _, err = run(capsys, "send", "mailer", *APP)
     assert code == 0 and err == ""
     assert len(app.broker.records(app.settings.topic("mail"))) == 1  # type: ignore[attr-defined]
+
+
+def queue_topics(app: App, queue: str) -> dict[str, int]:
+    return {s.name: app.broker.partition_count(s.name) for s in app.topic_specs(queue)}
+
+
+def test_topics_create_reports_the_partitions_really_there(capsys, app):
+    code, out, _ = run(capsys, "topics", "create", "--queue", "q", "--partitions", "2", *APP)
+    assert code == 0 and "streamtasks.q: created (2 partitions)" in out
+    code, out, _ = run(capsys, "topics", "create", "--queue", "q", "--partitions", "6", *APP)
+    assert code == 0 and "streamtasks.q: exists (2 partitions; asked for 6)" in out
+
+
+def test_topics_list_shows_queues_partitions_and_lag(capsys, app):
+    run(capsys, "topics", "create", "--queue", "q", "--partitions", "2", *APP)
+    for n in range(3):
+        app.send("add", args=[n, n], queue="q")
+    app.flush(5)
+    code, out, _ = run(capsys, "topics", "list", *APP)
+    header, *rows = out.splitlines()
+    assert code == 0 and header.split("\t") == ["QUEUE", "TOPIC", "PARTITIONS", "GROUP", "LAG"]
+    assert ["q", "streamtasks.q", "2", "streamtasks.q", "3"] in [r.split("\t") for r in rows]
+    code, out, _ = run(capsys, "topics", "list", "--json", *APP)
+    by_queue = {d["queue"]: d for d in map(json.loads, out.splitlines())}
+    assert by_queue["q"]["lag"] == 3 and by_queue["q"]["partitions"] == 2
+    assert not any(name.endswith(".dlq") or ".delay." in name for name in by_queue)
+
+
+def test_topics_alter_grows_every_topic_of_the_queue(capsys, app):
+    run(capsys, "topics", "create", "--queue", "q", "--partitions", "2", *APP)
+    code, out, err = run(capsys, "topics", "alter", "--queue", "q", "--partitions", "4", *APP)
+    assert code == 0, err
+    assert set(queue_topics(app, "q").values()) == {4}
+    assert "streamtasks.q: grown from 2 (4 partitions)" in out
+
+
+def test_topics_alter_refuses_to_shrink(capsys, app):
+    run(capsys, "topics", "create", "--queue", "q", "--partitions", "3", *APP)
+    code, _, err = run(capsys, "topics", "alter", "--queue", "q", "--partitions", "2", *APP)
+    assert code == 2 and "cannot shrink queue q to 2 partitions" in err
+    assert set(queue_topics(app, "q").values()) == {3}
+
+
+def test_topics_alter_of_a_queue_without_topic_names_the_command(capsys, app):
+    code, _, err = run(capsys, "topics", "alter", "--queue", "nope", "--partitions", "2", *APP)
+    assert code == 1 and "topics create --queue nope" in err

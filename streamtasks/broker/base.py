@@ -244,6 +244,25 @@ class Broker(ABC):
         """
         raise NotImplementedError(f"{type(self).__name__} cannot delete records")
 
+    # -- topic administration (operator tools: ``streamtasks topics list / alter``) -------
+
+    def list_topics(self) -> list[str]:
+        """Return the names of every topic, sorted.
+
+        Raises:
+            BrokerError: the broker did not answer.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot list topics")
+
+    def add_partitions(self, topic: str, total: int) -> None:
+        """Grow ``topic`` to ``total`` partitions (records already there stay where they are).
+
+        Raises:
+            BrokerError: the topic does not exist, already has ``total`` or more
+                partitions, or the broker refused.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot add partitions")
+
     # -- consumer group offsets (operator tools: ``streamtasks groups migrate``) ----------
 
     def group_offsets(self, group_id: str) -> dict[TopicPartition, int]:

@@ -17,7 +17,7 @@ from typing import Any
 import confluent_kafka as ck
 import structlog
 from confluent_kafka.admin import AdminClient
-from confluent_kafka.cimpl import NewTopic
+from confluent_kafka.cimpl import NewPartitions, NewTopic
 
 from streamtasks.broker.base import (
     Broker,
@@ -533,6 +533,49 @@ class KafkaBroker(Broker):
             except (ck.KafkaException, TimeoutError) as err:
                 ours = TopicPartition(part.topic, part.partition)
                 raise BrokerError(f"cannot delete records of {ours}: {err!r}") from err
+
+    # -- topic administration ------------------------------------------------------------
+
+    def list_topics(self) -> list[str]:
+        """Return the names of every topic, sorted (Kafka's internal ones left out).
+
+        Raises:
+            BrokerError: Kafka did not answer in time.
+
+        """
+        try:
+            metadata = self._get_admin().list_topics(timeout=REQUEST_TIMEOUT_S)
+        except ck.KafkaException as err:
+            raise BrokerError(f"cannot list topics: {err}") from err
+        return sorted(t for t in metadata.topics if not t.startswith("__"))
+
+    def add_partitions(self, topic: str, total: int) -> None:
+        """Grow ``topic`` to ``total`` partitions (CreatePartitions); wait until they show.
+
+        Raises:
+            BrokerError: Kafka refused (the topic is missing or already that large) or
+                did not confirm in time.
+
+        """
+        try:
+            futures = self._get_admin().create_partitions(
+                [NewPartitions(topic, total)], operation_timeout=30, request_timeout=30
+            )
+        except ck.KafkaException as err:
+            raise BrokerError(f"cannot add partitions to {topic!r}: {err}") from err
+        for future in futures.values():
+            try:
+                future.result(timeout=60)
+            except (ck.KafkaException, TimeoutError) as err:
+                raise BrokerError(f"cannot grow {topic!r} to {total} partitions: {err!r}") from err
+        deadline = time.monotonic() + TOPIC_VISIBLE_TIMEOUT_S
+        while self.partition_count(topic) < total:
+            if time.monotonic() > deadline:
+                raise BrokerError(f"{topic!r} does not show {total} partitions "
+                                  f"after {TOPIC_VISIBLE_TIMEOUT_S:.0f}s")
+            time.sleep(0.1)
+        self._wait_visible(topic)
+        log.info("partitions added", topic=topic, partitions=total)
 
     # -- consumer group offsets -----------------------------------------------------------
 

@@ -228,6 +228,29 @@ class MemoryBroker(Broker):
                                       f"its offsets end at {high}")
                 self._low[tp] = max(self._low.get(tp, 0), offset)
 
+    def list_topics(self) -> list[str]:
+        """Return the names of every topic, sorted."""
+        with self._cond:
+            return sorted(self._topics)
+
+    def add_partitions(self, topic: str, total: int) -> None:
+        """Grow ``topic`` to ``total`` partitions.
+
+        Raises:
+            BrokerError: the topic does not exist or already has ``total`` or more.
+        """
+        with self._cond:
+            logs = self._topics.get(topic)
+            if logs is None:
+                raise BrokerError(f"topic {topic!r} does not exist")
+            if total <= len(logs):
+                raise BrokerError(f"topic {topic!r} has {len(logs)} partitions; "
+                                  f"cannot grow it to {total}")
+            logs.extend([] for _ in range(total - len(logs)))
+            if topic in self._specs:
+                self._specs[topic] = dataclasses.replace(self._specs[topic], partitions=total)
+            self._cond.notify_all()  # members subscribed to it get the new partitions
+
     def group_offsets(self, group_id: str) -> dict[TopicPartition, int]:
         """Return the offsets ``group_id`` has committed (none for an unknown group)."""
         with self._cond:

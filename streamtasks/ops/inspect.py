@@ -155,6 +155,15 @@ def _lag(broker: Broker, group: str, topic: str, missing: list[str]) -> list[Par
     return found
 
 
+def lag_of_group(broker: Broker, group: str, topic: str) -> list[PartitionLag]:
+    """Return ``group``'s lag per partition of ``topic`` (empty when the topic is missing).
+
+    Raises:
+        BrokerError: the broker did not answer.
+    """
+    return _lag(broker, group, topic, [])
+
+
 def _depth(broker: Broker, topic: str, missing: list[str]) -> int:
     total = 0
     for tp in _partitions(broker, topic, missing):
