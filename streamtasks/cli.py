@@ -148,6 +148,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="the new partition count (grow only)")
     c.set_defaults(handler=_cmd_topics_alter)
 
+    p = sub.add_parser("purge", parents=[common],
+                       help="delete the task records waiting in a queue (Celery's purge)")
+    p.add_argument("--queue", required=True)
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p.set_defaults(handler=_cmd_purge)
+
     _add_ops_commands(sub, common)
     return parser
 
@@ -546,6 +552,26 @@ def _cmd_topics_alter(ns: argparse.Namespace) -> int:
         what = ("created" if before == 0 else "unchanged" if before == after
                 else f"grown from {before}")
         print(f"{topic}: {what} ({after} partitions)")
+    return EXIT_OK
+
+
+def _cmd_purge(ns: argparse.Namespace) -> int:
+    from streamtasks.ops.queue_purge import purge_queue, waiting_records
+
+    if not ns.yes and not sys.stdin.isatty():
+        raise CliError("purge deletes tasks for good: give --yes when stdin is not a terminal")
+    app = _app(ns)
+    _require_topic(app, ns.queue, app.settings.topic(ns.queue))
+    if not ns.yes:
+        pending = waiting_records(app, ns.queue)
+        print(f"Delete the {pending.deleted} record(s) of {pending.topic} "
+              f"({pending.waiting} not yet run)? [y/N] ", end="", file=sys.stderr, flush=True)
+        if input().strip().lower() not in ("y", "yes"):
+            print("streamtasks purge: nothing deleted", file=sys.stderr)
+            return EXIT_FAILED
+    report = purge_queue(app, ns.queue)
+    print(f"purged {report.deleted} record(s) from {report.topic} "
+          f"({report.waiting} not yet run)")
     return EXIT_OK
 
 

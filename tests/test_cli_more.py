@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from streamtasks import App, Settings
+from streamtasks.broker.base import TopicPartition
 from streamtasks.cli import _time, main
 
 MEM = ["--broker", "memory://", "--backend", "memory://"]
@@ -203,3 +204,47 @@ def test_topics_alter_refuses_to_shrink(capsys, app):
 def test_topics_alter_of_a_queue_without_topic_names_the_command(capsys, app):
     code, _, err = run(capsys, "topics", "alter", "--queue", "nope", "--partitions", "2", *APP)
     assert code == 1 and "topics create --queue nope" in err
+
+
+def send_waiting(app: App, count: int) -> None:
+    for n in range(count):
+        app.send("add", args=[n, n], queue="q")
+    app.flush(5)
+
+
+def test_purge_with_yes_deletes_the_waiting_records(capsys, app):
+    run(capsys, "topics", "create", "--queue", "q", "--partitions", "2", *APP)
+    send_waiting(app, 4)
+    code, out, err = run(capsys, "purge", "--queue", "q", "--yes", *APP)
+    assert code == 0, err
+    assert out.strip() == "purged 4 record(s) from streamtasks.q (4 not yet run)"
+    code, out, _ = run(capsys, "topics", "list", "--json", *APP)
+    assert {d["queue"]: d["lag"] for d in map(json.loads, out.splitlines())}["q"] == 0
+
+
+def test_purge_refuses_without_yes_when_stdin_is_not_a_terminal(capsys, app, monkeypatch):
+    run(capsys, "topics", "create", "--queue", "q", "--partitions", "1", *APP)
+    send_waiting(app, 2)
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: False)
+    code, _, err = run(capsys, "purge", "--queue", "q", *APP)
+    assert code == 2 and "--yes" in err
+
+
+@pytest.mark.parametrize(("answer", "code", "left"), [("y\n", 0, 0), ("n\n", 1, 2)])
+def test_purge_asks_on_a_terminal(capsys, app, monkeypatch, answer, code, left):
+    import io
+
+    run(capsys, "topics", "create", "--queue", "q", "--partitions", "1", *APP)
+    send_waiting(app, 2)
+    fake = io.StringIO(answer)
+    fake.isatty = lambda: True  # type: ignore[method-assign]
+    monkeypatch.setattr(sys, "stdin", fake)
+    got, _, err = run(capsys, "purge", "--queue", "q", *APP)
+    assert got == code and "Delete the 2 record(s) of streamtasks.q" in err
+    low, high = app.broker.watermarks(TopicPartition("streamtasks.q", 0))
+    assert high - low == left
+
+
+def test_purge_of_a_queue_without_topic_is_a_usage_error(capsys, app):
+    code, _, err = run(capsys, "purge", "--queue", "nope", "--yes", *APP)
+    assert code == 2 and "topics create --queue nope" in err
