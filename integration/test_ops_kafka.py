@@ -146,7 +146,9 @@ def test_dead_letters_list_requeue_and_purge_through_the_cli(
     # list shows them
     listed = cli(env, "dlq", "list", "--queue", "q")
     assert listed.returncode == 0, listed.stderr
-    rows = [line.split("\t") for line in listed.stdout.splitlines()]
+    header, *lines = listed.stdout.splitlines()
+    assert header.split("\t") == ["TASK_ID", "NAME", "REASON", "ERROR", "DEAD_AT"]
+    rows = [line.split("\t") for line in lines]
     assert sorted(r[0] for r in rows) == sorted(ids)
     assert all(r[1:3] == ["it.ghost", "unknown-task"] for r in rows)
     assert all(r[3].startswith("UnknownTaskError: ") and r[4].endswith("+00:00") for r in rows)
@@ -180,7 +182,7 @@ def test_dead_letters_list_requeue_and_purge_through_the_cli(
     assert purged.stdout.strip() == f"purged 5 dead letter(s) from {app.settings.dlq_topic('q')}"
     assert topic_size(app, app.settings.dlq_topic("q")) == 0
     empty = cli(env, "dlq", "list", "--queue", "q")
-    assert empty.returncode == 0 and empty.stdout == ""
+    assert empty.returncode == 0 and empty.stdout == "TASK_ID\tNAME\tREASON\tERROR\tDEAD_AT\n"
 
 
 @pytest.mark.parametrize(
