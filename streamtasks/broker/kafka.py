@@ -168,6 +168,11 @@ class KafkaBroker(Broker):
             "fetch.max.bytes": fetch_max,
             "max.partition.fetch.bytes": self._limit_bytes,
             "receive.message.max.bytes": fetch_max + 1_048_576,
+            # librdkafka prefetches up to 64 MB / 100,000 records per partition by
+            # default: with a huge backlog that is the bulk of a worker's memory. A few
+            # seconds of work ahead is enough (measured: bench/backlog_rss.py).
+            "queued.min.messages": 10_000,
+            "queued.max.messages.kbytes": 32_768,
             **self._common,
             "group.id": group_id,
             # Offsets move only when the worker says a record's effects are durable.
