@@ -23,7 +23,7 @@ from streamtasks import App, Settings, chain, states
 from streamtasks.backend.base import TaskMeta
 from streamtasks.broker.base import TopicPartition
 from streamtasks.broker.memory import MemoryBroker
-from streamtasks.errors import BackendError
+from streamtasks.errors import BackendError, ConfigError
 from streamtasks.worker import consumer as consumer_module
 from streamtasks.worker.consumer import Worker
 from streamtasks.worker.deadletter import ERROR_MESSAGE, REASON
@@ -742,3 +742,27 @@ def _other_key_in(partition: int, not_key: str) -> str:
     while f"k{n}" == not_key or zlib.crc32(f"k{n}".encode()) % PARTITIONS != partition:
         n += 1
     return f"k{n}"
+
+
+def test_a_worker_refuses_to_start_on_a_result_store_without_its_schema(
+    app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(app.backend, "pending_migrations", lambda: ["004_group_settled"])
+    worker = Worker(app, ["default"])
+    with pytest.raises(ConfigError, match="run `streamtasks migrate`"):
+        worker.start()
+
+
+def test_a_worker_starts_when_the_result_store_cannot_be_checked_now(
+    app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def down() -> list[str]:
+        raise BackendError("Cassandra at 127.0.0.1:1 is not reachable")
+
+    monkeypatch.setattr(app.backend, "pending_migrations", down)
+    worker = Worker(app, ["default"])
+    try:
+        worker.start()  # writes are retried until the store is back
+        assert all(rt.started for rt in worker.runtimes)
+    finally:
+        worker.close()

@@ -231,6 +231,14 @@ class ResultBackend(ABC):
         """Create or upgrade the storage schema; return the migrations applied."""
         return []
 
+    def pending_migrations(self) -> list[str]:
+        """Return the schema migrations not yet applied (none for a schemaless backend).
+
+        Raises:
+            BackendError: the backend is not reachable.
+        """
+        return []
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
 

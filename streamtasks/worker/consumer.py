@@ -30,7 +30,14 @@ from streamtasks import states
 from streamtasks.backend.base import TaskMeta
 from streamtasks.broker.base import Record, TopicPartition
 from streamtasks.codec import bind_arguments
-from streamtasks.errors import DecodeError, MessageError, ResultTimeout, TaskExpired
+from streamtasks.errors import (
+    BackendError,
+    ConfigError,
+    DecodeError,
+    MessageError,
+    ResultTimeout,
+    TaskExpired,
+)
 from streamtasks.headers import task_headers
 from streamtasks.message import TaskMessage, now_ms
 from streamtasks.task import Task
@@ -160,7 +167,13 @@ class Worker:
     # -- life cycle --------------------------------------------------------------
 
     def start(self) -> None:
-        """Create the queues' topics (when allowed) and join the consumer groups."""
+        """Check the result schema, create the queues' topics (when allowed), join the groups.
+
+        Raises:
+            ConfigError: the result store lacks schema migrations (run ``streamtasks
+                migrate``): every result write would fail.
+        """
+        self._check_schema()
         for q in self.queues:
             self.app.ensure_queue(q)
         for rt in self.runtimes:
@@ -170,6 +183,24 @@ class Worker:
             self.delayer.start()
         log.info("worker started", worker=self.name, queues=self.queues, groups=self.group_ids,
                  concurrency=self.concurrency, max_in_flight=self.max_in_flight)
+
+    def _check_schema(self) -> None:
+        """Refuse to start on a result store without its tables; tolerate one down.
+
+        A store that is down now may come back (writes are retried until it does); a
+        store that answers without the tables would fail every write for ever.
+        """
+        try:
+            pending = self.app.backend.pending_migrations()
+        except BackendError as err:
+            log.warning("cannot check the result schema now; starting anyway",
+                        error=error_text(err))
+            return
+        if pending:
+            raise ConfigError(
+                f"the result store lacks {len(pending)} schema migration(s) "
+                f"({', '.join(pending)}): run `streamtasks migrate` first"
+            )
 
     def run(self, install_signals: bool = True) -> int:
         """Run until :meth:`stop` or SIGTERM / SIGINT, drain, and return the exit code.

@@ -187,6 +187,10 @@ class CassandraBackend(ResultBackend):
         """Apply the pending CQL migrations; return their names (:meth:`Migrator.migrate`)."""
         return self._migrator.migrate()
 
+    def pending_migrations(self) -> list[str]:
+        """Return the migrations not yet applied (:meth:`Migrator.pending_migrations`)."""
+        return self._migrator.pending_migrations()
+
     def applied_migrations(self) -> list[str]:
         """Return the names of the applied migrations (:meth:`Migrator.applied_migrations`)."""
         return self._migrator.applied_migrations()

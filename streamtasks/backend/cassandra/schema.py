@@ -163,6 +163,16 @@ class Migrator:
             conn.forget_prepared()  # tables may have changed: prepare again
         return done
 
+    def pending_migrations(self) -> list[str]:
+        """Return the names of the migrations not yet applied to the keyspace, in order.
+
+        Raises:
+            BackendError: Cassandra is not reachable.
+
+        """
+        applied = self._applied_versions()
+        return [m.name for m in load_migrations() if m.version not in applied]
+
     def applied_migrations(self) -> list[str]:
         """Return the names of the migrations recorded in ``schema_migrations``, in order.
 
