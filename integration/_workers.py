@@ -75,22 +75,27 @@ class WorkerProcess:
             self.log.close()  # type: ignore[union-attr]
 
 
+def stop_all(procs: list[WorkerProcess]) -> None:
+    """SIGTERM every worker process, then SIGKILL what has not exited within 60 s."""
+    for p in procs:
+        if p.proc.poll() is None:
+            p.proc.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            p.proc.kill()
+            p.proc.wait(timeout=30)
+        p.close_log()
+
+
 @contextmanager
 def workers(env: dict[str, str], count: int, **options: object) -> Iterator[list[WorkerProcess]]:
     procs = [WorkerProcess(env, **options) for _ in range(count)]  # type: ignore[arg-type]
     try:
         yield procs
     finally:
-        for p in procs:
-            if p.proc.poll() is None:
-                p.proc.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                p.proc.kill()
-                p.proc.wait(timeout=30)
-            p.close_log()
+        stop_all(procs)
 
 
 def wait_lines(path: Path, lines: int, timeout_s: float) -> None:
@@ -246,13 +251,4 @@ def workers_for(env: dict[str, str], queue_sets: list[str], log_dir: Path | None
                                        **options))  # type: ignore[arg-type]
         yield procs
     finally:
-        for p in procs:
-            if p.proc.poll() is None:
-                p.proc.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                p.proc.kill()
-                p.proc.wait(timeout=30)
-            p.close_log()
+        stop_all(procs)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from integration._workers import (
     make_app,
     new_namespace,
     pids_by_label,
+    stop_all,
     wait_committed_to_high,
     worker_env,
 )
@@ -161,16 +161,7 @@ class Chaos:
         self.stopping.clear()
 
     def stop_all(self) -> None:
-        for p in self.every:
-            if p.proc.poll() is None:
-                p.proc.send_signal(signal.SIGTERM)
-        for p in self.every:
-            try:
-                p.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                p.proc.kill()
-                p.proc.wait(timeout=30)
-            p.close_log()
+        stop_all(self.every)
 
 
 def sig(app: App, name: str, *args: object, **options: object) -> Signature:
