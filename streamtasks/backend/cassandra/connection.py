@@ -148,6 +148,7 @@ def _flag(opts: dict[str, str], name: str, default: bool) -> bool:
 
 _N = TypeVar("_N", int, float)
 _S = TypeVar("_S")
+_R = TypeVar("_R")
 
 
 def _number(opts: dict[str, str], name: str, default: _N, kind: Callable[[str], _N]) -> _N:
@@ -341,6 +342,21 @@ class Connection:
         return row
 
     # ---------------------------------------------------------------- pending, close
+
+    def begin(self, future: Future[Any], ready: Callable[[], _R]) -> _R | None:
+        """Start an asynchronous call answered on ``future``: its session and statements.
+
+        Returns None, with ``future`` failed, when Cassandra cannot be reached (``ready``
+        raised BackendError); else ``ready()``'s value, and ``future`` is tracked (see
+        :meth:`track`).
+        """
+        try:
+            value = ready()
+        except BackendError as err:
+            future.set_exception(err)
+            return None
+        self.track(future)
+        return value
 
     def track(self, future: Future[Any]) -> None:
         """Keep ``future`` until it is done, so that :meth:`close` waits for it."""

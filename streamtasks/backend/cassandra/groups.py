@@ -168,12 +168,10 @@ class GroupStore:
         check_group_member(group_id, index, size)
         value = None if result is None else self._codec.encode_value(result)
         future: Future[bool] = Future()
-        try:
-            session, statements = self._ready()
-        except BackendError as err:
-            future.set_exception(err)
+        ready = self._conn.begin(future, self._ready)
+        if ready is None:
             return future
-        self._conn.track(future)
+        session, statements = ready
 
         def wrap(err: BaseException) -> BackendError:
             return self._conn.error(err, f"joining group {group_id} (member {index} of {size})")
@@ -201,12 +199,10 @@ class GroupStore:
 
         """
         future: Future[GroupClaim] = Future()
-        try:
-            session, statements = self._ready()
-        except BackendError as err:
-            future.set_exception(err)
+        ready = self._conn.begin(future, self._ready)
+        if ready is None:
             return future
-        self._conn.track(future)
+        session, statements = ready
         claimed_ms = now_ms()
 
         def wrap(err: BaseException) -> BackendError:
@@ -234,12 +230,10 @@ class GroupStore:
 
         """
         future: Future[None] = Future()
-        try:
-            session, statements = self._ready()
-        except BackendError as err:
-            future.set_exception(err)
+        ready = self._conn.begin(future, self._ready)
+        if ready is None:
             return future
-        self._conn.track(future)
+        session, statements = ready
 
         def wrap(err: BaseException) -> BackendError:
             return self._conn.error(err, f"settling group {group_id}")

@@ -124,27 +124,7 @@ class TaskRows:
             EncodeError: the result cannot be encoded (nothing is written).
 
         """
-        future: Future[None] = Future()
-        try:
-            session, statements = self._ready()
-        except BackendError as err:
-            future.set_exception(err)
-            return future
-        task_params, index_params = self._write_params(meta)
-        self._slots.acquire()
-        self._conn.track(future)
-        write = FanIn(2, partial(self._write_done, future, meta.task_id))
-        for statement, params in (
-            (statements.insert_task, task_params),
-            (statements.insert_index, index_params),
-        ):
-            try:
-                response = session.execute_async(statement, params)
-            except Exception as err:  # e.g. the session was shut down
-                write.failed(err)
-                continue
-            response.add_callbacks(write.succeeded, write.failed)
-        return future
+        return self.store_many([meta])
 
     def store_many(self, metas: Sequence[TaskMeta]) -> Future[None]:
         """Upsert several task rows and their listing entries, asynchronously.
@@ -162,19 +142,18 @@ class TaskRows:
         if not metas:
             future.set_result(None)
             return future
-        try:
-            session, statements = self._ready()
-        except BackendError as err:
-            future.set_exception(err)
+        ready = self._conn.begin(future, self._ready)
+        if ready is None:
             return future
+        session, statements = ready
         from cassandra.query import BatchStatement, BatchType
 
         params = [self._write_params(meta) for meta in metas]  # may raise EncodeError
         groups: dict[tuple[Any, ...], list[tuple[Any, ...]]] = {}
         for _, index_params in params:
             groups.setdefault(index_params[:4], []).append(index_params)
-        self._conn.track(future)
-        what = f"storing {len(metas)} tasks"
+        what = f"storing task {metas[0].task_id}" if len(metas) == 1 else (
+            f"storing {len(metas)} tasks")
         write = FanIn(len(metas) + len(groups), partial(self._batch_done, future, what))
 
         def row_done(_rows: object) -> None:
@@ -194,11 +173,14 @@ class TaskRows:
                 continue
             response.add_callbacks(row_done, row_failed)
         for entries in groups.values():
-            batch = BatchStatement(batch_type=BatchType.UNLOGGED)
-            for entry in entries:
-                batch.add(statements.insert_index, entry)
+            if len(entries) == 1:
+                statement, values = statements.insert_index, entries[0]
+            else:
+                statement, values = BatchStatement(batch_type=BatchType.UNLOGGED), None
+                for entry in entries:
+                    statement.add(statements.insert_index, entry)
             try:
-                response = session.execute_async(batch)
+                response = session.execute_async(statement, values)
             except Exception as err:
                 write.failed(err)
                 continue
@@ -232,14 +214,6 @@ class TaskRows:
             meta.name, ttl,
         )
         return task_params, index_params
-
-    def _write_done(self, future: Future[None], task_id: str, error: BaseException | None) -> None:
-        """Both statements of a store answered: free its slot, complete its future."""
-        self._slots.release()
-        if error is None:
-            future.set_result(None)
-        else:
-            future.set_exception(self._conn.error(error, f"storing task {task_id}"))
 
     # ---------------------------------------------------------------- reads
 
