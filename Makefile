@@ -2,12 +2,15 @@
 SHELL := /bin/bash
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
-SERVICES := bash deploy/local/services.sh
+# NODES=3: the three-node Kafka + Cassandra cluster (other ports, beside the single node)
+NODES ?= 1
+SERVICES := bash deploy/local/services.sh --nodes $(NODES)
+CLUSTER := bash deploy/local/services.sh --nodes 3
 STAMP := .make/installed
 PYTEST := $(PYTHON) -m pytest -p no:cacheprovider
 
 .PHONY: help install up down status clean-data kafka-start kafka-stop cassandra-start \
-        cassandra-stop test unit integration lint demo bench
+        cassandra-stop kafka-kill cassandra-kill test test-cluster unit integration lint demo bench
 
 help:
 	@echo "make demo        set up, start local Kafka + Cassandra, run the examples"
@@ -15,7 +18,8 @@ help:
 	@echo "make unit        unit tests only (memory://, no services)"
 	@echo "make lint        ruff + mypy --strict"
 	@echo "make bench       benchmarks (prints figures)"
-	@echo "make up|down|status|clean-data, make kafka-stop|kafka-start|cassandra-stop|cassandra-start"
+	@echo "make test-cluster  start the 3-node cluster, run the fault tests (cluster/)"
+	@echo "make up|down|status|clean-data [NODES=3], make kafka-stop|kafka-start|cassandra-stop|cassandra-start [NODES=3 NODE=n]"
 
 # Installs the package and its dev tools once per change of pyproject.toml.
 $(STAMP): pyproject.toml
@@ -36,8 +40,8 @@ status:
 clean-data:
 	$(SERVICES) clean-data
 
-kafka-start kafka-stop cassandra-start cassandra-stop:
-	$(SERVICES) $@
+kafka-start kafka-stop cassandra-start cassandra-stop kafka-kill cassandra-kill:
+	$(SERVICES) $@ $(NODE)
 
 unit: install
 	$(PYTEST) tests -q
@@ -49,6 +53,12 @@ integration: up
 test: install up
 	$(PYTEST) tests -q
 	$(PYTEST) integration -q -rs
+
+# Fault tests on three Kafka brokers and three Cassandra nodes; fails (never skips) when the
+# cluster cannot start. It runs beside the single node (other ports; memory is plenty).
+test-cluster: install
+	$(CLUSTER) up
+	$(PYTEST) cluster -q -rs
 
 lint: install
 	$(PYTHON) -m ruff check streamtasks tests integration examples bench

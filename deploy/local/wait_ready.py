@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """Wait until a local service really serves requests (used by services.sh).
 
-    wait_ready.py kafka HOST:PORT [--timeout S] [--pid PID]
-    wait_ready.py cassandra HOST:PORT [--timeout S] [--pid PID]
+    wait_ready.py kafka HOST:PORT[,HOST:PORT...] [--timeout S] [--pid PID] [--nodes N]
+    wait_ready.py cassandra HOST:PORT[,HOST:PORT...] [--timeout S] [--pid PID] [--nodes N]
 
 Kafka: metadata answered and topic `streamtasks.healthcheck` created (or already there).
 Cassandra: `SELECT release_version FROM system.local` answered.
+With --nodes N, also: N brokers in the metadata / N Cassandra nodes up as the driver sees them.
 If --pid is given and that process exits, give up at once.
 Exit codes: 0 ready, 1 timed out, 2 process died. Client libraries are imported lazily;
 without them only a TCP connect is checked (with a warning).
@@ -45,8 +46,8 @@ def tcp_probe(host, port):
         return "tcp port open"
 
 
-def kafka_probe_factory(bootstrap):
-    """Probe: metadata answered and the health-check topic exists."""
+def kafka_probe_factory(bootstrap, nodes=1):
+    """Probe: metadata answered (by ``nodes`` brokers) and the health-check topic exists."""
     host, _, port = bootstrap.split(",")[0].rpartition(":")
     port = int(port)
     try:
@@ -66,11 +67,11 @@ def kafka_probe_factory(bootstrap):
             }
         )
         md = admin.list_topics(timeout=3)
-        if not md.brokers:
-            raise RuntimeError("no brokers in metadata")
+        if len(md.brokers) < nodes:
+            raise RuntimeError(f"{len(md.brokers)} of {nodes} brokers in metadata")
         if HEALTH_TOPIC not in md.topics:
             fut = admin.create_topics(
-                [NewTopic(HEALTH_TOPIC, num_partitions=1, replication_factor=1)],
+                [NewTopic(HEALTH_TOPIC, num_partitions=1, replication_factor=min(nodes, 3))],
                 operation_timeout=5,
                 request_timeout=8,
             )[HEALTH_TOPIC]
@@ -84,9 +85,9 @@ def kafka_probe_factory(bootstrap):
     return probe
 
 
-def cassandra_probe_factory(address):
-    """Probe: a CQL query is answered."""
-    host, _, port = address.rpartition(":")
+def cassandra_probe_factory(address, nodes=1):
+    """Probe: a CQL query is answered (and ``nodes`` nodes are up)."""
+    host, _, port = address.split(",")[0].rpartition(":")
     port = int(port)
     try:
         from cassandra.cluster import Cluster
@@ -101,7 +102,10 @@ def cassandra_probe_factory(address):
         try:
             session = cluster.connect()
             row = session.execute("SELECT release_version FROM system.local", timeout=5).one()
-            return f"Cassandra {row.release_version}"
+            up = [h for h in cluster.metadata.all_hosts() if h.is_up]
+            if len(up) < nodes:
+                raise RuntimeError(f"{len(up)} of {nodes} nodes up")
+            return f"Cassandra {row.release_version}, {len(up)} node(s) up"
         finally:
             cluster.shutdown()
 
@@ -115,9 +119,10 @@ def main():
     ap.add_argument("address", help="kafka: bootstrap (host:port[,...]); cassandra: host:port")
     ap.add_argument("--timeout", type=float, default=60)
     ap.add_argument("--pid", type=int)
+    ap.add_argument("--nodes", type=int, default=1)
     args = ap.parse_args()
     factory = kafka_probe_factory if args.service == "kafka" else cassandra_probe_factory
-    probe = factory(args.address)
+    probe = factory(args.address, args.nodes)
     deadline = time.monotonic() + args.timeout
     last = None
     while True:
