@@ -58,7 +58,9 @@ class App:
         broker: a broker URL (``kafka://host:9092``, ``memory://``) or a :class:`Broker`.
         backend: a backend URL (``cassandra://host:9042/keyspace``, ``memory://``) or a
             :class:`ResultBackend`.
-        settings: every other setting; defaults when omitted.
+        settings: every other setting; when omitted, read from ``STREAMTASKS_*`` env vars
+            and ``$STREAMTASKS_CONFIG`` (:meth:`Settings.from_env`), so ``broker`` and
+            ``backend`` given here still leave every other variable honoured.
         codec: the message codec (Avro single-object encoding by default).
 
     Example:
@@ -78,11 +80,13 @@ class App:
         codec: Codec | None = None,
     ) -> None:
         self.name = name
-        overrides = {
+        overrides: dict[str, Any] = {
             k: v for k, v in (("broker", broker), ("backend", backend)) if isinstance(v, str)
         }
-        base = settings or Settings()
-        self.settings = Settings.build({**_as_dict(base), **overrides}) if overrides else base
+        if settings is None:
+            self.settings = Settings.from_env(**overrides)
+        else:
+            self.settings = settings.replace(**overrides) if overrides else settings
         ensure_configured(self.settings)
         self.codec: Codec = codec or AvroCodec()
         self.tasks: dict[str, Task[Any, Any]] = {}
@@ -524,9 +528,3 @@ def _flush_at_exit(ref: weakref.ReferenceType[App]) -> None:
         app.flush()
     except SendError as err:
         log.error("unconfirmed sends at exit", error=str(err))
-
-
-def _as_dict(settings: Settings) -> dict[str, Any]:
-    import dataclasses
-
-    return {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}

@@ -8,6 +8,7 @@ import gc
 import importlib
 import importlib.metadata
 import json
+import os
 import re
 import sys
 import time
@@ -21,6 +22,7 @@ from streamtasks.backend.base import TaskMeta
 from streamtasks.codec import to_json_text
 from streamtasks.errors import ConfigError, ResultTimeout, StreamTasksError
 from streamtasks.logs import configure_logging
+from streamtasks.settings import ENV_PREFIX, LOG_LEVELS
 from streamtasks.timeutil import parse_time_ms
 
 if TYPE_CHECKING:
@@ -69,6 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--backend", help="backend URL, e.g. cassandra://127.0.0.1:9042/ks")
     common.add_argument("--namespace", help="topic name prefix (default streamtasks)")
     common.add_argument("--app", help="module:attribute of your App (registers the tasks)")
+    common.add_argument("-l", "--log-level", "--loglevel", type=str.lower, choices=LOG_LEVELS,
+                        help="log level (default: setting log_level, info)")
     common.add_argument("--log-format", choices=("json", "console", "auto"),
                         help="log lines as JSON or for a console (default: setting "
                         "log_format; auto: JSON when stdout is not a terminal)")
@@ -319,28 +323,42 @@ def _json_arg(text: str, what: str, kind: type) -> Any:
 
 
 def _app(ns: argparse.Namespace) -> App:
+    """The app of a command: ``--app``'s, or one from the environment; flags win over both.
+
+    With ``--app``, ``--config`` is put in ``$STREAMTASKS_CONFIG`` before the module is
+    imported, so an app built from the environment (``App("x")``,
+    ``App("x", broker=...)``) reads it in the documented order; ``--broker``,
+    ``--backend`` and ``--namespace`` then replace the app's values.
+    """
+    flags = {"broker": ns.broker, "backend": ns.backend, "namespace": ns.namespace}
+    flags = {name: value for name, value in flags.items() if value is not None}
     if ns.app:
-        if ns.broker or ns.backend or ns.namespace or ns.config:
-            raise CliError("--broker/--backend/--namespace/--config cannot be combined with "
-                           "--app (the app has its settings); set them where the app is made")
-        app = _import_app(ns.app)
+        app = _import_app(ns.app, ns.config)
+        if flags:
+            app.settings = app.settings.replace(**flags)
     else:
-        app = App.from_env(
-            config_file=ns.config, broker=ns.broker, backend=ns.backend, namespace=ns.namespace
-        )
-    configure_logging(app.settings, log_format=ns.log_format)
+        app = App.from_env(config_file=ns.config, **flags)
+    configure_logging(app.settings, log_format=ns.log_format, log_level=ns.log_level)
     return app
 
 
-def _import_app(spec: str) -> App:
+def _import_app(spec: str, config_file: str | None = None) -> App:
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise CliError(f"--app must look like module:attribute, got {spec!r}")
     sys.path.insert(0, ".")
+    before = os.environ.get(ENV_PREFIX + "CONFIG")
+    if config_file:  # an app built from the environment reads the file in its place
+        os.environ[ENV_PREFIX + "CONFIG"] = config_file
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
         raise CliError(f"--app: cannot import {module_name!r}: {err}") from err
+    finally:
+        if config_file and before is None:
+            del os.environ[ENV_PREFIX + "CONFIG"]
+        elif config_file and before is not None:
+            os.environ[ENV_PREFIX + "CONFIG"] = before
     app = getattr(module, attr, None)
     if not isinstance(app, App):
         raise CliError(f"--app: {spec!r} is not a streamtasks App")

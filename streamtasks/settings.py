@@ -1,17 +1,26 @@
 """One settings object: defaults, then a YAML file, then ``STREAMTASKS_*`` env vars, then flags.
 
-Nothing is read at import time: :meth:`Settings.from_env` reads when called.
+Settings are a pydantic-settings model: every value is type-checked when settings are built
+and a bad one is refused with a :class:`~streamtasks.errors.ConfigError` naming the setting,
+where it came from, what is expected and what was given (never a secret). Passwords are
+:class:`~pydantic.SecretStr`, shown as ``**********`` in ``repr`` and errors.
+
+Nothing is read at import time, and nothing when settings are built directly
+(``Settings(concurrency=4)`` is the defaults plus those values): :meth:`Settings.from_env`
+reads the environment and the file when called.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import parse_qsl, urlsplit
+
+from pydantic import BeforeValidator, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict, SettingsError
 
 from streamtasks.errors import ConfigError
 
@@ -21,9 +30,27 @@ if TYPE_CHECKING:
 
 ENV_PREFIX = "STREAMTASKS_"
 
+#: The log levels a ``log_level`` setting may name (any case).
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
-@dataclass(slots=True)
-class Settings:
+
+def _lowered(value: Any) -> Any:
+    return value.strip().lower() if isinstance(value, str) else value
+
+
+def _uppered(value: Any) -> Any:
+    return value.strip().upper() if isinstance(value, str) else value
+
+
+LogLevel = Annotated[Literal["debug", "info", "warning", "error", "critical"],
+                     BeforeValidator(_lowered)]
+LogFormat = Annotated[Literal["json", "console", "auto"], BeforeValidator(_lowered)]
+AtLeastOne = Annotated[int, Field(ge=1)]
+NotNegative = Annotated[int, Field(ge=0)]
+NotNegativeFloat = Annotated[float, Field(ge=0)]
+
+
+class Settings(BaseSettings):
     """Every setting of an app and its workers.
 
     Attributes:
@@ -31,6 +58,8 @@ class Settings:
             ``memory://``.
         backend: backend URL, ``cassandra://host:9042[,host2]/keyspace[?consistency=...]``
             or ``memory://``.
+        broker_password: the Kafka SASL password (``sasl.password``), kept out of the URL.
+        backend_password: the Cassandra password, kept out of the URL.
         namespace: prefix of every topic name (``{namespace}.{queue}``).
         default_queue: queue of tasks that name none.
         partitions: partitions of topics the library creates.
@@ -53,38 +82,64 @@ class Settings:
         backend_max_in_flight: concurrent Cassandra writes per process.
         track_started: write a STARTED row when a task starts (one more write per task).
         log_format: ``json``, ``console``, or ``auto`` (JSON when stdout is not a terminal).
-        log_level: ``debug``, ``info``, ``warning``, ``error``.
+        log_level: ``debug``, ``info``, ``warning``, ``error``, ``critical``.
         metrics_port: port of the worker's /metrics, /healthz, /readyz (0 disables).
         delay_tiers: the delay tiers, comma-separated (``1s,5s,30s,2m,10m,1h``).
         run_delayer: a worker also forwards its queues' delayed records when due.
+        extra: free-form strings for applications (``STREAMTASKS_EXTRA`` as a JSON object).
     """
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, case_sensitive=False, extra="forbid", validate_default=False,
+        hide_input_in_errors=True,
+    )
 
     broker: str = "kafka://127.0.0.1:9092"
     backend: str = "cassandra://127.0.0.1:9042/streamtasks"
+    broker_password: SecretStr | None = None
+    backend_password: SecretStr | None = None
     namespace: str = "streamtasks"
     default_queue: str = "default"
-    partitions: int = 6
-    replication_factor: int = 1
-    retention_ms: int = 7 * 24 * 3600 * 1000
-    max_message_bytes: int = 16 * 1024 * 1024
+    partitions: AtLeastOne = 6
+    replication_factor: AtLeastOne = 1
+    retention_ms: AtLeastOne = 7 * 24 * 3600 * 1000
+    max_message_bytes: AtLeastOne = 16 * 1024 * 1024
     create_topics: bool = True
-    result_expires_s: int = 24 * 3600
-    group_expires_s: int = 7 * 24 * 3600
-    min_insync_replicas: int = 0
-    concurrency: int = 8
-    inline_max_ms: float = 1.0
-    max_in_flight: int = 1000
-    commit_interval_s: float = 0.5
-    shutdown_grace_s: float = 30.0
-    consistency: str = "LOCAL_QUORUM"
-    backend_max_in_flight: int = 256
+    result_expires_s: AtLeastOne = 24 * 3600
+    group_expires_s: AtLeastOne = 7 * 24 * 3600
+    min_insync_replicas: NotNegative = 0
+    concurrency: AtLeastOne = 8
+    inline_max_ms: NotNegativeFloat = 1.0
+    max_in_flight: AtLeastOne = 1000
+    commit_interval_s: NotNegativeFloat = 0.5
+    shutdown_grace_s: NotNegativeFloat = 30.0
+    consistency: Annotated[str, BeforeValidator(_uppered)] = "LOCAL_QUORUM"
+    backend_max_in_flight: AtLeastOne = 256
     track_started: bool = False
-    log_format: str = "auto"
-    log_level: str = "info"
-    metrics_port: int = 0
+    log_format: LogFormat = "auto"
+    log_level: LogLevel = "info"
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] = 0
     delay_tiers: str = "1s,5s,30s,2m,10m,1h"
     run_delayer: bool = True
-    extra: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, str] = Field(default_factory=dict)
+
+    def __init__(self, **values: Any) -> None:
+        """Build settings from defaults and ``values`` only (no environment, no file).
+
+        Raises:
+            ConfigError: an unknown setting or a bad value, one line per problem.
+        """
+        try:
+            super().__init__(**values)
+        except ValidationError as err:
+            raise _BadValues(err) from None
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: Any, *_others: Any, **_named: Any
+    ) -> tuple[Any, ...]:
+        """Built directly, settings are defaults plus the given values (see :meth:`from_env`)."""
+        return (init_settings,)
 
     @classmethod
     def from_env(
@@ -95,53 +150,74 @@ class Settings:
     ) -> Settings:
         """Build settings from a YAML file, ``STREAMTASKS_*`` env vars and overrides.
 
-        Later sources win: defaults < file < environment < ``overrides``. The file is
-        ``config_file`` or ``$STREAMTASKS_CONFIG``.
+        Later sources win: defaults < file < environment < ``overrides`` (flags, or
+        arguments given in code; ``None`` means not given). The file is ``config_file``
+        or ``$STREAMTASKS_CONFIG``.
 
         Raises:
-            ConfigError: an unknown setting or a value of the wrong form.
+            ConfigError: an unreadable file, an unknown setting or a bad value, naming the
+                setting, its source (file, variable or argument) and what is expected.
         """
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
+        origins: dict[str, str] = {}
         path = config_file or env.get(ENV_PREFIX + "CONFIG")
         if path:
-            values.update(_read_yaml(Path(path)))
-        for name in _field_names():
-            raw = env.get(ENV_PREFIX + name.upper())
-            if raw is not None:
-                values[name] = raw
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls.build(values)
+            from_file = _read_yaml(Path(path))
+            values.update(from_file)
+            origins.update(dict.fromkeys(from_file, f"file {path}"))
+        try:
+            from_env = _EnvMapping(cls, env)()
+        except SettingsError as err:  # a structured setting whose variable is not JSON
+            text = str(err).replace('source "_EnvMapping"', f"the {ENV_PREFIX}* environment")
+            raise ConfigError(f"{text}: give it as JSON") from None
+        values.update(from_env)
+        origins.update({name: f"env {ENV_PREFIX}{name.upper()}" for name in from_env})
+        given = {k: v for k, v in overrides.items() if v is not None}
+        values.update(given)
+        origins.update(dict.fromkeys(given, "argument"))
+        return cls._checked(values, origins)
 
     @classmethod
     def build(cls, values: Mapping[str, Any]) -> Settings:
         """Build settings from a mapping of names to values (strings are converted).
 
         Raises:
-            ConfigError: an unknown setting or a value of the wrong form.
+            ConfigError: an unknown setting or a bad value, one line per problem.
         """
-        types = {f.name: f.type for f in dataclasses.fields(cls)}
-        kwargs: dict[str, Any] = {}
-        for name, value in values.items():
-            if name not in types:
-                known = ", ".join(sorted(types))
-                raise ConfigError(f"unknown setting {name!r}; known settings: {known}")
-            kwargs[name] = _convert(name, str(types[name]), value)
-        settings = cls(**kwargs)
-        settings.validate()
-        return settings
+        return cls._checked(dict(values), {})
 
-    def validate(self) -> None:
-        """Check values that have a range.
+    @classmethod
+    def _checked(cls, values: dict[str, Any], origins: Mapping[str, str]) -> Settings:
+        unknown = sorted(set(values) - set(cls.model_fields))
+        if unknown:
+            where = {origins.get(name, "") for name in unknown} - {""}
+            raise ConfigError(
+                f"unknown setting(s) {', '.join(map(repr, unknown))}"
+                + (f" in {', '.join(sorted(where))}" if where else "")
+                + f"; known settings: {', '.join(sorted(cls.model_fields))}"
+            )
+        try:
+            return cls(**values)
+        except _BadValues as err:
+            raise ConfigError(_describe(err.problems, origins)) from None
+
+    def replace(self, **values: Any) -> Settings:
+        """Return a copy with ``values`` changed, checked like any settings.
+
+        Raises:
+            ConfigError: an unknown setting or a bad value.
+        """
+        current = {name: getattr(self, name) for name in type(self).model_fields}
+        return type(self)._checked({**current, **values}, dict.fromkeys(values, "argument"))
+
+    @model_validator(mode="after")
+    def _check_together(self) -> Settings:
+        """Check what depends on more than one value, the URLs and the delay tiers.
 
         Raises:
             ConfigError: naming the setting and the accepted range.
         """
-        positive = ("partitions", "replication_factor", "concurrency", "max_in_flight",
-                    "max_message_bytes", "backend_max_in_flight")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"setting {name} must be at least 1, got {getattr(self, name)}")
         if self.max_in_flight < self.concurrency:
             raise ConfigError(
                 f"max_in_flight ({self.max_in_flight}) must be at least concurrency "
@@ -150,15 +226,17 @@ class Settings:
         from streamtasks.topology import check_min_insync_replicas
 
         check_min_insync_replicas(self.replication_factor, self.min_insync_replicas)
-        if self.log_format not in ("json", "console", "auto"):
-            raise ConfigError(
-                f"log_format must be 'json', 'console' or 'auto', got {self.log_format!r}"
-            )
         from streamtasks.delays import parse_tiers
 
         parse_tiers(self.delay_tiers)
         parse_url(self.broker, "broker")
         parse_url(self.backend, "backend")
+        return self
+
+    def __repr_args__(self) -> Iterable[tuple[str | None, Any]]:
+        """Fields as pydantic shows them, with any password in the URLs hidden."""
+        for name, value in super().__repr_args__():
+            yield name, safe_url(value) if name in _URL_SETTINGS else value
 
     @property
     def topology(self) -> Topology:
@@ -197,6 +275,57 @@ class Settings:
         return self.topology.group_id(queue)
 
 
+class _BadValues(ConfigError):
+    """Values refused by validation; described with their origins where those are known."""
+
+    def __init__(self, problems: ValidationError) -> None:
+        super().__init__(_describe(problems, {}))
+        self.problems = problems
+
+
+class _EnvMapping(EnvSettingsSource):
+    """pydantic-settings' reading of ``STREAMTASKS_*`` variables, from a given mapping."""
+
+    def __init__(self, settings_cls: type[BaseSettings], env: Mapping[str, str]) -> None:
+        self._env = env
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return {k.lower(): v for k, v in self._env.items()}
+
+
+_SECRET_SETTINGS = ("broker_password", "backend_password")
+_URL_SETTINGS = ("broker", "backend")
+
+
+def _describe(err: ValidationError, origins: Mapping[str, str]) -> str:
+    """One line per bad value: the setting, where it came from, what is expected, what came."""
+    lines = []
+    for problem in err.errors(include_url=False):
+        name = ".".join(str(part) for part in problem["loc"]) or "settings"
+        top = str(problem["loc"][0]) if problem["loc"] else ""
+        origin = origins.get(top)
+        given = problem.get("input")
+        if top in _SECRET_SETTINGS:
+            shown = "(hidden)"
+        elif top in _URL_SETTINGS and isinstance(given, str):
+            shown = repr(safe_url(given))
+        else:
+            shown = repr(given)
+        if problem["type"] == "extra_forbidden":
+            lines.append(f"unknown setting {name!r}; known settings: "
+                         f"{', '.join(sorted(Settings.model_fields))}")
+            continue
+        lines.append(f"setting {name}{f' (from {origin})' if origin else ''}: "
+                     f"{_expected(problem['msg'])} (given: {shown})")
+    return "; ".join(lines)
+
+
+def _expected(message: str) -> str:
+    # pydantic says "Input should be a valid integer"; name the setting's expectation
+    return message.replace("Input should be", "expected").replace("Value should be", "expected")
+
+
 @dataclass(frozen=True, slots=True)
 class ServiceURL:
     """A parsed broker or backend URL."""
@@ -210,6 +339,19 @@ class ServiceURL:
 _DEFAULT_PORTS = {"kafka": 9092, "cassandra": 9042}
 
 
+def safe_url(url: str) -> str:
+    """Return ``url`` fit for a message: user info (``user:password@``) and secret options hidden.
+
+    Works on malformed URLs too: everything between ``://`` and the last ``@`` goes.
+    """
+    from streamtasks.logs import redact_text
+
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest:
+        rest = "***@" + rest.rpartition("@")[2]
+    return redact_text(scheme + sep + rest)
+
+
 def parse_url(url: str, what: str = "url") -> ServiceURL:
     """Parse ``scheme://host:port[,host:port]/path?k=v``.
 
@@ -220,7 +362,7 @@ def parse_url(url: str, what: str = "url") -> ServiceURL:
     scheme = parts.scheme
     if scheme not in ("kafka", "cassandra", "memory"):
         raise ConfigError(
-            f"{what} URL {url!r}: unknown scheme {scheme!r}; use kafka://host:9092, "
+            f"{what} URL {safe_url(url)!r}: unknown scheme {scheme!r}; use kafka://host:9092, "
             "cassandra://host:9042/keyspace or memory://"
         )
     hosts: list[tuple[str, int]] = []
@@ -230,34 +372,11 @@ def parse_url(url: str, what: str = "url") -> ServiceURL:
             try:
                 hosts.append((host, int(port) if port else _DEFAULT_PORTS[scheme]))
             except ValueError:
-                raise ConfigError(f"{what} URL {url!r}: bad port in {item!r}") from None
+                shown = f" in {item!r}" if "@" not in url else ""  # a password may hold ':'
+                raise ConfigError(f"{what} URL {safe_url(url)!r}: bad port{shown}") from None
         if not hosts:
-            raise ConfigError(f"{what} URL {url!r} names no host")
+            raise ConfigError(f"{what} URL {safe_url(url)!r} names no host")
     return ServiceURL(scheme, tuple(hosts), parts.path.strip("/"), dict(parse_qsl(parts.query)))
-
-
-def _field_names() -> list[str]:
-    return [f.name for f in dataclasses.fields(Settings) if f.name != "extra"]
-
-
-def _convert(name: str, type_name: str, value: Any) -> Any:
-    if not isinstance(value, str):
-        return value
-    try:
-        if type_name == "int":
-            return int(value)
-        if type_name == "float":
-            return float(value)
-        if type_name == "bool":
-            lowered = value.strip().lower()
-            if lowered in ("1", "true", "yes", "on"):
-                return True
-            if lowered in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(value)
-    except ValueError:
-        raise ConfigError(f"setting {name}: expected {type_name}, got {value!r}") from None
-    return value
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -268,7 +387,10 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except OSError as err:
         raise ConfigError(f"cannot read settings file {path}: {err}") from err
     except yaml.YAMLError as err:
-        raise ConfigError(f"settings file {path} is not valid YAML: {err}") from err
+        from streamtasks.logs import redact_text
+
+        raise ConfigError(f"settings file {path} is not valid YAML: {redact_text(str(err))}") \
+            from None
     if data is None:
         return {}
     if not isinstance(data, dict):

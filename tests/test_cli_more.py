@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import logging
 import sys
 import types
 from collections.abc import Iterator
@@ -248,3 +249,65 @@ def test_purge_asks_on_a_terminal(capsys, app, monkeypatch, answer, code, left):
 def test_purge_of_a_queue_without_topic_is_a_usage_error(capsys, app):
     code, _, err = run(capsys, "purge", "--queue", "nope", "--yes", *APP)
     assert code == 2 and "topics create --queue nope" in err
+
+
+# -- settings: flags beside --app, bad files and values, secrets --------------------------
+
+
+def test_flags_beside_app_win_over_its_settings(capsys, app):
+    code, out, _ = run(capsys, "send", "add", "--args", "[1, 2]", *APP,
+                       "--namespace", "flagged", "-l", "WARNING")
+    assert code == 0, out
+    assert app.settings.namespace == "flagged"
+    assert len(app.broker.records("flagged.default")) == 1  # type: ignore[attr-defined]
+    assert logging.getLogger().level == logging.WARNING
+
+
+def test_config_beside_app_is_read_where_the_app_reads_its_environment(
+    capsys, tmp_path, monkeypatch
+):
+    (tmp_path / "cfg_app_mod.py").write_text(
+        "from streamtasks import App\n"
+        "app = App('cfg', broker='memory://', backend='memory://')\n"
+    )
+    (tmp_path / "cfg.yaml").write_text("namespace: from-file\nconcurrency: 3\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("STREAMTASKS_CONCURRENCY", "5")
+    monkeypatch.delitem(sys.modules, "cfg_app_mod", raising=False)
+    code, _, err = run(capsys, "send", "x", "--app", "cfg_app_mod:app",
+                       "--config", str(tmp_path / "cfg.yaml"), "--backend", "memory://")
+    assert code == 0, err
+    settings = sys.modules["cfg_app_mod"].app.settings
+    assert settings.namespace == "from-file" and settings.concurrency == 5  # env over file
+    import os
+
+    assert "STREAMTASKS_CONFIG" not in os.environ  # the command leaves no trace
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("concurrency: 4.5\n", "setting concurrency (from file"),
+    ("concurrency: {a: 1}\n", "setting concurrency (from file"),
+    ("log_level: loud\n", "setting log_level (from file"),
+    ("concurrency: [4\n", "is not valid YAML"),
+])
+def test_a_bad_settings_file_is_a_usage_error(capsys, tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    code, out, err = run(capsys, "send", "t", "--config", str(path), *MEM)
+    assert code == 2 and out == ""
+    assert "configuration error" in err and message in err
+
+
+def test_a_bad_log_level_flag_is_a_usage_error(capsys):
+    code, _, err = run(capsys, "send", "t", "-l", "loud", *MEM)
+    assert code == 2 and "-l/--log-level" in err and "loud" in err
+
+
+def test_a_password_in_a_malformed_url_never_reaches_the_terminal(capsys, monkeypatch):
+    secret = "s3cr3t-Pw"
+    code, out, err = run(capsys, "send", "t", "--broker", f"kafka://app:{secret}@k:nope",
+                         "--backend", "memory://")
+    assert code == 2 and "broker URL" in err and secret not in out + err
+    monkeypatch.setenv("STREAMTASKS_BACKEND", f"cassandra://app:{secret}/x@db/ks")
+    code, out, err = run(capsys, "send", "t", "--broker", "memory://")
+    assert code == 2 and "backend URL" in err and secret not in out + err

@@ -131,6 +131,8 @@ class KafkaBroker(Broker):
             "logger": logging.getLogger("streamtasks.broker.librdkafka"),
             **parsed.options,
         }
+        if settings.broker_password is not None:  # kept out of the URL (and its logs)
+            self._common["sasl.password"] = settings.broker_password.get_secret_value()
         self._lock = threading.Lock()
         self._reachable = False
         self._producer: ck.Producer | None = None

@@ -106,7 +106,10 @@ class CassandraOptions:
             consistency=consistency,
             serial_consistency=serial,
             username=opts.get("username"),
-            password=opts.get("password"),
+            password=opts.get("password") or (
+                settings.backend_password.get_secret_value()
+                if settings.backend_password is not None else None
+            ),
             ssl=_flag(opts, "ssl", False),
             ssl_ca=opts.get("ssl_ca"),
             ssl_cert=opts.get("ssl_cert"),
