@@ -2,6 +2,7 @@
 
 from streamtasks import states
 from streamtasks.app import App
+from streamtasks.context import Request, current_task
 from streamtasks.errors import (
     ArgumentError,
     BackendError,
@@ -39,6 +40,7 @@ __all__ = [
     "Group",
     "GroupResult",
     "MessageTooLargeError",
+    "Request",
     "ResultTimeout",
     "Retry",
     "SendError",
@@ -52,6 +54,7 @@ __all__ = [
     "UnknownTaskError",
     "chain",
     "chord",
+    "current_task",
     "group",
     "states",
 ]

@@ -6,28 +6,45 @@ import atexit
 import threading
 import weakref
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, TypeVar, overload
 
 import structlog
 
-from streamtasks import tracing
+from streamtasks import states, tracing
 from streamtasks.backend.base import ResultBackend
 from streamtasks.broker.base import Broker, TopicSpec
 from streamtasks.codec import AvroCodec, Codec, check_arguments, to_json_text
+from streamtasks.context import child_task_id, link_to_parent
 from streamtasks.delays import next_hop
-from streamtasks.errors import ConfigError, MessageTooLargeError, SendError, UnknownTaskError
+from streamtasks.errors import (
+    ConfigError,
+    MessageTooLargeError,
+    SendError,
+    StreamTasksError,
+    UnknownTaskError,
+)
 from streamtasks.headers import task_headers
 from streamtasks.logs import ensure_configured
-from streamtasks.message import TaskMessage, new_task_id, now_ms
-from streamtasks.result import AsyncResult
+from streamtasks.message import TaskMessage, now_ms
+from streamtasks.result import AsyncResult, GroupResult
 from streamtasks.retry import RetryPolicy, call_options
 from streamtasks.settings import Settings
 from streamtasks.signature import freeze_callbacks
-from streamtasks.task import CALL_OPTIONS, Task, TaskOptions, one_of, take_aliases
+from streamtasks.task import (
+    CALL_OPTIONS,
+    ErrorHook,
+    SuccessHook,
+    Task,
+    TaskHooks,
+    TaskOptions,
+    one_of,
+    take_aliases,
+)
 from streamtasks.timeutil import epoch_ms
 
 if TYPE_CHECKING:
@@ -90,6 +107,8 @@ class App:
         ensure_configured(self.settings)
         self.codec: Codec = codec or AvroCodec()
         self.tasks: dict[str, Task[Any, Any]] = {}
+        #: App-wide error handlers (:meth:`on_failure`), called in registration order.
+        self.failure_handlers: list[ErrorHook] = []
         self._broker = broker if isinstance(broker, Broker) else None
         self._backend = backend if isinstance(backend, ResultBackend) else None
         self._lock = threading.Lock()
@@ -147,6 +166,7 @@ class App:
         fn: None = None,
         /,
         *,
+        bind: Literal[False] = False,
         name: str | None = None,
         queue: str | None = None,
         ordered: bool = False,
@@ -156,13 +176,40 @@ class App:
         backoff_s: float = 1.0,
         backoff_max_s: float = 600.0,
         retry_on: tuple[type[BaseException], ...] | None = None,
+        track_started: bool = False,
+        on_failure: ErrorHook | None = None,
+        on_retry: ErrorHook | None = None,
+        on_success: SuccessHook | None = None,
     ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
+
+    @overload
+    def task(
+        self,
+        fn: None = None,
+        /,
+        *,
+        bind: Literal[True],
+        name: str | None = None,
+        queue: str | None = None,
+        ordered: bool = False,
+        time_limit_s: float | None = None,
+        max_retries: int = 0,
+        backoff: str = "exponential",
+        backoff_s: float = 1.0,
+        backoff_max_s: float = 600.0,
+        retry_on: tuple[type[BaseException], ...] | None = None,
+        track_started: bool = False,
+        on_failure: ErrorHook | None = None,
+        on_retry: ErrorHook | None = None,
+        on_success: SuccessHook | None = None,
+    ) -> Callable[[Callable[Concatenate[Any, P], R]], Task[P, R]]: ...
 
     def task(
         self,
         fn: Callable[P, R] | None = None,
         /,
         *,
+        bind: bool = False,
         name: str | None = None,
         queue: str | None = None,
         ordered: bool = False,
@@ -172,7 +219,11 @@ class App:
         backoff_s: float = 1.0,
         backoff_max_s: float = 600.0,
         retry_on: tuple[type[BaseException], ...] | None = None,
-    ) -> Task[P, R] | Callable[[Callable[P, R]], Task[P, R]]:
+        track_started: bool = False,
+        on_failure: ErrorHook | None = None,
+        on_retry: ErrorHook | None = None,
+        on_success: SuccessHook | None = None,
+    ) -> Task[P, R] | Callable[[Callable[..., R]], Task[P, R]]:
         """Register a function as a task (usable bare or with options).
 
         Args:
@@ -186,6 +237,13 @@ class App:
             backoff_s: the base delay between attempts.
             backoff_max_s: the longest delay between attempts.
             retry_on: exception types retried (default: any ``Exception``).
+            bind: the function gets the task as its first argument (``self``), with
+                ``self.request`` and ``self.retry()`` (Celery's ``bind=True``).
+            track_started: write STARTED as soon as a run starts (default: only for a
+                run still going after the ``track_started_after_ms`` setting).
+            on_failure: ``hook(request, exc, traceback)`` after the task failed for good.
+            on_retry: ``hook(request, exc, traceback)`` when a retry is scheduled.
+            on_success: ``hook(request, result)`` after the task succeeded.
 
         Raises:
             ConfigError: another task is registered under the same name, or a bad
@@ -193,21 +251,36 @@ class App:
         """
         policy = RetryPolicy(max_retries, backoff, backoff_s, backoff_max_s, retry_on)
 
-        def register(func: Callable[P, R]) -> Task[P, R]:
+        hooks = TaskHooks(on_failure, on_retry, on_success)
+
+        def register(func: Callable[..., R]) -> Task[P, R]:
             task_name = name or f"{func.__module__}.{func.__qualname__}"
-            if task_name in self.tasks and self.tasks[task_name].fn is not func:
+            if task_name in self.tasks and self.tasks[task_name].__wrapped__ is not func:
                 raise ConfigError(f"a task named {task_name!r} is already registered")
             options = TaskOptions(
                 queue=queue or self.settings.default_queue,
                 ordered=ordered,
                 time_limit_s=time_limit_s,
                 retry=policy,
+                bind=bind,
+                track_started=track_started,
+                hooks=hooks,
             )
             registered: Task[P, R] = Task(self, func, task_name, options)
             self.tasks[task_name] = registered
             return registered
 
         return register(fn) if fn is not None else register
+
+    def on_failure(self, handler: ErrorHook) -> ErrorHook:
+        """Register an app-wide error handler (a decorator): called for every task failure.
+
+        ``handler(request, exc, traceback)`` runs in the worker after any task of this
+        app failed for good, after the task's own ``on_failure`` hook. A handler that
+        raises is logged; it never changes the task's outcome.
+        """
+        self.failure_handlers.append(handler)
+        return handler
 
     # -- sending -----------------------------------------------------------------
 
@@ -232,7 +305,7 @@ class App:
         confirm: bool = False,
         _task: Task[Any, Any] | None = None,
         **legacy: Any,
-    ) -> AsyncResult:
+    ) -> AsyncResult[Any]:
         """Send a task by name; return an :class:`AsyncResult` at once.
 
         The options keep Celery's names (``docs/celery.md``). The send is queued in the
@@ -245,15 +318,18 @@ class App:
             queue: the queue (default: the task's, else the app's default queue).
             key: partition key: tasks with one key share a partition (and keep order
                 for ``ordered`` tasks). Default: the task id.
-            task_id: the id to use (default: a fresh UUID).
+            task_id: the id to use (default: a fresh UUID; inside a running task, an id
+                derived from the task's id and the send's position, see
+                :mod:`streamtasks.context`).
             countdown: run no earlier than this many seconds from now
                 (``countdown_s`` is still accepted).
             eta: run no earlier than this time (an aware datetime, or naive UTC).
             expires: not to run after this many seconds from now, or after this
                 datetime (naive: UTC); ``expires_s`` is still accepted.
             link: signatures started with this task's result when it succeeds.
-            link_error: signatures started with ``(task_id, "Type: message")`` when
-                it fails for good.
+            link_error: signatures started with the failure as data (one dict:
+                ``task_id``, ``name``, ``args``, ``kwargs``, ``error_type``, ``message``,
+                ``traceback``) when it fails for good.
             max_retries: override the task's ``max_retries`` for this call.
             backoff: override the task's backoff (``fixed``, ``exponential``,
                 ``fibonacci``).
@@ -281,7 +357,8 @@ class App:
             check_arguments(task.fn, args, kwargs)
         now = now_ms()
         msg = TaskMessage(
-            id=task_id or new_task_id(),
+            # inside a running task: derived from its id (a repeated run re-sends the same)
+            id=child_task_id(task_id),
             name=name,
             queue=queue or (task.options.queue if task else self.settings.default_queue),
             # encode_task converts dataclasses / pydantic models and refuses what it cannot
@@ -298,6 +375,7 @@ class App:
             # inside a task: the task's trace; elsewhere a new one
             traceparent=tracing.traceparent_for_send(),
         )
+        link_to_parent(msg)
         msg.link = freeze_callbacks(msg.id, "link", link)
         msg.link_error = freeze_callbacks(msg.id, "link_error", link_error)
         self.publish(msg)
@@ -311,7 +389,7 @@ class App:
         args: Sequence[Any] | None = None,
         kwargs: Mapping[str, Any] | None = None,
         **options: Any,
-    ) -> AsyncResult:
+    ) -> AsyncResult[Any]:
         """Send a task by name, as Celery's ``send_task``: :meth:`send` under its name.
 
         Raises:
@@ -374,6 +452,24 @@ class App:
             with self._lock:
                 self._unconfirmed.pop(msg.id, None)
             raise
+        if self.settings.track_pending:
+            self._mark_pending(msg)
+
+    def _mark_pending(self, msg: TaskMessage) -> None:
+        """Write PENDING for a task just queued (setting ``track_pending``); never fails it.
+
+        The entry never overwrites a later state (see ``ResultBackend.mark_progress``).
+        """
+        def logged(future: Future[None]) -> None:
+            error = future.exception()
+            if error is not None:
+                log.warning("PENDING row not written", id=msg.id, error=str(error))
+
+        try:
+            self.backend.mark_progress(msg.id, states.PENDING, 0, msg.name, msg.queue)\
+                .add_done_callback(logged)
+        except StreamTasksError as err:
+            log.warning("PENDING row not written", id=msg.id, error=str(err))
 
     def outgoing(self, msg: TaskMessage, now: int) -> Outgoing:
         """Encode a task into the record that sends it now (its queue's topics made ready).
@@ -442,9 +538,19 @@ class App:
 
     # -- results -----------------------------------------------------------------
 
-    def result(self, task_id: str) -> AsyncResult:
+    def result(self, task_id: str) -> AsyncResult[Any]:
         """Return a handle on the result of any task id."""
         return AsyncResult(task_id, self)
+
+    def group_result(self, group_id: str) -> GroupResult | None:
+        """Return a group saved by :meth:`GroupResult.save` (in any process), or None.
+
+        Celery's ``GroupResult.restore(group_id)``.
+
+        Raises:
+            BackendError: the backend failed the read.
+        """
+        return GroupResult.restore(group_id, self)
 
     def get_task(self, name: str) -> Task[Any, Any]:
         """Return a registered task.

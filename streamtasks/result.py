@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, TypeAlias
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Generic, TypeAlias, TypeVar
 
 from streamtasks import states
 from streamtasks.backend.base import TaskMeta
@@ -13,9 +14,15 @@ from streamtasks.errors import ResultTimeout, TaskFailed, TaskRevoked
 if TYPE_CHECKING:
     from streamtasks.app import App
 
+R = TypeVar("R")
 
-class AsyncResult:
+
+class AsyncResult(Generic[R]):
     """The result of one task, by id; reads the backend when asked.
+
+    Generic in the task's result type: ``add.delay(1, 2).get()`` is typed ``int`` for a
+    task returning ``int``. Once the task's row is final it is kept, so reading
+    :attr:`result`, :attr:`traceback`, :attr:`date_done` after :meth:`get` costs no read.
 
     Attributes:
         id: the task id.
@@ -26,13 +33,66 @@ class AsyncResult:
         self.id = task_id
         self.app = app
         self.parent = parent
+        self._final: TaskMeta | None = None
 
     def __repr__(self) -> str:
         return f"<AsyncResult {self.id}>"
 
     def meta(self) -> TaskMeta | None:
         """Return the task's stored row, or None when there is none yet."""
-        return self.app.backend.fetch(self.id)
+        if self._final is not None:
+            return self._final
+        meta = self.app.backend.fetch(self.id)
+        if meta is not None and meta.ready:
+            self._final = meta
+        return meta
+
+    @property
+    def result(self) -> R | BaseException | None:
+        """The return value on SUCCESS, the error on FAILURE / REVOKED, else None.
+
+        The error is a :class:`TaskFailed` (or :class:`TaskRevoked`) carrying the remote
+        type, message and traceback (Celery's ``.result`` / ``.info``).
+        """
+        meta = self.meta()
+        if meta is None or not meta.ready:
+            return None
+        if meta.state == states.SUCCESS:
+            return meta.result  # type: ignore[no-any-return]
+        try:
+            unwrap(meta)
+        except (TaskFailed, TaskRevoked) as err:
+            return err
+        return None
+
+    @property
+    def traceback(self) -> str | None:
+        """The failed task's traceback text, or None."""
+        meta = self.meta()
+        return None if meta is None else meta.traceback
+
+    @property
+    def date_done(self) -> datetime | None:
+        """When the task reached its final state (aware, UTC), or None."""
+        meta = self.meta()
+        if meta is None or not meta.ready or meta.finished_ms is None:
+            return None
+        return datetime.fromtimestamp(meta.finished_ms / 1000, UTC)
+
+    @property
+    def name(self) -> str | None:
+        """The task's registered name, once a row exists."""
+        meta = self.meta()
+        return meta.name or None if meta is not None else None
+
+    def forget(self) -> None:
+        """Delete the task's stored row (Celery's ``forget``); reading again gives PENDING.
+
+        Raises:
+            BackendError: the backend failed the delete.
+        """
+        self.app.backend.forget(self.id).result()
+        self._final = None
 
     @property
     def state(self) -> str:
@@ -53,7 +113,7 @@ class AsyncResult:
         """Whether the task ended in FAILURE."""
         return self.state == states.FAILURE
 
-    def get(self, timeout: float | None = None, propagate: bool = True) -> Any:
+    def get(self, timeout: float | None = None, propagate: bool = True) -> R:
         """Wait for the task to finish and return its result.
 
         Args:
@@ -65,8 +125,9 @@ class AsyncResult:
             TaskFailed: the task ended in FAILURE (carries its error and traceback).
             TaskRevoked: the task was revoked or expired.
         """
-        meta = self.app.backend.wait(self.id, timeout)
-        return unwrap(meta, propagate)
+        meta = self._final or self.app.backend.wait(self.id, timeout)
+        self._final = meta
+        return unwrap(meta, propagate)  # type: ignore[no-any-return]
 
 
 def unwrap(meta: TaskMeta, propagate: bool = True) -> Any:
@@ -138,6 +199,44 @@ class GroupResult:
 
     def __repr__(self) -> str:
         return f"<GroupResult {self.id} ({len(self.results)} members)>"
+
+    def save(self) -> None:
+        """Store the group's member ids under its id, so any process can restore it.
+
+        Celery's ``GroupResult.save()``; read back with :meth:`restore` or
+        ``app.group_result(group_id)``. The row lives as long as task rows
+        (``result_expires_s``).
+
+        Raises:
+            BackendError: the backend failed the write.
+        """
+        self.app.backend.save_group(self.id, self._leaf_ids()).result()
+
+    @classmethod
+    def restore(cls, group_id: str, app: App) -> GroupResult | None:
+        """Return the group saved under ``group_id`` by :meth:`save`, or None.
+
+        Each member is the result of the task whose result is the member's (a chain
+        member is restored as its last step).
+
+        Raises:
+            BackendError: the backend failed the read.
+        """
+        ids = app.backend.fetch_group(group_id)
+        if ids is None:
+            return None
+        return cls(group_id, [AsyncResult(task_id, app) for task_id in ids], app)
+
+    def forget(self) -> None:
+        """Delete the saved group row and every member's row.
+
+        Raises:
+            BackendError: the backend failed a delete.
+        """
+        backend = self.app.backend
+        for task_id in self._leaf_ids():
+            backend.forget(task_id).result()
+        backend.forget_group(self.id).result()
 
     def __len__(self) -> int:
         return len(self.results)
@@ -235,10 +334,10 @@ _FAILED = (states.FAILURE, states.REVOKED)
 _POLL_WINDOW = 256
 
 #: Any handle on a result: a task's, a chain's or a group's.
-ResultHandle: TypeAlias = AsyncResult | ChainResult | GroupResult
+ResultHandle: TypeAlias = AsyncResult[Any] | ChainResult | GroupResult
 
 
-def _last_task(handle: ResultHandle) -> AsyncResult | GroupResult:
+def _last_task(handle: ResultHandle) -> AsyncResult[Any] | GroupResult:
     while isinstance(handle, ChainResult):
         handle = handle.last
     return handle

@@ -80,7 +80,12 @@ class Settings(BaseSettings):
         shutdown_grace_s: how long a draining worker waits for running tasks.
         consistency: Cassandra consistency level of reads and writes.
         backend_max_in_flight: concurrent Cassandra writes per process.
-        track_started: write a STARTED row when a task starts (one more write per task).
+        track_started: write STARTED as soon as any task starts (one more write per
+            task; per task: ``@app.task(track_started=True)``).
+        track_started_after_ms: a task still running (or waiting to run) this long after
+            its record was taken gets one RECEIVED or STARTED write; shorter tasks cost
+            none (0: never).
+        track_pending: write PENDING when a task is sent (one more write per send).
         log_format: ``json``, ``console``, or ``auto`` (JSON when stdout is not a terminal).
         log_level: ``debug``, ``info``, ``warning``, ``error``, ``critical``.
         metrics_port: port of the worker's /metrics, /healthz, /readyz (0 disables).
@@ -116,6 +121,8 @@ class Settings(BaseSettings):
     consistency: Annotated[str, BeforeValidator(_uppered)] = "LOCAL_QUORUM"
     backend_max_in_flight: AtLeastOne = 256
     track_started: bool = False
+    track_started_after_ms: NotNegativeFloat = 200.0
+    track_pending: bool = False
     log_format: LogFormat = "auto"
     log_level: LogLevel = "info"
     metrics_port: Annotated[int, Field(ge=0, le=65535)] = 0

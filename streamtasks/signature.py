@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from streamtasks.context import child_task_id, link_to_parent
 from streamtasks.errors import ConfigError
-from streamtasks.message import derived_task_id, new_task_id, now_ms
+from streamtasks.message import derived_task_id, now_ms
 from streamtasks.result import AsyncResult, ChainResult, GroupResult, ResultHandle
 from streamtasks.retry import call_options
 from streamtasks.task import OPTION_ALIASES, unsupported_option
@@ -92,7 +93,7 @@ class Canvas(ABC):
             ArgumentError: a first task's arguments do not fit its function.
             EncodeError: a value cannot be sent.
         """
-        root = task_id or new_task_id()
+        root = child_task_id(task_id)  # inside a running task: derived from its id
         node = self.freeze(root)
         app = app or self.find_app()
         if app is None:
@@ -102,7 +103,8 @@ class Canvas(ABC):
             )
         messages = launch(node, list(args), [], None, app.settings.default_queue, now_ms())
         for msg in messages:
-            msg.root_id = root
+            link_to_parent(msg)  # inside a running task: its id and root
+            msg.root_id = msg.root_id or root
         app.publish_all(messages, confirm=confirm)
         return result_of(node, app)
 
@@ -203,7 +205,7 @@ class Signature(Canvas):
         task_id: str | None = None,
         confirm: bool = False,
         **options: Any,
-    ) -> AsyncResult:
+    ) -> AsyncResult[Any]:
         """Send this task; ``args`` are appended (unless immutable), ``kwargs`` merged.
 
         ``options`` are those of :meth:`set` (Celery's names: ``countdown``, ``eta``,
@@ -221,7 +223,7 @@ class Signature(Canvas):
             raise TypeError(f"expected a task's result, got {result!r}")
         return result
 
-    def delay(self, *args: Any, **kwargs: Any) -> AsyncResult:
+    def delay(self, *args: Any, **kwargs: Any) -> AsyncResult[Any]:
         """Send this task with ``args`` appended (unless immutable) and ``kwargs`` merged."""
         return self.apply_async(args, kwargs)
 

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import types
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, NoReturn, ParamSpec, TypeVar, cast
 
-from streamtasks.errors import ConfigError
+from streamtasks import context
+from streamtasks.errors import ConfigError, Retry, TaskError
 from streamtasks.retry import RetryPolicy
 
 if TYPE_CHECKING:
     from streamtasks.app import App
+    from streamtasks.context import Request
     from streamtasks.result import AsyncResult
     from streamtasks.signature import Canvas, Signature
 
@@ -104,6 +107,30 @@ def one_of(where: str, option: str, documented: Any, aliases: Mapping[str, Any])
     return documented if documented is not None else alias
 
 
+#: A failure or retry hook: ``hook(request, exc, traceback_text)``.
+ErrorHook = Callable[["Request", BaseException, str], object]
+#: A success hook: ``hook(request, result)``.
+SuccessHook = Callable[["Request", Any], object]
+
+
+@dataclass(frozen=True, slots=True)
+class TaskHooks:
+    """Functions a worker calls after a run of the task (see ``docs/celery.md``).
+
+    A hook that raises is logged; it never changes the task's outcome.
+
+    Attributes:
+        on_failure: called with ``(request, exc, traceback)`` when the task failed for
+            good (no retry left, or an error that is not retried).
+        on_retry: called with ``(request, exc, traceback)`` when a retry is scheduled.
+        on_success: called with ``(request, result)`` when the task succeeded.
+    """
+
+    on_failure: ErrorHook | None = None
+    on_retry: ErrorHook | None = None
+    on_success: SuccessHook | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class TaskOptions:
     """How a task runs.
@@ -113,12 +140,19 @@ class TaskOptions:
         ordered: records of one key run one after another (in partition order).
         time_limit_s: an ``async def`` task is cancelled after this many seconds.
         retry: when and how a failure is tried again.
+        bind: the function gets the task as its first argument (``self``).
+        track_started: a STARTED row is written as soon as a run starts (otherwise only
+            for a run still going after ``track_started_after_ms``).
+        hooks: functions called after a run (``on_failure``, ``on_retry``, ``on_success``).
     """
 
     queue: str
     ordered: bool = False
     time_limit_s: float | None = None
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    bind: bool = False
+    track_started: bool = False
+    hooks: TaskHooks = field(default_factory=TaskHooks)
 
 
 class Task(Generic[P, R]):
@@ -126,16 +160,65 @@ class Task(Generic[P, R]):
 
     Calling the task runs the function here and now; :meth:`delay` and
     :meth:`apply_async` send it to a queue for a worker.
+
+    A task registered with ``bind=True`` gets this object as its first argument
+    (``self``): :attr:`request` is the run's context and :meth:`retry` asks for another
+    attempt, as in Celery.
+
+    Attributes:
+        fn: what a run calls with the message's arguments (for a bound task, the
+            function with the task bound as ``self``).
     """
 
-    def __init__(self, app: App, fn: Callable[P, R], name: str, options: TaskOptions) -> None:
+    def __init__(
+        self, app: App, fn: Callable[..., R], name: str, options: TaskOptions
+    ) -> None:
         self.app = app
-        self.fn = fn
         self.name = name
         self.options = options
+        self.fn: Callable[P, R] = cast(
+            "Callable[P, R]", types.MethodType(fn, self) if options.bind else fn
+        )
         self.is_async = inspect.iscoroutinefunction(fn)
         self.__doc__ = fn.__doc__
         self.__wrapped__ = fn
+
+    @property
+    def request(self) -> Request:
+        """The context of this task's run in progress (Celery's ``self.request``).
+
+        Raises:
+            TaskError: the task is not running in a worker in this thread.
+        """
+        run = context.running()
+        if run is None or run.task is not self:
+            raise TaskError(
+                f"{self.name}: request is only known while the task runs in a worker "
+                "(read it inside the task)"
+            )
+        return run.request
+
+    def retry(
+        self,
+        countdown: float | None = None,
+        exc: BaseException | None = None,
+        max_retries: int | None = None,
+        *,
+        reason: str = "",
+    ) -> NoReturn:
+        """Ask for another attempt later, as Celery's ``self.retry``: raises :class:`Retry`.
+
+        Args:
+            countdown: seconds before the next attempt (default: the task's backoff).
+            exc: the error that caused the retry; when no retry is left the task fails
+                with it (its type, message and traceback), as in Celery.
+            max_retries: the retries this task may have, instead of its own.
+            reason: why, kept in the RETRY row.
+
+        Raises:
+            Retry: always (raise it on: ``raise self.retry(...)`` reads as in Celery).
+        """
+        raise Retry(countdown, exc, max_retries, reason=reason) from exc
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         """Run the function in this process (no queue, no result row)."""
@@ -159,7 +242,7 @@ class Task(Generic[P, R]):
         """Return an immutable signature: it runs with exactly these arguments."""
         return dataclasses.replace(self.s(*args, **kwargs), immutable=True)
 
-    def delay(self, *args: P.args, **kwargs: P.kwargs) -> AsyncResult:
+    def delay(self, *args: P.args, **kwargs: P.kwargs) -> AsyncResult[R]:
         """Send the task with these arguments to its queue; return at once.
 
         Raises:
@@ -187,7 +270,7 @@ class Task(Generic[P, R]):
         deadline_s: float | None = None,
         confirm: bool = False,
         **legacy: Any,
-    ) -> AsyncResult:
+    ) -> AsyncResult[R]:
         """Send the task with options (Celery's names); see :meth:`App.send`.
 
         Raises:

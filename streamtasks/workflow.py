@@ -34,7 +34,7 @@ children's rows, it never forks the workflow.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -202,22 +202,61 @@ def on_success(msg: TaskMessage, result: Any, default_queue: str, now_ms: int) -
     return plan
 
 
+#: Tells whether an error callback node takes the old ``(task_id, "Type: message")``
+#: arguments instead of the failure as one dict (see :func:`failure_info`).
+LegacyErrback = Callable[[Node], bool]
+
+
+def failure_info(
+    msg: TaskMessage, error: BaseException | str, traceback: str | None = None
+) -> dict[str, Any]:
+    """Return the failure handed to an error callback, as data (one dict).
+
+    Keys: ``task_id``, ``name``, ``queue``, ``args``, ``kwargs``, ``attempt``,
+    ``error_type``, ``message``, ``traceback`` (None when unknown).
+    """
+    if isinstance(error, str):
+        error_type, message = "ChordError", error
+    else:
+        error_type, message = type(error).__name__, str(error)
+    return {
+        "task_id": msg.id, "name": msg.name, "queue": msg.queue, "args": list(msg.args),
+        "kwargs": dict(msg.kwargs), "attempt": msg.attempt, "error_type": error_type,
+        "message": message, "traceback": traceback,
+    }
+
+
+def _errbacks(
+    nodes: Sequence[Node], msg: TaskMessage, error: BaseException | str,
+    traceback: str | None, parent: TaskMessage, default_queue: str, now_ms: int,
+    legacy: LegacyErrback | None,
+) -> list[TaskMessage]:
+    info = failure_info(msg, error, traceback)
+    return [
+        callback
+        for node in nodes
+        for callback in launch(
+            node,
+            [msg.id, error_text(error)] if legacy is not None and legacy(node) else [info],
+            [], parent, default_queue, now_ms,
+        )
+    ]
+
+
 def on_failure(
-    msg: TaskMessage, error: BaseException | str, default_queue: str, now_ms: int
+    msg: TaskMessage, error: BaseException | str, default_queue: str, now_ms: int,
+    traceback: str | None = None, legacy: LegacyErrback | None = None,
 ) -> list[TaskMessage]:
     """Return the error callbacks of a task that failed for good (or can never run).
 
-    They get the task's id and the error text appended to their arguments.
+    Each gets the failure as one dict appended to its arguments (:func:`failure_info`);
+    a callback for which ``legacy`` answers True gets ``(task_id, "Type: message")``.
 
     Raises:
         ConfigError: a malformed error callback node.
     """
-    return [
-        callback
-        for node in msg.link_error
-        for callback in launch(node, [msg.id, error_text(error)], [], msg, default_queue,
-                               now_ms)
-    ]
+    return _errbacks(msg.link_error, msg, error, traceback, msg, default_queue, now_ms,
+                     legacy)
 
 
 def broken_continuation(msg: TaskMessage) -> Launch:
@@ -282,22 +321,19 @@ def chord_error_callbacks(join: Node, member: TaskMessage) -> list[Node]:
 
 def on_chord_failure(
     join: Node, member: TaskMessage, error: BaseException | str, default_queue: str,
-    now_ms: int,
+    now_ms: int, legacy: LegacyErrback | None = None,
 ) -> list[TaskMessage]:
     """Return the error callbacks of a failed chord (started once, by its claimer).
 
-    They get the failed member's id and error text appended to their arguments; the
-    caller also marks the body's tasks (:func:`task_nodes`) FAILURE.
+    They get the failed member's failure as one dict (:func:`failure_info`; the old
+    pair for a ``legacy`` callback); the caller also marks the body's tasks
+    (:func:`task_nodes`) FAILURE.
 
     Raises:
         ConfigError: a malformed error callback node.
     """
-    return [
-        callback
-        for node in chord_error_callbacks(join, member)
-        for callback in launch(node, [member.id, error_text(error)], [], member,
-                               default_queue, now_ms)
-    ]
+    return _errbacks(list(chord_error_callbacks(join, member)), member, error, None, member,
+                     default_queue, now_ms, legacy)
 
 
 def chord_failure_text(join: Node, member: TaskMessage, error: BaseException | str) -> str:

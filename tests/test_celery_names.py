@@ -216,7 +216,10 @@ def test_retry_exc_and_max_retries_as_in_celery(app: App) -> None:
     error = Retry(exc=ConnectionError("db down"))
     assert error.reason == "ConnectionError: db down" and error.exc is not None
     result = flaky.delay()
-    with pytest.raises(Retry):
+    with pytest.raises(ConnectionError):  # as in Celery: no retry left, the task fails with exc
         app.drain(timeout_s=10)
     assert len(calls) == 2  # the first attempt and one retry
     assert result.state == "FAILURE"
+    meta = result.meta()
+    assert meta is not None and meta.error_type == "ConnectionError"
+    assert meta.error_message == "db down"

@@ -80,6 +80,69 @@ class TaskMeta:
         return self.state in states.READY_STATES
 
 
+#: Prefix of the ``extra`` keys that hold a task's progress (PENDING, RECEIVED, STARTED).
+PROGRESS_PREFIX = "progress."
+#: Progress states, lowest first: within one attempt a later one wins.
+PROGRESS_STATES = (states.PENDING, states.RECEIVED, states.STARTED)
+
+
+def progress_entry(attempt: int, at_ms: int, worker: str | None) -> str:
+    """Return how a progress state is kept in a row's ``extra``: ``attempt ms worker``."""
+    return f"{attempt} {at_ms} {worker or ''}".rstrip()
+
+
+def progress_key(state: str) -> str:
+    """Return the ``extra`` key of a progress state.
+
+    Raises:
+        ValueError: ``state`` is not PENDING, RECEIVED or STARTED.
+    """
+    if state not in PROGRESS_STATES:
+        raise ValueError(
+            f"progress state must be one of {', '.join(PROGRESS_STATES)}, got {state!r}"
+        )
+    return PROGRESS_PREFIX + state
+
+
+def with_progress(meta: TaskMeta) -> TaskMeta:
+    """Return ``meta`` with its state taken from its progress entries when they are newer.
+
+    Progress (PENDING on send, RECEIVED, STARTED) is written apart from the ``state``
+    column, into ``extra`` (:meth:`ResultBackend.mark_progress`), so a progress write
+    can never overwrite a final row, however late it lands (a timer firing as the task
+    ends, a redelivered run on another worker). It is read here: a final row is final;
+    otherwise the latest progress entry (by attempt, then PENDING < RECEIVED < STARTED)
+    wins over a row of an earlier attempt (a RETRY row) or over no state at all.
+    """
+    if meta.ready or not meta.extra:
+        return meta
+    best: tuple[int, int, int, str | None, str] | None = None
+    for rank, state in enumerate(PROGRESS_STATES):
+        raw = meta.extra.get(PROGRESS_PREFIX + state)
+        if not raw:
+            continue
+        parts = raw.split(" ", 2)
+        try:
+            attempt, at_ms = int(parts[0]), int(parts[1])
+        except (ValueError, IndexError):
+            continue
+        entry = (attempt, rank, at_ms, parts[2] if len(parts) > 2 else None, state)
+        if best is None or entry[:2] > best[:2]:
+            best = entry
+    if best is None:
+        return meta
+    attempt, _, at_ms, worker, state = best
+    if meta.state and meta.state != states.PENDING and attempt <= meta.attempts:
+        return meta  # the row is of this attempt or a later one (a RETRY row)
+    meta.state = state
+    meta.attempts = attempt
+    if state == states.STARTED:
+        meta.started_ms = at_ms
+    if worker:
+        meta.worker = worker
+    return meta
+
+
 class ResultBackend(ABC):
     """Stores task rows and reads them back.
 
@@ -138,6 +201,47 @@ class ResultBackend(ABC):
         The default reads one by one; backends override it with concurrent reads.
         """
         return [self.fetch(task_id) for task_id in task_ids]
+
+    @abstractmethod
+    def mark_progress(
+        self, task_id: str, state: str, attempt: int, name: str, queue: str,
+        worker: str | None = None,
+    ) -> Future[None]:
+        """Record that a task is PENDING, RECEIVED or STARTED, never over a final row.
+
+        The entry goes apart from the row's state (see :func:`with_progress`), so it
+        may land at any time, even after the final row, without changing it. Not listed
+        by :meth:`list_tasks`. The future fails with BackendError.
+
+        Raises:
+            ValueError: ``state`` is not PENDING, RECEIVED or STARTED.
+        """
+
+    @abstractmethod
+    def forget(self, task_id: str) -> Future[None]:
+        """Delete the row of ``task_id`` (reading it again finds none).
+
+        The future fails with BackendError.
+        """
+
+    @abstractmethod
+    def save_group(self, group_id: str, task_ids: Sequence[str]) -> Future[None]:
+        """Store a group's member ids under its id (``GroupResult.save``), with the row TTL.
+
+        The future fails with BackendError.
+        """
+
+    @abstractmethod
+    def fetch_group(self, group_id: str) -> list[str] | None:
+        """Return the member ids saved under ``group_id``, or None when none are.
+
+        Raises:
+            BackendError: the backend failed the read.
+        """
+
+    @abstractmethod
+    def forget_group(self, group_id: str) -> Future[None]:
+        """Delete a saved group's row (its members' rows are left as they are)."""
 
     # -- groups (chords) -----------------------------------------------------------
 

@@ -14,7 +14,14 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import Any
 
-from streamtasks.backend.base import GroupClaim, ResultBackend, TaskMeta
+from streamtasks.backend.base import (
+    GroupClaim,
+    ResultBackend,
+    TaskMeta,
+    progress_entry,
+    progress_key,
+    with_progress,
+)
 from streamtasks.codec.base import Codec
 from streamtasks.errors import BackendError
 from streamtasks.message import now_ms
@@ -63,6 +70,12 @@ def unclaimed_group_message(group_id: str) -> str:
     )
 
 
+def _done() -> Future[None]:
+    future: Future[None] = Future()
+    future.set_result(None)
+    return future
+
+
 class MemoryBackend(ResultBackend):
     """A dict of task rows guarded by a lock.
 
@@ -79,6 +92,7 @@ class MemoryBackend(ResultBackend):
         self._rows: dict[str, tuple[TaskMeta, int]] = {}
         self._groups: dict[str, dict[int, Any]] = {}
         self._claims: dict[str, GroupClaim] = {}
+        self._saved_groups: dict[str, list[str]] = {}
         self._fail_next = 0
         self._fail_error: BackendError | None = None
         self._stores = 0
@@ -105,10 +119,59 @@ class MemoryBackend(ResultBackend):
         return future
 
     def fetch(self, task_id: str) -> TaskMeta | None:
-        """Return a copy of the row of ``task_id``, or None."""
+        """Return a copy of the row of ``task_id`` (progress applied), or None."""
         with self._lock:
             item = self._rows.get(task_id)
-        return None if item is None else self._copy(item[0])
+        return None if item is None else with_progress(self._copy(item[0]))
+
+    def mark_progress(
+        self, task_id: str, state: str, attempt: int, name: str, queue: str,
+        worker: str | None = None,
+    ) -> Future[None]:
+        """Add a progress entry to the row (made if missing); its state is left alone.
+
+        Counted as a write by :meth:`fail_writes` and :attr:`store_calls`.
+        """
+        key = progress_key(state)
+        entry = progress_entry(attempt, now_ms(), worker)
+        future: Future[None] = Future()
+        with self._lock:
+            self._stores += 1
+            error = self._injected_failure(f"progress of task {task_id}")
+            if error is None:
+                row, updated = self._rows.get(task_id) or (
+                    TaskMeta(task_id, "", name=name, queue=queue), now_ms())
+                row = dataclasses.replace(row, extra={**row.extra, key: entry})
+                self._rows[task_id] = (row, updated)
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(None)
+        return future
+
+    def forget(self, task_id: str) -> Future[None]:
+        """Delete the row of ``task_id`` (a done future)."""
+        with self._lock:
+            self._rows.pop(task_id, None)
+        return _done()
+
+    def save_group(self, group_id: str, task_ids: Sequence[str]) -> Future[None]:
+        """Keep the group's member ids (a done future)."""
+        with self._lock:
+            self._saved_groups[group_id] = list(task_ids)
+        return _done()
+
+    def fetch_group(self, group_id: str) -> list[str] | None:
+        """Return the member ids saved under ``group_id``, or None."""
+        with self._lock:
+            ids = self._saved_groups.get(group_id)
+        return None if ids is None else list(ids)
+
+    def forget_group(self, group_id: str) -> Future[None]:
+        """Delete a saved group (a done future)."""
+        with self._lock:
+            self._saved_groups.pop(group_id, None)
+        return _done()
 
     def list_tasks(
         self,
@@ -135,7 +198,7 @@ class MemoryBackend(ResultBackend):
         """Return copies of the rows of ``task_ids`` in order (None where there is none)."""
         with self._lock:
             items = [self._rows.get(task_id) for task_id in task_ids]
-        return [None if item is None else self._copy(item[0]) for item in items]
+        return [None if item is None else with_progress(self._copy(item[0])) for item in items]
 
     # -- groups ----------------------------------------------------------------------
 
@@ -236,6 +299,7 @@ class MemoryBackend(ResultBackend):
             self._rows.clear()
             self._groups.clear()
             self._claims.clear()
+            self._saved_groups.clear()
 
     def _injected_failure(self, what: str) -> BackendError | None:
         """Consume one injected failure, if any (call with the lock held)."""

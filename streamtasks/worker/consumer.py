@@ -30,6 +30,7 @@ from streamtasks import states
 from streamtasks.backend.base import TaskMeta
 from streamtasks.broker.base import Record, TopicPartition
 from streamtasks.codec import bind_arguments
+from streamtasks.context import Running
 from streamtasks.errors import (
     BackendError,
     ConfigError,
@@ -42,13 +43,23 @@ from streamtasks.headers import task_headers
 from streamtasks.message import TaskMessage, now_ms
 from streamtasks.task import Task
 from streamtasks.tracing import record_traceparent
+from streamtasks.worker import hooks
 from streamtasks.worker.deadletter import dead_letter_headers
 from streamtasks.worker.delayer import DelayForwarder
 from streamtasks.worker.effects import EffectRunner, Step, StepDone, send_step, store_step
 from streamtasks.worker.executor import Executor, Outcome
 from streamtasks.worker.flows import CHORD_BODY, FollowUps, claimer_of
 from streamtasks.worker.observe import NullObserver, WorkerObserver
-from streamtasks.worker.outcomes import FAIL, FOLLOW_UP_ERRORS, RETRY, decide, error_text, safe_text
+from streamtasks.worker.outcomes import (
+    FAIL,
+    FOLLOW_UP_ERRORS,
+    RETRY,
+    decide,
+    error_text,
+    final_error,
+    safe_text,
+)
+from streamtasks.worker.progress import ProgressWriter, RunProgress
 from streamtasks.worker.runtime import Lease, PartitionRuntime
 
 if TYPE_CHECKING:
@@ -82,6 +93,10 @@ class _Job:
     skipped: bool = False
     #: When the outcome's effects were started (monotonic s; 0 before).
     effects_started: float = 0.0
+    #: The run's request, current while it runs (``self.request``).
+    running: Running | None = None
+    #: RECEIVED / STARTED bookkeeping, or None when nothing is written for it.
+    progress: RunProgress | None = None
 
     @property
     def slot(self) -> _Slot | None:
@@ -138,6 +153,9 @@ class Worker:
             for q in self.queues
         ]
         self.flows = FollowUps(app, self.name)
+        self.progress = ProgressWriter(app.backend, self.name,
+                                       self.settings.track_started_after_ms / 1000,
+                                       self.settings.track_started)
         self.executor = Executor(self.concurrency,
                                  inline_max_s=self.settings.inline_max_ms / 1000)
         #: Errors raised by tasks here, newest last (kept for :meth:`App.drain`).
@@ -337,6 +355,7 @@ class Worker:
         self.app.broker.poll(0)
         self.effects.run_due()
         self._carry_out_outcomes()
+        self.progress.write_due()
         for rt in self.runtimes:
             rt.collect()
 
@@ -390,13 +409,18 @@ class Worker:
         context = {"task_id": msg.id, "queue": msg.queue, "attempt": msg.attempt,
                    "partition": record.partition, "offset": record.offset,
                    "traceparent": record_traceparent(record.headers, msg.traceparent)}
+        job.running = Running(job.task, msg, record.partition, record.offset, self.name)
+        job.progress = self.progress.track(msg, job.task.options.track_started)
         self.executor.submit(job.task, job.args, job.kwargs,
                              lambda outcome: self._ran(job, outcome),
                              start=lambda: self._may_start(job),
-                             inline=CHORD_BODY not in job.msg.options, context=context)
+                             inline=CHORD_BODY not in job.msg.options, context=context,
+                             running=job.running)
 
     def _ran(self, job: _Job, outcome: Outcome | None) -> None:
         """In the thread that ran the task: hand the outcome to the worker's thread."""
+        if job.progress is not None:
+            job.progress.finished = True
         if outcome is not None and outcome.traceparent:
             # follow-ups (retry, chain step, callbacks, chord body) inherit the message's
             # traceparent: from here on it is the run's span, their parent
@@ -422,6 +446,7 @@ class Worker:
             if meta is not None and meta.ready:
                 job.skipped = True
                 return False
+        self.progress.started(job.progress)
         return True
 
     # -- carrying outcomes out (the loop thread) -----------------------------------
@@ -502,6 +527,7 @@ class Worker:
             else:
                 self.stats["succeeded"] += 1
                 self._finished(job, outcome, states.SUCCESS)
+                hooks.succeeded(job.running, outcome.result)
                 meta = self._meta(msg, outcome)
                 if follow_ups:
                     self._effects(job, [store_step(self.app.backend, meta), *follow_ups],
@@ -516,10 +542,14 @@ class Worker:
             assert decision.delay_s is not None
             self.stats["retried"] += 1
             self._finished(job, outcome, states.RETRY)
+            hooks.retrying(job.running, error, outcome.traceback)
             self._effects(job, self._retry_steps(job, outcome, decision.delay_s),
                           f"retry of {msg.name} {msg.id}")
             return
         assert decision.kind == FAIL and decision.reason is not None
+        error = final_error(error)
+        if error is not outcome.error:
+            outcome = dataclasses.replace(outcome, error=error)
         self._fail(job, outcome, error, decision.reason)
 
     def _finished(self, job: _Job, outcome: Outcome, state: str) -> None:
@@ -535,11 +565,13 @@ class Worker:
         msg = job.msg
         log.info("task failed", task=msg.name, id=msg.id, attempt=msg.attempt,
                  error=f"{type(error).__name__}: {error_text(error)}")
+        hooks.failed(job.running, error, outcome.traceback, self.app.failure_handlers)
         self._effects(
             job,
             [store_step(self.app.backend, self._meta(msg, outcome)),
              self._dead_letter_step(job.record, job.group_id, reason, error),
-             *self.flows.after_failure(msg, error, claimer_of(job.record))],
+             *self.flows.after_failure(msg, error, claimer_of(job.record),
+                                       outcome.traceback)],
             f"failure of {msg.name} {msg.id}",
         )
 

@@ -16,6 +16,7 @@ from typing import Any
 import structlog
 
 from streamtasks import states
+from streamtasks.context import Running, activated
 from streamtasks.logs import task_context
 from streamtasks.task import Task
 
@@ -46,6 +47,7 @@ class _Run:
     start: Callable[[], bool]
     done: Callable[[Outcome | None], None]
     context: Mapping[str, object] | None = None
+    running: Running | None = None
 
 
 class TimeLimitExceeded(Exception):
@@ -62,13 +64,16 @@ def _failure(err: BaseException, started_ms: int) -> Outcome:
 
 
 @contextlib.contextmanager
-def _scope(name: str, context: Mapping[str, object] | None) -> Iterator[list[str]]:
-    """Within a run: its log fields and trace bound; yields [the run's traceparent]."""
-    if context is None:
-        yield []
-        return
-    with task_context(name, context) as run:
-        yield [run.traceparent]
+def _scope(
+    name: str, context: Mapping[str, object] | None, running: Running | None
+) -> Iterator[list[str]]:
+    """Within a run: its log fields, trace and request bound; yields [its traceparent]."""
+    with activated(running):
+        if context is None:
+            yield []
+            return
+        with task_context(name, context) as run:
+            yield [run.traceparent]
 
 
 def _report(future: Future[Outcome | None], done: Callable[[Outcome | None], None]) -> None:
@@ -126,6 +131,7 @@ class Executor:
         start: Callable[[], bool] = lambda: True,
         inline: bool = True,
         context: Mapping[str, object] | None = None,
+        running: Running | None = None,
     ) -> None:
         """Queue one run (or run it now, inline); ``done`` is called with its outcome.
 
@@ -135,14 +141,17 @@ class Executor:
         ``context``: the run's log fields (task_id, queue, attempt, partition, offset)
         and its record's ``traceparent``, bound while it runs (see
         :func:`streamtasks.logs.task_context`); the outcome carries the run's trace.
+        ``running``: the run's request, current while it runs (``self.request``,
+        :func:`streamtasks.current_task`).
         """
         if task.is_async:
             future: Future[Outcome | None] = asyncio.run_coroutine_threadsafe(
-                self._run_async(task, args, kwargs, start, context), self._event_loop()
+                self._run_async(task, args, kwargs, start, context, running),
+                self._event_loop(),
             )
             future.add_done_callback(lambda f: _report(f, done))
             return
-        run = _Run(task, args, kwargs, start, done, context)
+        run = _Run(task, args, kwargs, start, done, context, running)
         if inline and self._budget_s > 0 and self._cheap(task.name):
             began = time.perf_counter()
             self._execute(run)
@@ -170,7 +179,8 @@ class Executor:
 
     def _execute(self, run: _Run) -> None:
         try:
-            outcome = self._run_sync(run.task, run.args, run.kwargs, run.start, run.context)
+            outcome = self._run_sync(run.task, run.args, run.kwargs, run.start, run.context,
+                                     run.running)
             if outcome is not None and self.inline_max_s:
                 self._measure(run.task.name, outcome)
             run.done(outcome)
@@ -186,9 +196,9 @@ class Executor:
     @staticmethod
     def _run_sync(
         task: Task[Any, Any], args: list[Any], kwargs: dict[str, Any], start: Callable[[], bool],
-        context: Mapping[str, object] | None = None,
+        context: Mapping[str, object] | None = None, running: Running | None = None,
     ) -> Outcome | None:
-        with _scope(task.name, context) as trace:
+        with _scope(task.name, context, running) as trace:
             if not start():
                 return None
             started_ns = time.perf_counter_ns()
@@ -206,12 +216,13 @@ class Executor:
     async def _run_async(
         self, task: Task[Any, Any], args: list[Any], kwargs: dict[str, Any],
         start: Callable[[], bool], context: Mapping[str, object] | None = None,
+        running: Running | None = None,
     ) -> Outcome | None:
         assert self._semaphore is not None
         async with self._semaphore:
             # a coroutine run by run_coroutine_threadsafe is its own asyncio task: what
             # the scope binds stays within this run
-            with _scope(task.name, context) as trace:
+            with _scope(task.name, context, running) as trace:
                 outcome = await self._run_coroutine(task, args, kwargs, start)
             if outcome is not None:
                 outcome.traceparent = trace[0] if trace else None

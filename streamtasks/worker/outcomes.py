@@ -83,6 +83,17 @@ def decide(
     return Decision(RETRY, delay_s=delay_s, note=note)
 
 
+def final_error(error: BaseException) -> BaseException:
+    """Return the error a task failed with for good: a ``Retry``'s ``exc`` when it has one.
+
+    As in Celery, ``self.retry(exc=err)`` with no retry left fails the task with ``err``
+    (its type, message and traceback), not with the retry request.
+    """
+    if isinstance(error, Retry) and error.exc is not None:
+        return error.exc
+    return error
+
+
 def safe_text(text: str, limit: int = MAX_ERROR_CHARS) -> str:
     """Return ``text`` encodable as UTF-8 (lone surrogates escaped), cut to ``limit``.
 

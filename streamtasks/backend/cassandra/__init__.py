@@ -31,6 +31,7 @@ from streamtasks.backend.cassandra.groups import GroupStore, group_ttl_s
 from streamtasks.backend.cassandra.rows import (
     HOUR_MS,
     LISTING_SHARDS,
+    SavedGroups,
     TaskRows,
     listing_shard,
 )
@@ -99,6 +100,7 @@ class CassandraBackend(ResultBackend):
         self._groups = GroupStore(
             self._conn, codec, group_ttl_s(ttl_s, int(settings.group_expires_s))
         )
+        self._saved_groups = SavedGroups(self._conn, ttl_s)
         self._migrator = Migrator(self._conn)
 
     def __repr__(self) -> str:
@@ -152,6 +154,29 @@ class CassandraBackend(ResultBackend):
     ) -> list[TaskMeta]:
         """List tasks of a queue now in a state, newest first (:meth:`TaskRows.list_tasks`)."""
         return self._rows.list_tasks(queue, state, since_ms, until_ms, limit)
+
+    def mark_progress(
+        self, task_id: str, state: str, attempt: int, name: str, queue: str,
+        worker: str | None = None,
+    ) -> Future[None]:
+        """Write a progress entry, never the state (:meth:`TaskRows.mark_progress`)."""
+        return self._rows.mark_progress(task_id, state, attempt, name, queue, worker)
+
+    def forget(self, task_id: str) -> Future[None]:
+        """Delete a task row (:meth:`TaskRows.forget`)."""
+        return self._rows.forget(task_id)
+
+    def save_group(self, group_id: str, task_ids: Sequence[str]) -> Future[None]:
+        """Save a group's member ids (:meth:`SavedGroups.save`)."""
+        return self._saved_groups.save(group_id, task_ids)
+
+    def fetch_group(self, group_id: str) -> list[str] | None:
+        """Return a saved group's member ids, or None (:meth:`SavedGroups.fetch`)."""
+        return self._saved_groups.fetch(group_id)
+
+    def forget_group(self, group_id: str) -> Future[None]:
+        """Delete a saved group's row (:meth:`SavedGroups.forget`)."""
+        return self._saved_groups.forget(group_id)
 
     # -- groups (see GroupStore) ---------------------------------------------------------
 

@@ -19,9 +19,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
-from streamtasks.backend.base import TaskMeta
+from streamtasks.backend.base import TaskMeta, progress_entry, progress_key, with_progress
 from streamtasks.backend.cassandra.connection import Connection
 from streamtasks.backend.cassandra.futures import Gather
 from streamtasks.backend.memory import state_time_ms
@@ -63,6 +63,8 @@ class _RowStatements:
     insert_index: Any
     select_task: Any
     select_index: Any
+    mark_progress: Any
+    delete_task: Any
 
 
 def _prepare_rows(conn: Connection) -> _RowStatements:
@@ -76,7 +78,89 @@ def _prepare_rows(conn: Connection) -> _RowStatements:
         "select_task": f"SELECT {columns} FROM {ks}.tasks WHERE task_id = ?",
         "select_index": f"SELECT task_id, updated_at FROM {ks}.tasks_by_state WHERE queue = ? "
         "AND state = ? AND bucket = ? AND shard = ? AND updated_at >= ? AND updated_at < ?",
+        # one map entry, never the state column: a late progress write changes no final row
+        "mark_progress": f"UPDATE {ks}.tasks USING TTL ? SET name = ?, queue = ?, "
+        "extra[?] = ? WHERE task_id = ?",
+        "delete_task": f"DELETE FROM {ks}.tasks WHERE task_id = ?",
     }))
+
+
+_S = TypeVar("_S")
+
+
+def write_one(
+    conn: Connection, ready: Callable[[], tuple[Any, _S]], statement: Callable[[_S], Any],
+    params: tuple[Any, ...], what: str,
+) -> Future[None]:
+    """Run one prepared write asynchronously; the future fails with BackendError (``what``)."""
+    future: Future[None] = Future()
+    started = conn.begin(future, ready)
+    if started is None:
+        return future
+    session, statements = started
+    try:
+        response = session.execute_async(statement(statements), params)
+    except Exception as err:  # e.g. the session was shut down
+        future.set_exception(conn.error(err, what))
+        return future
+    response.add_callbacks(lambda _rows: future.set_result(None),
+                           lambda err: future.set_exception(conn.error(err, what)))
+    return future
+
+
+@dataclass(slots=True)
+class _GroupStatements:
+    save: Any
+    select: Any
+    delete: Any
+
+
+def _prepare_groups(conn: Connection) -> _GroupStatements:
+    ks = conn.ks
+    return _GroupStatements(**conn.prepare_all({
+        "save": f"INSERT INTO {ks}.group_results (group_id, task_ids, saved_at) "
+        "VALUES (?, ?, ?) USING TTL ?",
+        "select": f"SELECT task_ids FROM {ks}.group_results WHERE group_id = ?",
+        "delete": f"DELETE FROM {ks}.group_results WHERE group_id = ?",
+    }))
+
+
+class SavedGroups:
+    """Saved group results (``GroupResult.save``): a row of member ids per group (005).
+
+    Args:
+        connection: the session and its prepared statements.
+        ttl_s: TTL of the rows (the task rows' TTL; 0: none).
+    """
+
+    def __init__(self, connection: Connection, ttl_s: int) -> None:
+        self._conn = connection
+        self._ttl_s = ttl_s
+
+    def _ready(self) -> tuple[Any, _GroupStatements]:
+        return self._conn.prepared("saved_groups", _prepare_groups)
+
+    def save(self, group_id: str, task_ids: Sequence[str]) -> Future[None]:
+        """Write the group's member ids, asynchronously."""
+        params = (group_id, list(task_ids), now_ms(), self._ttl_s)
+        return write_one(self._conn, self._ready, lambda st: st.save, params,
+                         f"saving group {group_id}")
+
+    def fetch(self, group_id: str) -> list[str] | None:
+        """Return the saved member ids, or None.
+
+        Raises:
+            BackendError: Cassandra failed the read.
+        """
+        session, statements = self._ready()
+        row = self._conn.read_one(session, statements.select, (group_id,),
+                                  f"fetching group {group_id}")
+        return None if row is None else list(row["task_ids"] or [])
+
+    def forget(self, group_id: str) -> Future[None]:
+        """Delete the saved row, asynchronously."""
+        return write_one(self._conn, self._ready, lambda st: st.delete, (group_id,),
+                         f"forgetting group {group_id}")
 
 
 class TaskRows:
@@ -187,6 +271,29 @@ class TaskRows:
             response.add_callbacks(write.succeeded, write.failed)
         return future
 
+    def mark_progress(
+        self, task_id: str, state: str, attempt: int, name: str, queue: str,
+        worker: str | None,
+    ) -> Future[None]:
+        """Write one progress entry of the row, asynchronously (never its state).
+
+        Raises:
+            ValueError: not a progress state.
+        """
+        key = progress_key(state)
+        params = (self._ttl_s, name, queue, key, progress_entry(attempt, now_ms(), worker),
+                  task_id)
+        return write_one(self._conn, self._ready, lambda st: st.mark_progress, params,
+                         f"progress of task {task_id}")
+
+    def forget(self, task_id: str) -> Future[None]:
+        """Delete the row of ``task_id``, asynchronously.
+
+        Its listing entries stay; a listing skips them, as those of any row that moved on.
+        """
+        return write_one(self._conn, self._ready, lambda st: st.delete_task, (task_id,),
+                         f"forgetting task {task_id}")
+
     def _batch_done(self, future: Future[None], what: str, error: BaseException | None) -> None:
         if error is None:
             future.set_result(None)
@@ -227,7 +334,7 @@ class TaskRows:
         session, statements = self._ready()
         row = self._conn.read_one(session, statements.select_task, (task_id,),
                                   f"fetching task {task_id}")
-        return None if row is None else self.to_meta(row)
+        return None if row is None else with_progress(self.to_meta(row))
 
     def fetch_many(self, task_ids: Sequence[str]) -> list[TaskMeta | None]:
         """Return the rows of ``task_ids`` in the same order (None where there is none).
@@ -247,7 +354,7 @@ class TaskRows:
 
         requests = [(statements.select_task, (task_id,)) for task_id in task_ids]
         pages = Gather(session, requests, wrap, list).start().result()
-        return [self.to_meta(rows[0]) if rows else None for rows in pages]
+        return [with_progress(self.to_meta(rows[0])) if rows else None for rows in pages]
 
     def list_tasks(
         self,
