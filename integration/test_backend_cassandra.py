@@ -16,7 +16,13 @@ import pytest
 
 from streamtasks import states
 from streamtasks.backend.base import GROUP_FAILED, GROUP_FIRED, ResultBackend, TaskMeta
-from streamtasks.backend.cassandra import CassandraBackend, listing_shard, load_migrations
+from streamtasks.backend.cassandra import (
+    LISTING_SHARDS,
+    CassandraBackend,
+    listing_shard,
+    load_migrations,
+)
+from streamtasks.backend.cassandra.rows import LISTING_SLICE_MS
 from streamtasks.errors import BackendError, ConfigError
 from streamtasks.settings import Settings
 from tests.contracts.backend_contract import BackendContract, json_text, make_codec
@@ -75,8 +81,9 @@ def test_result_json_text_readable_by_plain_cql(cassandra: CassandraBackend) -> 
 
 def test_rows_carry_the_ttl(cassandra: CassandraBackend) -> None:
     task_id = str(uuid.uuid4())
+    started_ms = int(time.time() * 1000)
     cassandra.store(TaskMeta(task_id=task_id, state=states.STARTED, queue="ttl",
-                             started_ms=int(time.time() * 1000))).result(timeout=30)
+                             started_ms=started_ms)).result(timeout=30)
     ks = cassandra.keyspace
     row = cassandra.session.execute(
         f'SELECT TTL(state) AS ttl FROM "{ks}".tasks WHERE task_id = %s', (task_id,)
@@ -86,7 +93,7 @@ def test_rows_carry_the_ttl(cassandra: CassandraBackend) -> None:
         f'SELECT TTL(name) AS ttl, task_id, shard FROM "{ks}".tasks_by_state '
         "WHERE queue = 'ttl' AND state = 'STARTED' ALLOW FILTERING"
     )
-    assert {r["shard"] for r in rows if r["task_id"] == task_id} == {listing_shard(task_id)}
+    assert {r["shard"] for r in rows if r["task_id"] == task_id} == {listing_shard(started_ms)}
     rows = cassandra.session.execute(
         f'SELECT TTL(name) AS ttl, task_id FROM "{ks}".tasks_by_state '
         "WHERE queue = 'ttl' AND state = 'STARTED' ALLOW FILTERING"
@@ -94,6 +101,35 @@ def test_rows_carry_the_ttl(cassandra: CassandraBackend) -> None:
     ttls = [r["ttl"] for r in rows if r["task_id"] == task_id]
     assert len(ttls) == 1
     assert 0 < ttls[0] <= TTL_S
+
+
+def test_results_finished_together_share_a_listing_partition(
+    cassandra: CassandraBackend,
+) -> None:
+    # Given 120 results finished in the same millisecond (more than one batch of entries)
+    queue = f"slice-{uuid.uuid4().hex[:8]}"
+    finished_ms = int(time.time() * 1000)
+    metas = [TaskMeta(task_id=f"{queue}-{i}", state=states.SUCCESS, queue=queue, name="t",
+                      finished_ms=finished_ms) for i in range(120)]
+    # When they are stored at once, and one of them again (a store retried)
+    cassandra.store_many(metas).result(timeout=60)
+    cassandra.store(metas[7]).result(timeout=30)
+    # Then every entry is in the one partition of their time slice, once, and listed
+    rows = cassandra.session.execute(
+        f'SELECT task_id, shard FROM "{cassandra.keyspace}".tasks_by_state '
+        "WHERE queue = %s AND state = 'SUCCESS' ALLOW FILTERING", (queue,)
+    ).all()
+    assert sorted(r["task_id"] for r in rows) == sorted(m.task_id for m in metas)
+    assert {r["shard"] for r in rows} == {listing_shard(finished_ms)}
+    listed = cassandra.list_tasks(queue, states.SUCCESS, finished_ms - 1, finished_ms + 1,
+                                  limit=500)
+    assert sorted(m.task_id for m in listed) == sorted(m.task_id for m in metas)
+
+
+def test_listing_shards_rotate_with_time() -> None:
+    assert [listing_shard(i * LISTING_SLICE_MS) for i in range(LISTING_SHARDS + 1)] == [
+        *range(LISTING_SHARDS), 0]
+    assert listing_shard(LISTING_SLICE_MS - 1) == listing_shard(0)
 
 
 def group_row_ttls(backend: CassandraBackend, group_id: str) -> dict[str, int]:

@@ -4,7 +4,8 @@ Writes are asynchronous (``execute_async`` of prepared statements) and bounded b
 ``Settings.backend_max_in_flight``; reads are synchronous (:meth:`TaskRows.fetch_many`
 reads concurrently, a window at a time). A listing entry per task (table
 ``tasks_by_state``) is spread over :data:`LISTING_SHARDS` partitions per queue, state and
-hour; a listing reads the shards of each hour and merges them newest first.
+hour, by the time of the entry (:func:`listing_shard`); a listing reads the shards of each
+hour and merges them newest first.
 """
 
 from __future__ import annotations
@@ -13,8 +14,7 @@ import heapq
 import itertools
 import logging
 import threading
-import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -35,6 +35,11 @@ log = logging.getLogger(__name__)
 HOUR_MS = 3_600_000
 #: Partitions per (queue, state, hour) of the listing table (part of its format: 003).
 LISTING_SHARDS = 16
+#: Entries updated within one slice of this many ms share a listing shard.
+LISTING_SLICE_MS = 100
+#: Listing entries per UNLOGGED BATCH at most (about 4 KB: under Cassandra's 5 KB warning).
+LISTING_BATCH = 50
+_T = TypeVar("_T")
 _EPOCH = datetime(1970, 1, 1)  # the driver returns naive UTC datetimes
 _MAX_BUCKETS = 24 * 400  # a listing never scans more hours than this
 
@@ -45,9 +50,15 @@ _TASK_COLUMNS = (
 )
 
 
-def listing_shard(task_id: str) -> int:
-    """Return the listing partition shard of a task: crc32 of its id mod LISTING_SHARDS."""
-    return zlib.crc32(task_id.encode()) % LISTING_SHARDS
+def listing_shard(updated_ms: int) -> int:
+    """Return the listing shard of an entry updated at ``updated_ms`` (epoch ms).
+
+    Successive :data:`LISTING_SLICE_MS` slices rotate over the :data:`LISTING_SHARDS`
+    partitions of an hour, so results written together (one worker turn) share one
+    partition and go as one batch, while the hour is still spread over every shard.
+    A function of the entry itself: writing the same entry again lands on the same key.
+    """
+    return updated_ms // LISTING_SLICE_MS % LISTING_SHARDS
 
 
 def to_ms(value: datetime | None) -> int | None:
@@ -55,6 +66,13 @@ def to_ms(value: datetime | None) -> int | None:
     if value is None:
         return None
     return round((value - _EPOCH) / timedelta(milliseconds=1))
+
+
+def _chunks(groups: Iterable[list[_T]], size: int) -> Iterator[list[_T]]:
+    """Yield each group, cut into lists of at most ``size``."""
+    for group in groups:
+        for start in range(0, len(group), size):
+            yield group[start:start + size]
 
 
 @dataclass(slots=True)
@@ -214,8 +232,10 @@ class TaskRows:
         """Upsert several task rows and their listing entries, asynchronously.
 
         Each task row is its own write (a batch over many partitions is a Cassandra
-        anti-pattern); the listing entries go as one UNLOGGED BATCH per listing partition
-        ``(queue, state, hour, shard)``, so the index costs a fraction of a write per task.
+        anti-pattern); the listing entries go as UNLOGGED BATCHes of at most
+        :data:`LISTING_BATCH`, one listing partition ``(queue, state, hour, shard)`` each.
+        Entries written within one :data:`LISTING_SLICE_MS` share a partition, so a batch of
+        results finished together costs one more write, not one per shard.
         Blocks while ``backend_max_in_flight`` row writes are in flight.
 
         Raises:
@@ -238,7 +258,8 @@ class TaskRows:
             groups.setdefault(index_params[:4], []).append(index_params)
         what = f"storing task {metas[0].task_id}" if len(metas) == 1 else (
             f"storing {len(metas)} tasks")
-        write = FanIn(len(metas) + len(groups), partial(self._batch_done, future, what))
+        batches = sum(-(-len(entries) // LISTING_BATCH) for entries in groups.values())
+        write = FanIn(len(metas) + batches, partial(self._batch_done, future, what))
 
         def row_done(_rows: object) -> None:
             self._slots.release()
@@ -256,7 +277,7 @@ class TaskRows:
                 row_failed(err)
                 continue
             response.add_callbacks(row_done, row_failed)
-        for entries in groups.values():
+        for entries in _chunks(groups.values(), LISTING_BATCH):
             if len(entries) == 1:
                 statement, values = statements.insert_index, entries[0]
             else:
@@ -316,7 +337,7 @@ class TaskRows:
             meta.group_id, meta.group_index, dict(meta.extra) or None, ttl,
         )
         index_params = (
-            meta.queue, meta.state, updated - updated % HOUR_MS, listing_shard(meta.task_id),
+            meta.queue, meta.state, updated - updated % HOUR_MS, listing_shard(updated),
             updated, meta.task_id,
             meta.name, ttl,
         )
