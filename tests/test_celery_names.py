@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from streamtasks import App, ConfigError, Retry, Settings
+from streamtasks import App, ConfigError, GroupResult, Request, Retry, Settings, TaskFailed, group
 from streamtasks.message import TaskMessage
 
 
@@ -223,3 +223,151 @@ def test_retry_exc_and_max_retries_as_in_celery(app: App) -> None:
     meta = result.meta()
     assert meta is not None and meta.error_type == "ConnectionError"
     assert meta.error_message == "db down"
+
+
+# -- results: AsyncResult and GroupResult as Celery has them ------------------------------
+
+
+def test_async_result_result_traceback_date_done_name_forget(app: App) -> None:
+    @app.task(name="add")
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    @app.task(name="boom")
+    def boom() -> None:
+        raise ValueError("nope")
+
+    ok, bad = add.delay(1, 2), boom.delay()
+    assert ok.result is None and ok.date_done is None and ok.name is None  # nothing yet
+    with pytest.raises(ValueError):
+        app.drain()
+    before = datetime.now(UTC)
+    total: int = ok.get(timeout=1)  # typed: AsyncResult[int]
+    assert total == 3 and ok.result == 3 and ok.name == "add" and ok.traceback is None
+    assert ok.date_done is not None and ok.date_done <= before + timedelta(seconds=1)
+    assert ok.date_done.tzinfo is not None
+    assert isinstance(bad.result, TaskFailed) and bad.result.error_type == "ValueError"
+    assert bad.traceback is not None and "ValueError: nope" in bad.traceback
+    assert bad.name == "boom"
+    ok.forget()
+    assert ok.state == "PENDING" and ok.result is None
+    assert app.result(ok.id).meta() is None
+
+
+def test_group_result_save_and_restore_from_another_app(app: App) -> None:
+    @app.task(name="add")
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    saved = group(add.s(1, 1), add.s(2, 2), add.s(3, 3) | add.s(10)).apply_async()
+    assert isinstance(saved, GroupResult)
+    saved.save()
+    app.drain()
+    # another process: only the group id and the shared backend
+    other = App("reader", broker=app.broker, backend=app.backend)
+    restored = other.group_result(saved.id)
+    assert restored is not None and restored.id == saved.id and len(restored) == 3
+    assert restored.get(timeout=1) == [2, 4, 16]
+    assert restored.ready() and restored.successful()
+    assert other.group_result("no-such-group") is None
+    restored.forget()
+    assert other.group_result(saved.id) is None
+    assert all(other.result(r.id).meta() is None for r in saved.results[:2])
+
+
+# -- error callbacks get the failure as data ---------------------------------------------
+
+
+def test_link_error_receives_the_failure_as_a_dict(app: App) -> None:
+    seen: list[dict[str, object]] = []
+
+    @app.task(name="boom")
+    def boom(x: int, *, label: str) -> None:
+        raise KeyError(f"missing {x}")
+
+    @app.task(name="report")
+    def report(failure: dict[str, object]) -> None:
+        seen.append(failure)
+
+    result = boom.apply_async((7,), {"label": "l"}, link_error=report.s())
+    with pytest.raises(KeyError):
+        app.drain()
+    app.drain()
+    (failure,) = seen
+    assert failure["task_id"] == result.id and failure["name"] == "boom"
+    assert failure["args"] == [7] and failure["kwargs"] == {"label": "l"}
+    assert failure["error_type"] == "KeyError" and failure["message"] == "'missing 7'"
+    assert isinstance(failure["traceback"], str) and "KeyError" in failure["traceback"]
+    assert failure["attempt"] == 1 and failure["queue"] == "default"
+
+
+# -- hooks ------------------------------------------------------------------------------
+
+
+def test_task_hooks_and_the_app_error_handler_get_context_exc_and_traceback(
+    app: App,
+) -> None:
+    calls: list[tuple[str, str, object, str]] = []
+
+    def on_failure(request: Request, exc: BaseException, tb: str) -> None:
+        calls.append(("failure", request.id, exc, tb))
+
+    def on_retry(request: Request, exc: BaseException, tb: str) -> None:
+        calls.append(("retry", f"{request.id}#{request.attempt}", exc, tb))
+
+    def on_success(request: Request, result: object) -> None:
+        calls.append(("success", request.id, result, ""))
+
+    @app.on_failure
+    def everywhere(request: Request, exc: BaseException, tb: str) -> None:
+        calls.append(("app", request.id, exc, tb))
+
+    @app.task(name="flaky", max_retries=1, backoff="fixed", backoff_s=0.01,
+              on_failure=on_failure, on_retry=on_retry, on_success=on_success)
+    def flaky(fail: bool) -> str:
+        if fail:
+            raise ValueError("always")
+        return "fine"
+
+    good, bad = flaky.delay(False), flaky.delay(True)
+    with pytest.raises(ValueError):
+        app.drain(timeout_s=15)
+    by_kind = {(kind, ident): (obj, tb) for kind, ident, obj, tb in calls}
+    assert by_kind[("success", good.id)] == ("fine", "")
+    exc, tb = by_kind[("retry", f"{bad.id}#1")]
+    assert isinstance(exc, ValueError) and "ValueError: always" in tb
+    exc, tb = by_kind[("failure", bad.id)]
+    assert isinstance(exc, ValueError) and "raise ValueError" in tb
+    assert by_kind[("app", bad.id)][0] is exc
+    kinds = [kind for kind, *_ in calls]
+    assert kinds.index("failure") < kinds.index("app")  # the task's hook first
+    assert len(calls) == 4
+
+
+def test_a_hook_that_raises_is_logged_and_changes_nothing(
+    app: App, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def broken(*_args: object) -> None:
+        raise RuntimeError("hook bug")
+
+    app.on_failure(broken)
+
+    @app.task(name="fine", on_success=broken)
+    def fine() -> int:
+        return 1
+
+    @app.task(name="bad", on_failure=broken)
+    def bad() -> None:
+        raise ValueError("task error")
+
+    ok, failed = fine.delay(), bad.delay()
+    with pytest.raises(ValueError, match="task error"):  # the task's error, not the hook's
+        app.drain()
+    assert ok.get(timeout=1) == 1 and failed.state == "FAILURE"
+    meta = failed.meta()
+    assert meta is not None and meta.error_type == "ValueError"
+    after = fine.delay()  # the worker goes on
+    app.drain()
+    assert after.get(timeout=1) == 1
+    err = capsys.readouterr().err
+    assert err.count("a task hook raised") == 4 and "hook bug" in err

@@ -383,6 +383,8 @@ class Worker:
             self._dead_letter(record, lease, runtime.group_id, msg, err)
             return
         job = _Job(record, lease, runtime.group_id, msg, task, args, kwargs)
+        # from now on: RECEIVED if it waits long (behind its key, or for a thread)
+        job.progress = self.progress.track(msg, task.options.track_started, lease.current)
         slot = job.slot
         if slot is not None:
             if slot in self._waiting:
@@ -410,7 +412,6 @@ class Worker:
                    "partition": record.partition, "offset": record.offset,
                    "traceparent": record_traceparent(record.headers, msg.traceparent)}
         job.running = Running(job.task, msg, record.partition, record.offset, self.name)
-        job.progress = self.progress.track(msg, job.task.options.track_started)
         self.executor.submit(job.task, job.args, job.kwargs,
                              lambda outcome: self._ran(job, outcome),
                              start=lambda: self._may_start(job),

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 
 import structlog
@@ -31,11 +32,12 @@ log = structlog.get_logger("streamtasks.worker")
 class RunProgress:
     """What the tracker knows of one run: started, finished, what was written."""
 
-    __slots__ = ("at_once", "finished", "msg", "started", "written")
+    __slots__ = ("alive", "at_once", "finished", "msg", "started", "written")
 
-    def __init__(self, msg: TaskMessage, at_once: bool) -> None:
+    def __init__(self, msg: TaskMessage, at_once: bool, alive: Callable[[], bool]) -> None:
         self.msg = msg
         self.at_once = at_once
+        self.alive = alive
         self.started = False
         self.finished = False
         self.written: str | None = None
@@ -60,12 +62,19 @@ class ProgressWriter:
         self.track_started = track_started
         self._due: deque[tuple[float, RunProgress]] = deque()
 
-    def track(self, msg: TaskMessage, task_tracks_started: bool) -> RunProgress | None:
-        """A record was taken to run: return its progress, or None when nothing is written."""
+    def track(
+        self, msg: TaskMessage, task_tracks_started: bool,
+        alive: Callable[[], bool] = lambda: True,
+    ) -> RunProgress | None:
+        """A record was taken to run: return its progress, or None when nothing is written.
+
+        ``alive``: False once the record is no longer this worker's (its partition left):
+        nothing more is written for it.
+        """
         at_once = task_tracks_started or self.track_started
         if not at_once and self.after_s <= 0:
             return None
-        run = RunProgress(msg, at_once)
+        run = RunProgress(msg, at_once, alive)
         if not at_once:
             # deadlines rise with insertion order: the deque stays sorted
             self._due.append((time.monotonic() + self.after_s, run))
@@ -87,7 +96,7 @@ class ProgressWriter:
         now = time.monotonic()
         while due and due[0][0] <= now:
             _, run = due.popleft()
-            if run.finished:
+            if run.finished or not run.alive():
                 continue
             if run.started:
                 if run.written != states.STARTED:

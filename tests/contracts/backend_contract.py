@@ -555,3 +555,93 @@ class BackendContract:
         assert claim is not None
         assert claim.claimer == f"member-{winners[0]}"
         assert backend.group_results(group_id, size).result(timeout=30) == list(range(size))
+
+    # ------------------------------------------------------------------ progress
+
+    def progress(self, backend: ResultBackend, task_id: str, state: str, attempt: int,
+                 queue: str = "q") -> None:
+        assert backend.mark_progress(task_id, state, attempt, "tests.add", queue,
+                                     "w1").result(timeout=30) is None
+
+    def test_progress_alone_reads_as_its_state(self, backend: ResultBackend) -> None:
+        task_id = new_id()
+        self.progress(backend, task_id, states.PENDING, 0)
+        got = backend.fetch(task_id)
+        assert got is not None and got.state == states.PENDING and got.name == "tests.add"
+        self.progress(backend, task_id, states.RECEIVED, 1)
+        self.progress(backend, task_id, states.STARTED, 1)
+        got = backend.fetch(task_id)
+        assert got is not None and got.state == states.STARTED and got.attempts == 1
+        assert got.started_ms is not None and got.worker == "w1" and not got.ready
+
+    def test_a_late_pending_or_received_does_not_undo_started(
+        self, backend: ResultBackend
+    ) -> None:
+        task_id = new_id()
+        self.progress(backend, task_id, states.STARTED, 1)
+        self.progress(backend, task_id, states.RECEIVED, 1)
+        self.progress(backend, task_id, states.PENDING, 0)
+        got = backend.fetch(task_id)
+        assert got is not None and got.state == states.STARTED
+
+    @pytest.mark.parametrize("final", [states.SUCCESS, states.FAILURE, states.REVOKED])
+    def test_progress_landing_after_the_final_row_changes_nothing(
+        self, backend: ResultBackend, queue: str, final: str
+    ) -> None:
+        # Given a final row, when a late STARTED lands (a timer firing as the task ended,
+        # a redelivered run on another worker, even of a later attempt), then it is final
+        task_id = new_id()
+        self.progress(backend, task_id, states.STARTED, 3, queue)
+        meta = full_meta(task_id, queue, final)
+        self.store(backend, meta)
+        self.progress(backend, task_id, states.STARTED, 3, queue)
+        self.progress(backend, task_id, states.STARTED, 4, queue)
+        got = backend.fetch(task_id)
+        assert got is not None and got.state == final and got.result == meta.result
+        assert got.attempts == meta.attempts
+        assert backend.fetch_many([task_id])[0] == got
+        at = meta.finished_ms or 0
+        listed = backend.list_tasks(queue, final, at - MINUTE_MS, at + MINUTE_MS)
+        assert [m.task_id for m in listed] == [task_id]
+
+    def test_the_next_attempt_started_wins_over_a_retry_row(
+        self, backend: ResultBackend, queue: str
+    ) -> None:
+        task_id = new_id()
+        retry = TaskMeta(task_id, states.RETRY, name="tests.add", queue=queue, attempts=1,
+                         finished_ms=now_ms(), error_type="ValueError")
+        self.progress(backend, task_id, states.STARTED, 1, queue)
+        self.store(backend, retry)
+        got = backend.fetch(task_id)
+        assert got is not None and got.state == states.RETRY  # attempt 1 ended in RETRY
+        self.progress(backend, task_id, states.STARTED, 2, queue)
+        got = backend.fetch(task_id)
+        assert got is not None and got.state == states.STARTED and got.attempts == 2
+
+    def test_progress_refuses_a_state_that_is_not_progress(self, backend: ResultBackend) -> None:
+        with pytest.raises(ValueError, match="progress state must be one of"):
+            backend.mark_progress(new_id(), states.SUCCESS, 1, "n", "q")
+
+    # ------------------------------------------------------------------ forget, saved groups
+
+    def test_forget_deletes_the_row(self, backend: ResultBackend, queue: str) -> None:
+        meta = full_meta(new_id(), queue)
+        self.store(backend, meta)
+        other = full_meta(new_id(), queue)
+        self.store(backend, other)
+        backend.forget(meta.task_id).result(timeout=30)
+        assert backend.fetch(meta.task_id) is None
+        assert backend.fetch(other.task_id) == other
+        at = meta.finished_ms or 0
+        listed = backend.list_tasks(queue, states.SUCCESS, at - MINUTE_MS, at + MINUTE_MS)
+        assert meta.task_id not in [m.task_id for m in listed]
+
+    def test_a_saved_group_is_read_back_in_order(self, backend: ResultBackend) -> None:
+        group_id, ids = new_id(), [new_id() for _ in range(5)]
+        assert backend.fetch_group(group_id) is None
+        backend.save_group(group_id, ids).result(timeout=30)
+        assert backend.fetch_group(group_id) == ids
+        backend.save_group(group_id, ids[:2]).result(timeout=30)  # saved again: replaced
+        assert backend.fetch_group(group_id) == ids[:2]
+        backend.forget_group(group_id).result(timeout=30)
+        assert backend.fetch_group(group_id) is None
