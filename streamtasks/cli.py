@@ -27,6 +27,7 @@ from streamtasks.timeutil import parse_time_ms
 
 if TYPE_CHECKING:
     from streamtasks.ops.inspect import QueueReport
+    from streamtasks.ops.replay import ReplayItem
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNKNOWN = 0, 1, 2, 3
 
@@ -220,9 +221,15 @@ def _add_ops_commands(
                    help="last record (inclusive), same partition")
     p.add_argument("--name", help="replay only tasks of this name")
     p.add_argument("--into", help="send to this queue (default: the same queue)")
-    p.add_argument("--dry-run", action="store_true", help="count only, send nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list what would be sent (partition:offset, id, name) and count it "
+                   "by name; send nothing")
     p.add_argument("--same-ids", action="store_true",
-                   help="keep task ids (result rows are overwritten); default: new ids")
+                   help="keep task ids (result rows are overwritten); default: new ids for "
+                   "each task and everything its workflow produces")
+    p.add_argument("--include-derived", action="store_true",
+                   help="also replay retry attempts and what tasks sent (workflow steps, "
+                   "callbacks, children); default: only records that started a task")
     p.set_defaults(handler=_cmd_replay)
 
     p = sub.add_parser("inspect", parents=[common],
@@ -715,16 +722,32 @@ def _cmd_replay(ns: argparse.Namespace) -> int:
     _require_topic(app, ns.queue, app.settings.topic(ns.queue))
     if ns.into and not app.settings.create_topics:
         _require_topic(app, ns.into, app.settings.topic(ns.into))
+    listing = _print_replay_item if ns.dry_run else None
     try:
         report = replay(app, ns.queue, name=ns.name, into=ns.into, dry_run=ns.dry_run,
-                        same_ids=ns.same_ids, progress=_progress("replay"), **window)
+                        same_ids=ns.same_ids, include_derived=ns.include_derived,
+                        progress=_progress("replay"), listing=listing, **window)
     except RangeError as err:
         raise CliError(str(err)) from err
+    if ns.dry_run:
+        for name, count in sorted(report.by_name.items()):
+            print(f"{count:>8}  {name}")
     sent = f"would send {report.matched}" if ns.dry_run else f"sent {report.sent}"
-    print(f"read {report.read}, matched {report.matched}, {sent}")
+    left_out = []
+    if report.derived:
+        left_out.append(f"{report.derived} derived (retries, workflow steps, callbacks, "
+                        "children: --include-derived replays them)")
+    if report.repeated:
+        left_out.append(f"{report.repeated} repeated id(s)")
+    print(f"read {report.read}, matched {report.matched}, {sent}"
+          + (f"; left out {' and '.join(left_out)}" if left_out else ""))
     if report.skipped:
         print(f"skipped {report.skipped} undecodable record(s)", file=sys.stderr)
     return EXIT_OK
+
+
+def _print_replay_item(item: ReplayItem) -> None:
+    print(f"{item.partition}:{item.offset}\t{item.task_id}\t{item.name}")
 
 
 def _cmd_inspect(ns: argparse.Namespace) -> int:

@@ -273,6 +273,32 @@ def broken_continuation(msg: TaskMessage) -> Launch:
     return plan
 
 
+#: Keys of workflow nodes whose string values are task or group ids.
+_ID_KEYS = frozenset({"id", "origin", "group"})
+#: Keys of workflow nodes holding the caller's data, never walked for ids.
+_DATA_KEYS = frozenset({"args", "kwargs", "options"})
+
+
+def renamed_ids(value: Any, rename: Callable[[str], str]) -> Any:
+    """Return a copy of a node (or a list of nodes) with every task and group id renamed.
+
+    Task and group ``id``, a callback copy's ``origin`` and a join's ``group`` (a chord's
+    ``group`` is a node, walked like any other) go through ``rename``; one ``rename``
+    applied to every message of a workflow keeps its joins and groups pointing at each other.
+    Arguments and options are the caller's data and are left as they are.
+    """
+    if isinstance(value, list):
+        return [renamed_ids(item, rename) for item in value]
+    if isinstance(value, dict):
+        return {
+            key: item if key in _DATA_KEYS
+            else rename(item) if key in _ID_KEYS and isinstance(item, str)
+            else renamed_ids(item, rename)
+            for key, item in value.items()
+        }
+    return value
+
+
 def task_nodes(node: Node) -> Iterator[Node]:
     """Yield every task node of a workflow node, in order (callbacks not included)."""
     kind = node.get("kind")

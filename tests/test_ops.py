@@ -330,6 +330,12 @@ def test_cli_replay_prints_counts(capsys, app: App, cli_app: str) -> None:
     code, out, _ = run(capsys, "replay", "--queue", "q", "--since", "-1h", "--name", "b",
                        "--dry-run", "--app", cli_app)
     assert code == 0 and out.strip() == "read 5, matched 0, would send 0"
+    ids = [r.headers["st-id"].decode() for r in topic_records(app, "q")[:5]]
+    code, out, _ = run(capsys, "replay", "--queue", "q", "--from-offset", f"{p}:0",
+                       "--to-offset", f"{p}:4", "--dry-run", "--app", cli_app)
+    lines = out.splitlines()
+    assert code == 0 and lines[:5] == [f"{p}:{o}\t{ids[o]}\ta" for o in range(5)]
+    assert lines[5:] == ["       5  a", "read 5, matched 5, would send 5"]
 
 
 def test_cli_replay_reads_a_naive_since_as_utc_in_any_zone(
@@ -348,7 +354,7 @@ def test_cli_replay_reads_a_naive_since_as_utc_in_any_zone(
     finally:
         monkeypatch.delenv("TZ")
         time.tzset()
-    assert code == 0 and out.strip() == "read 5, matched 5, would send 5"
+    assert code == 0 and out.splitlines()[-1] == "read 5, matched 5, would send 5"
 
 
 # -- groups migrate: old per-queue-set groups to per-queue groups --------------------

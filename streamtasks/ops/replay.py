@@ -1,27 +1,41 @@
-"""Replay: send the tasks of a range of a queue's topic again, to reprocess them.
+"""Replay: send the tasks of a range of a queue's topic again, to reprocess them once.
 
 The range is a time window (records stamped in ``[since, until)``, found through the
 broker's offsets-for-times look-up) or an offset range per partition. Tasks are
 filtered by name from the ``st-name`` header, so records that are not picked are never
-decoded. A replayed task gets a new id (its ``options["replay_of"]`` names the
-original) unless the same ids are asked for, in which case its result row is
-overwritten. Every replayed record carries the header ``st-replay-of``; it runs
-now, from attempt 1 (an expiry time it carries still applies).
+decoded.
+
+A topic holds more than the tasks producers started: every retry attempt and every
+workflow step, callback, chord body or child a task sent is a record too, and the
+replayed task produces those again itself. So by default only *origin* records are
+replayed: attempt 1 (the ``st-attempt`` header) and no parent task (``parent_id``, set on
+everything a worker sends), each task id once. ``include_derived`` replays every record.
+
+A replayed task gets a new id (its ``options["replay_of"]`` names the original), and so
+does every task and group its workflow will produce (chain steps, callbacks, chord
+members and bodies: one renaming per replay, so the members of a group replayed together
+still meet in one chord), so no row of the original run is ever overwritten. With
+``same_ids`` the ids are kept and the rows overwritten. Every replayed record carries the
+header ``st-replay-of``; it runs now, from attempt 1 (an expiry time it carries still
+applies).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+import uuid
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 import structlog
 
 from streamtasks.app import App
 from streamtasks.broker.base import Record, TopicPartition
 from streamtasks.errors import MessageError
-from streamtasks.headers import TASK_NAME, header_text
-from streamtasks.message import new_task_id
+from streamtasks.headers import ATTEMPT, TASK_NAME, header_text
+from streamtasks.message import TaskMessage
 from streamtasks.ops._common import Progress, Resender, read_ranges, run_again
+from streamtasks.workflow import renamed_ids
 
 log = structlog.get_logger("streamtasks.ops")
 
@@ -35,21 +49,39 @@ class RangeError(ValueError):
     """A replay range that names nothing sensible (reversed, mixed, unknown partition)."""
 
 
+@dataclass(frozen=True, slots=True)
+class ReplayItem:
+    """One task a replay sends (or, dry, would send): where it was read and what it is."""
+
+    partition: int
+    offset: int
+    task_id: str
+    name: str
+
+
 @dataclass(slots=True)
 class ReplayReport:
     """What a replay did.
 
     Attributes:
         read: records read from the range.
-        matched: records that passed the filters (name, time window).
+        matched: records that passed the filters (name, time window) and are replayed
+            (or would be, dry).
         sent: tasks sent again (0 for a dry run).
-        skipped: matched records that could not be decoded, so were not sent.
+        skipped: records that could not be decoded, so were not sent.
+        derived: records left out as not starting a task (a retry attempt, or sent by a
+            task: a workflow step, callback or child); 0 with ``include_derived``.
+        repeated: records left out because their task id was replayed already.
+        by_name: replayed (or would-be) tasks per name.
     """
 
     read: int = 0
     matched: int = 0
     sent: int = 0
     skipped: int = 0
+    derived: int = 0
+    repeated: int = 0
+    by_name: Counter[str] = field(default_factory=Counter)
 
 
 def replay(
@@ -64,7 +96,9 @@ def replay(
     into: str | None = None,
     dry_run: bool = False,
     same_ids: bool = False,
+    include_derived: bool = False,
     progress: Progress | None = None,
+    listing: Callable[[ReplayItem], None] | None = None,
 ) -> ReplayReport:
     """Send the tasks of a range of ``queue``'s topic again.
 
@@ -83,8 +117,11 @@ def replay(
         into: send to this queue (default: ``queue`` itself).
         dry_run: count what would be sent, send nothing.
         same_ids: keep the task ids (their result rows are overwritten); by default
-            each replayed task gets a new id.
+            each replayed task, and every task its workflow produces, gets a new id.
+        include_derived: replay retry attempts and what tasks sent (workflow steps,
+            callbacks, children) too; by default only the records that started a task.
         progress: told (records read, records to read) every 1000 records and at the end.
+        listing: told each task replayed (or, dry, that would be), in reading order.
 
     Returns:
         The counts of records read, matched and sent.
@@ -99,13 +136,32 @@ def replay(
     target = into or queue
     report = ReplayReport()
     sender = Resender(app)
+    rename = _identity if same_ids else _renaming()
+    seen: set[str] = set()
     for record in read_ranges(app, ranges, progress):
         report.read += 1
         if not _matches(record, name, since_ms, until_ms):
             continue
-        report.matched += 1
-        if not dry_run and not _resend(app, sender, record, target, same_ids):
+        if not include_derived and _attempt(record) > 1:  # known from the header alone
+            report.derived += 1
+            continue
+        msg = _decode(app, record)
+        if msg is None:
             report.skipped += 1
+            continue
+        if not include_derived and msg.parent_id is not None:
+            report.derived += 1
+            continue
+        if msg.id in seen:  # a producer's retry or a re-sent task: one run is enough
+            report.repeated += 1
+            continue
+        seen.add(msg.id)
+        report.matched += 1
+        report.by_name[msg.name] += 1
+        if listing is not None:
+            listing(ReplayItem(record.partition, record.offset, msg.id, msg.name))
+        if not dry_run:
+            _resend(sender, record, msg, target, rename)
     if not dry_run:
         # Confirm before reporting: a replay that Kafka did not take must not look done.
         sender.flush()
@@ -113,7 +169,8 @@ def replay(
     if report.skipped:
         log.warning("undecodable records not replayed", topic=topic, skipped=report.skipped)
     log.info("replayed", topic=topic, into=app.settings.topic(target), read=report.read,
-             matched=report.matched, sent=report.sent, dry_run=dry_run)
+             matched=report.matched, sent=report.sent, derived=report.derived,
+             repeated=report.repeated, dry_run=dry_run)
     return report
 
 
@@ -127,22 +184,47 @@ def _matches(record: Record, name: str | None, since_ms: int | None, until_ms: i
     return until_ms is None or record.timestamp_ms < until_ms
 
 
-def _resend(app: App, sender: Resender, record: Record, target: str, same_ids: bool) -> bool:
+def _attempt(record: Record) -> int:
+    text = header_text(record.headers, ATTEMPT)
+    return int(text) if text is not None and text.isdigit() else 1
+
+
+def _decode(app: App, record: Record) -> TaskMessage | None:
     try:
-        msg = app.codec.decode_task(record.value or b"")
+        return app.codec.decode_task(record.value or b"")
     except MessageError as err:
         log.warning("cannot decode a record to replay", topic=record.topic,
                     partition=record.partition, offset=record.offset, error=str(err))
-        return False
+        return None
+
+
+def _identity(task_id: str) -> str:
+    return task_id
+
+
+def _renaming() -> Callable[[str], str]:
+    """One replay's renaming: the same old id always gets the same new one."""
+    run = uuid.uuid4()
+    return lambda task_id: str(uuid.uuid5(run, task_id))
+
+
+def _resend(
+    sender: Resender, record: Record, msg: TaskMessage, target: str,
+    rename: Callable[[str], str],
+) -> None:
     original = msg.id
-    if not same_ids:
-        msg.id = new_task_id()
+    if rename is not _identity:
+        msg.id = rename(original)
+        if msg.group_id is not None:
+            msg.group_id = rename(msg.group_id)
+        msg.chain = renamed_ids(msg.chain, rename)
+        msg.link = renamed_ids(msg.link, rename)
+        msg.link_error = renamed_ids(msg.link_error, rename)
         msg.options = {**msg.options, REPLAY_OF_OPTION: original}
     # Runs again now, from attempt 1 (a due time would send it to a delay tier).
     run_again(msg, target)
     # The record key is kept, so tasks sharing a key still share a partition.
     sender.send(msg, key=record.key, headers={REPLAY_OF: original.encode()})
-    return True
 
 
 def _ranges(

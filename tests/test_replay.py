@@ -1,0 +1,142 @@
+"""Replay reprocesses each task once: origin records only, fresh ids for whole workflows."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+
+import pytest
+
+from streamtasks import App, Settings, chain, chord
+from streamtasks.broker.base import Record
+from streamtasks.ops import ReplayItem, replay
+from streamtasks.workflow import renamed_ids
+
+
+@pytest.fixture
+def runs() -> Counter[str]:
+    return Counter()
+
+
+@pytest.fixture
+def app(runs: Counter[str]) -> Iterator[App]:
+    settings = Settings(broker="memory://", backend="memory://", partitions=2,
+                        commit_interval_s=0.0, delay_tiers="10ms,50ms")
+    application = App("replay", settings=settings)
+
+    @application.task(name="step")
+    def step(tag: str, x: int) -> int:
+        runs[tag] += 1
+        return x + 1
+
+    @application.task(name="flaky", max_retries=3, backoff="fixed", backoff_s=0.01)
+    def flaky(key: str) -> str:
+        runs[key] += 1
+        if runs[key] % 3:  # fails twice per run
+            raise ConnectionError("try again")
+        return key
+
+    @application.task(name="total")
+    def total(values: list[int]) -> int:
+        runs["total"] += 1
+        return sum(values)
+
+    @application.task(name="note")
+    def note(value: int) -> None:
+        runs["note"] += 1
+
+    yield application
+    application.close()
+
+
+def records(app: App) -> list[Record]:
+    return app.broker.records(app.settings.topic("default"))  # type: ignore[attr-defined]
+
+
+def test_a_replayed_chain_runs_each_step_once_more_under_new_ids(
+    app: App, runs: Counter[str]
+) -> None:
+    step = app.tasks["step"]
+    # Given a three-step chain that ran (three records: A by the client, B and C by workers)
+    first = chain(step.s("A", 1), step.s("B").on_success(app.tasks["note"].s()),
+                  step.s("C")).apply_async()
+    app.drain()
+    assert first.get(timeout=1) == 4 and runs == {"A": 1, "B": 1, "C": 1, "note": 1}
+    originals = {r.headers["st-id"].decode() for r in records(app)}
+    assert len(originals) == 4
+    # When the whole topic is replayed
+    listed: list[ReplayItem] = []
+    report = replay(app, "default", since_ms=0, listing=listed.append)
+    app.drain()
+    # Then only A was sent, and each step ran exactly once more, callback included
+    assert (report.read, report.matched, report.sent, report.derived) == (4, 1, 1, 3)
+    assert [item.name for item in listed] == ["step"]
+    assert runs == {"A": 2, "B": 2, "C": 2, "note": 2}
+    # under ids of their own: the original run's rows are untouched
+    replayed = {r.headers["st-id"].decode() for r in records(app)} - originals
+    assert len(replayed) == 4
+    for task_id in originals:
+        meta = app.backend.fetch(task_id)
+        assert meta is not None and meta.state == "SUCCESS"
+    last = [app.backend.fetch(i) for i in replayed]
+    assert sorted(m.result for m in last if m is not None and m.name == "step") == [2, 3, 4]
+
+
+def test_a_task_retried_twice_runs_once_more(app: App, runs: Counter[str]) -> None:
+    # Given a task that failed twice and then succeeded (three records of one id)
+    app.tasks["flaky"].delay("k")
+    app.drain(timeout_s=10)
+    assert runs["k"] == 3
+    attempts = [r.headers["st-attempt"] for r in records(app)]
+    assert sorted(attempts) == [b"1", b"2", b"3"]
+    # When replayed, Then it is sent once and runs one more time (three calls, as before)
+    report = replay(app, "default", since_ms=0)
+    app.drain(timeout_s=10)
+    assert (report.matched, report.derived, report.sent) == (1, 2, 1)
+    assert runs["k"] == 6
+
+
+def test_include_derived_replays_every_record(app: App, runs: Counter[str]) -> None:
+    step = app.tasks["step"]
+    chain(step.s("A", 1), step.s("B")).apply_async()
+    app.drain()
+    report = replay(app, "default", since_ms=0, include_derived=True, dry_run=True)
+    assert (report.matched, report.derived, report.sent) == (2, 0, 0)
+    assert report.by_name == {"step": 2}
+
+
+def test_a_record_sent_twice_is_replayed_once(app: App, runs: Counter[str]) -> None:
+    app.tasks["step"].delay("A", 1)
+    app.flush()
+    (record,) = records(app)
+    app.broker.send(record.topic, record.value or b"", key=record.key,  # a producer retry
+                    headers=record.headers, partition=record.partition)
+    report = replay(app, "default", since_ms=0)
+    assert (report.read, report.matched, report.repeated) == (2, 1, 1)
+
+
+def test_a_replayed_chord_meets_again_under_a_new_group(app: App, runs: Counter[str]) -> None:
+    step, total = app.tasks["step"], app.tasks["total"]
+    first = chord([step.s(f"m{i}", i) for i in range(3)], total.s()).apply_async()
+    app.drain()
+    assert first.get(timeout=1) == 6 and runs["total"] == 1
+    report = replay(app, "default", since_ms=0)
+    app.drain()
+    assert (report.matched, report.derived) == (3, 1)  # the members; the body is derived
+    assert runs["total"] == 2 and all(runs[f"m{i}"] == 2 for i in range(3))
+    bodies = [r for r in records(app) if r.headers["st-name"] == b"total"]
+    assert len({r.headers["st-id"] for r in bodies}) == 2
+
+
+def test_renaming_leaves_arguments_and_options_alone() -> None:
+    node = {"kind": "task", "id": "t1", "args": [{"id": "user-data"}], "kwargs": {"id": "k"},
+            "options": {"queue": "q"}, "link": [{"kind": "task", "id": "t2", "origin": "o1",
+                                                 "args": []}]}
+    join = {"kind": "join", "group": "g1", "body": node}
+    out = renamed_ids([join], lambda old: f"new-{old}")
+    assert out[0]["group"] == "new-g1" and out[0]["body"]["id"] == "new-t1"
+    assert out[0]["body"]["args"] == [{"id": "user-data"}]
+    assert out[0]["body"]["kwargs"] == {"id": "k"}
+    assert out[0]["body"]["link"][0]["id"] == "new-t2"
+    assert out[0]["body"]["link"][0]["origin"] == "new-o1"
+    assert join["group"] == "g1"  # a copy: the original is unchanged
