@@ -140,3 +140,20 @@ def test_renaming_leaves_arguments_and_options_alone() -> None:
     assert out[0]["body"]["link"][0]["id"] == "new-t2"
     assert out[0]["body"]["link"][0]["origin"] == "new-o1"
     assert join["group"] == "g1"  # a copy: the original is unchanged
+
+
+def test_children_sent_from_a_task_are_derived(app: App, runs: Counter[str]) -> None:
+    step = app.tasks["step"]
+
+    @app.task(name="parent")
+    def parent() -> None:
+        runs["parent"] += 1
+        step.delay("child", 1)
+
+    parent.delay()
+    app.drain()
+    assert runs == {"parent": 1, "child": 1}
+    report = replay(app, "default", since_ms=0)
+    app.drain()
+    assert (report.matched, report.derived) == (1, 1)
+    assert runs == {"parent": 2, "child": 2}
