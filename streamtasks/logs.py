@@ -221,9 +221,14 @@ def task_context(name: str, context: Mapping[str, object]) -> Iterator[tracing.T
     fields = {k: v for k, v in context.items() if k != "traceparent" and v is not None}
     traceparent = context.get("traceparent")
     with tracing.task_run(
-        name, traceparent if isinstance(traceparent, str) else None,
-        {f"streamtasks.{k}": v for k, v in fields.items()},
-    ) as run, structlog.contextvars.bound_contextvars(
-        task=name, trace_id=run.trace_id, span_id=run.span_id, **fields
-    ):
-        yield run
+        name, traceparent if isinstance(traceparent, str) else None, fields
+    ) as run:
+        # bind, then reset by the tokens: restores what was bound before without reading
+        # the whole context first (structlog's bound_contextvars does, once per task)
+        tokens = structlog.contextvars.bind_contextvars(
+            task=name, trace_id=run.trace_id, span_id=run.span_id, **fields
+        )
+        try:
+            yield run
+        finally:
+            structlog.contextvars.reset_contextvars(**tokens)

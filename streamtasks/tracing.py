@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import re
-import secrets
 from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
+from random import getrandbits as _random_bits
 from typing import Any
 
 from streamtasks.headers import TRACEPARENT, header_text
@@ -53,13 +53,15 @@ _current: ContextVar[TraceContext | None] = ContextVar("streamtasks_trace", defa
 
 
 def _new_span_id() -> str:
-    span = secrets.token_hex(8)
+    # Ids must be unique, not secret: the process's PRNG (as OpenTelemetry's SDK does)
+    # costs no system call per task, unlike the secrets module.
+    span = f"{_random_bits(64):016x}"
     return span if span != _ZERO_SPAN else _new_span_id()
 
 
 def new_trace() -> TraceContext:
     """Return the root span of a new trace (sampled)."""
-    trace = secrets.token_hex(16)
+    trace = f"{_random_bits(128):032x}"
     if trace == _ZERO_TRACE:  # pragma: no cover - one in 2**128
         return new_trace()
     return TraceContext(trace, _new_span_id())
@@ -123,7 +125,8 @@ def task_run(
     Args:
         name: the task name (the OpenTelemetry span name).
         traceparent: the record's ``traceparent`` (its sender's span), or None.
-        attributes: span attributes (OpenTelemetry only).
+        attributes: span attributes (OpenTelemetry only), each named
+            ``streamtasks.<key>``.
 
     Yields:
         The run's trace context: a child of the record's, or a new trace's root.
@@ -131,10 +134,15 @@ def task_run(
     parent = parse(traceparent)
     otel = _otel_trace()
     if otel is None or not _otel_configured(otel):
-        with activated(parent.child() if parent is not None else new_trace()) as ctx:
-            yield ctx
+        run = parent.child() if parent is not None else new_trace()
+        token = _current.set(run)
+        try:
+            yield run
+        finally:
+            _current.reset(token)
         return
-    with _otel_span(otel, name, parent, attributes or {}) as ctx, activated(ctx):
+    attrs = {f"streamtasks.{k}": v for k, v in (attributes or {}).items()}
+    with _otel_span(otel, name, parent, attrs) as ctx, activated(ctx):
         yield ctx
 
 

@@ -149,6 +149,31 @@ def test_every_line_of_a_running_task_carries_its_fields(
     assert not {"task_id", "task", "trace_id", "offset"} & set(lines[2])
 
 
+def test_fields_bound_around_a_run_are_back_after_it(
+    app: App, capsys: pytest.CaptureFixture[str], restore_logging: None
+) -> None:
+    configure_logging(app.settings, log_format="json", log_level="info")
+
+    @app.task(name="quiet")
+    def quiet() -> None:
+        structlog.get_logger("my.tasks").info("inside")
+
+    # Given fields a program bound itself, one of them also a task field
+    structlog.contextvars.bind_contextvars(task="outer", request_id="r-1")
+    try:
+        quiet.delay()
+        app.drain()
+        structlog.get_logger("my.tasks").info("after")
+    finally:
+        structlog.contextvars.unbind_contextvars("task", "request_id")
+    inside, after = [line for line in _json_lines(capsys.readouterr().err)
+                     if line.get("logger") == "my.tasks"]
+    # Then the run saw its own, and after it the program's are as they were
+    assert inside["task"] == "quiet"
+    assert after["task"] == "outer" and after["request_id"] == "r-1"
+    assert "task_id" not in after and "span_id" not in after
+
+
 def test_task_fields_in_async_tasks(
     app: App, capsys: pytest.CaptureFixture[str], restore_logging: None
 ) -> None:
