@@ -343,6 +343,16 @@ class ResultBackend(ABC):
         """
         return []
 
+    def replication(self) -> tuple[int, str, dict[str, str]] | None:
+        """Return ``(nodes, keyspace, replication map)`` of a replicated store, else None.
+
+        Used by the durability checks (:mod:`streamtasks.durability`).
+
+        Raises:
+            BackendError: the backend is not reachable.
+        """
+        return None
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
 

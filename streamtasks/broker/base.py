@@ -275,6 +275,14 @@ class Broker(ABC):
         """
         raise NotImplementedError(f"{type(self).__name__} cannot list a group's offsets")
 
+    def cluster_size(self) -> int | None:
+        """Return how many brokers serve now, or None when unknown (durability checks).
+
+        Raises:
+            BrokerError: the broker did not answer.
+        """
+        return None
+
     def group_member_count(self, group_id: str) -> int:
         """Return how many consumers are members of ``group_id`` now (0: none or unknown).
 

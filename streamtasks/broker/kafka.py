@@ -609,6 +609,19 @@ class KafkaBroker(Broker):
                 offsets[TopicPartition(tp.topic, tp.partition)] = tp.offset
         return offsets
 
+    def cluster_size(self) -> int:
+        """Return how many brokers the cluster metadata lists (the live ones).
+
+        Raises:
+            BrokerError: no broker answered.
+        """
+        admin = self._get_admin()
+        self._check_reachable(admin)
+        try:
+            return len(admin.list_topics(timeout=REQUEST_TIMEOUT_S).brokers)
+        except ck.KafkaException as err:
+            raise BrokerError(f"cannot read the cluster metadata: {err}") from err
+
     def group_member_count(self, group_id: str) -> int:
         """Return how many consumers are members of ``group_id`` now (DescribeGroups).
 

@@ -31,6 +31,7 @@ from streamtasks.backend.base import TaskMeta
 from streamtasks.broker.base import Record, TopicPartition
 from streamtasks.codec import bind_arguments
 from streamtasks.context import Running
+from streamtasks.durability import check_worker_start
 from streamtasks.errors import (
     BackendError,
     ConfigError,
@@ -192,6 +193,7 @@ class Worker:
                 migrate``): every result write would fail.
         """
         self._check_schema()
+        check_worker_start(self.app.settings, self.app.broker, self.app.backend)
         for q in self.queues:
             self.app.ensure_queue(q)
         for rt in self.runtimes:

@@ -216,6 +216,22 @@ class CassandraBackend(ResultBackend):
         """Return the migrations not yet applied (:meth:`Migrator.pending_migrations`)."""
         return self._migrator.pending_migrations()
 
+    def replication(self) -> tuple[int, str, dict[str, str]] | None:
+        """Return the nodes the driver knows, the keyspace and its replication map.
+
+        None when the keyspace does not exist yet.
+
+        Raises:
+            BackendError: Cassandra is not reachable.
+        """
+        row = self._conn.run(
+            "SELECT replication FROM system_schema.keyspaces WHERE keyspace_name = %s",
+            "reading the keyspace's replication", (self.options.keyspace,)).one()
+        if row is None:
+            return None
+        nodes = len(self._conn.session().cluster.metadata.all_hosts())
+        return nodes, self.options.keyspace, dict(row["replication"])
+
     def applied_migrations(self) -> list[str]:
         """Return the names of the applied migrations (:meth:`Migrator.applied_migrations`)."""
         return self._migrator.applied_migrations()

@@ -236,9 +236,13 @@ class Connection:
         )
         from cassandra.query import dict_factory
 
+        from streamtasks.backend.cassandra.retry import UpsertRetryPolicy
+
         opts = self.options
         profile = ExecutionProfile(
+            # replicas of a row's token first: a node down is routed around
             load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy(local_dc=opts.local_dc)),
+            retry_policy=UpsertRetryPolicy(),
             consistency_level=self.consistency,
             request_timeout=opts.request_timeout_s,
             row_factory=dict_factory,
@@ -302,6 +306,10 @@ class Connection:
     def prepare_all(self, texts: dict[str, str]) -> dict[str, Any]:
         """Prepare every statement of ``texts`` (by name) at the configured consistency.
 
+        Every statement but a lightweight transaction (``IF ...``) is marked idempotent:
+        the backend writes only upserts of fixed values, which may be sent again after a
+        timeout (:class:`~.retry.UpsertRetryPolicy`).
+
         Raises:
             BackendError: Cassandra refused one (e.g. a table is missing).
 
@@ -314,6 +322,7 @@ class Connection:
             except Exception as err:
                 raise self.error(err, "preparing statements") from err
             statement.consistency_level = self.consistency
+            statement.is_idempotent = " IF " not in text
             prepared[name] = statement
         return prepared
 

@@ -1,0 +1,167 @@
+"""Settings that cannot keep the delivery promise on the cluster a worker runs on.
+
+"Nothing is lost" rests on replication: a confirmed task record is on ``min.insync.replicas``
+brokers, a result row on a quorum of Cassandra replicas. :func:`check_durability` is a pure
+function of the settings and what was seen of the clusters (:class:`ClusterView`): it
+raises :class:`ConfigError` for a setting that loses work when one node fails, and returns
+warnings for one that is weaker than the production defaults (``docs/operations.md``,
+"Cluster"). :func:`check_worker_start` looks at the clusters and applies it when a worker
+starts; a cluster that cannot be seen then is not checked (it may be down for a moment).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import structlog
+
+from streamtasks.errors import ConfigError, StreamTasksError
+from streamtasks.settings import Settings, parse_url
+from streamtasks.topology import min_insync_replicas
+
+if TYPE_CHECKING:
+    from streamtasks.backend.base import ResultBackend
+    from streamtasks.broker.base import Broker
+
+log = structlog.get_logger("streamtasks.durability")
+
+#: Replicas the production defaults keep of every topic and of the keyspace.
+PRODUCTION_REPLICAS = 3
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterView:
+    """What a worker saw of its clusters at start; None where it could not look.
+
+    Attributes:
+        brokers: Kafka brokers in the cluster metadata (live ones).
+        cassandra_nodes: Cassandra nodes the driver knows (up or down).
+        keyspace: the result keyspace, named in messages.
+        keyspace_replication: its replication map, as in ``system_schema.keyspaces``.
+    """
+
+    brokers: int | None = None
+    cassandra_nodes: int | None = None
+    keyspace: str = ""
+    keyspace_replication: dict[str, str] | None = field(default=None)
+
+
+def check_durability(settings: Settings, view: ClusterView) -> list[str]:
+    """Refuse settings that lose work when a node of the cluster fails; warn about weak ones.
+
+    Args:
+        settings: the worker's settings (broker URL options, replication, consistency).
+        view: what was seen of the clusters; unknown parts are not checked.
+
+    Returns:
+        Warnings, each naming the setting to change.
+
+    Raises:
+        ConfigError: naming the setting: a producer ``acks`` below ``all`` or idempotence
+            turned off in the broker URL, topics with one replica on a cluster of several
+            brokers, a keyspace with one replica on several nodes, or a consistency under
+            which group joins miss each other's writes.
+
+    """
+    warnings = _check_producer(settings)
+    if view.brokers is not None:
+        warnings += _check_topics(settings, view.brokers)
+    if view.cassandra_nodes is not None and view.keyspace_replication is not None:
+        warnings += _check_keyspace(settings, view)
+    return warnings
+
+
+def _check_producer(settings: Settings) -> list[str]:
+    options = parse_url(settings.broker, "broker").options
+    acks = options.get("acks", options.get("request.required.acks"))
+    if acks is not None and acks.strip().lower() not in ("all", "-1"):
+        raise ConfigError(
+            f"broker URL option acks={acks}: a record confirmed by fewer than the in-sync "
+            "replicas is lost with the broker that had it; remove the option (the producer "
+            "uses acks=all)"
+        )
+    idempotence = options.get("enable.idempotence")
+    if idempotence is not None and idempotence.strip().lower() in ("false", "0", "no", "off"):
+        raise ConfigError(
+            "broker URL option enable.idempotence=false: a produce retried after a leader "
+            "moved could write a task twice or out of order; remove the option"
+        )
+    return []
+
+
+def _check_topics(settings: Settings, brokers: int) -> list[str]:
+    replicas = settings.replication_factor
+    if brokers > 1 and replicas == 1:
+        raise ConfigError(
+            f"setting replication_factor is 1 on a Kafka cluster of {brokers} brokers: the "
+            "tasks of a partition are lost with its broker; set replication_factor="
+            f"{min(brokers, PRODUCTION_REPLICAS)} (STREAMTASKS_REPLICATION_FACTOR)"
+        )
+    warnings = []
+    if replicas > brokers:
+        warnings.append(
+            f"setting replication_factor={replicas} but {brokers} broker(s) are up: new "
+            "topics cannot be created until the others are back"
+        )
+    if brokers >= PRODUCTION_REPLICAS and replicas < PRODUCTION_REPLICAS:
+        warnings.append(
+            f"setting replication_factor={replicas} on {brokers} brokers: one broker down "
+            f"stops writes to its partitions; production uses {PRODUCTION_REPLICAS}"
+        )
+    insync = min_insync_replicas(replicas, settings.min_insync_replicas)
+    if replicas >= 2 and insync < 2:
+        warnings.append(
+            f"setting min_insync_replicas={insync} with replication_factor={replicas}: a "
+            "record confirmed by one broker is lost if that broker fails before the others "
+            "copy it; use 2 (or 0, automatic)"
+        )
+    return warnings
+
+
+def _check_keyspace(settings: Settings, view: ClusterView) -> list[str]:
+    from streamtasks.backend.cassandra.connection import CassandraOptions
+    from streamtasks.backend.cassandra.consistency import check_group_consistency, replicas
+
+    assert view.cassandra_nodes is not None and view.keyspace_replication is not None
+    total = sum(replicas(view.keyspace_replication).values())
+    if view.cassandra_nodes > 1 and total == 1:
+        raise ConfigError(
+            f"keyspace {view.keyspace} keeps one replica on a Cassandra cluster of "
+            f"{view.cassandra_nodes} nodes: results and chord joins are lost or stuck with "
+            f"the node that holds them; replicate it {PRODUCTION_REPLICAS} times (ALTER "
+            "KEYSPACE, or backend URL option replication_factor=3 for `streamtasks migrate`"
+            " on a new keyspace)"
+        )
+    options = CassandraOptions.from_url(settings.backend, settings)
+    # ONE and the like: a member's join may miss another's write, so the chord never fires
+    return check_group_consistency(options.consistency, options.serial_consistency,
+                                   view.keyspace_replication, view.keyspace)
+
+
+def observe(broker: Broker, backend: ResultBackend) -> ClusterView:
+    """Look at the clusters: brokers in the metadata, Cassandra nodes, keyspace replication.
+
+    A cluster that cannot be reached now is left unknown (None).
+    """
+    replication = backend.replication()
+    if replication is None:
+        return ClusterView(broker.cluster_size())
+    nodes, keyspace, keyspace_replication = replication
+    return ClusterView(broker.cluster_size(), nodes, keyspace, keyspace_replication)
+
+
+def check_worker_start(settings: Settings, broker: Broker, backend: ResultBackend) -> None:
+    """Apply :func:`check_durability` to what a starting worker sees; log the warnings.
+
+    Raises:
+        ConfigError: a setting that loses work on this cluster (the worker must not start).
+
+    """
+    try:
+        view = observe(broker, backend)
+    except StreamTasksError as err:
+        log.warning("cannot check durability settings now; starting anyway", error=str(err))
+        view = ClusterView()
+    for warning in check_durability(settings, view):
+        log.warning("weak durability setting", detail=warning)

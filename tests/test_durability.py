@@ -1,0 +1,109 @@
+"""Settings that cannot keep the delivery promise on a cluster are refused or warned about."""
+
+from __future__ import annotations
+
+import pytest
+
+from streamtasks import App, Settings
+from streamtasks.durability import ClusterView, check_durability
+from streamtasks.errors import BrokerError, ConfigError
+from streamtasks.worker.consumer import Worker
+
+RF3 = {"class": "org.apache.cassandra.locator.SimpleStrategy", "replication_factor": "3"}
+RF1 = {"class": "org.apache.cassandra.locator.SimpleStrategy", "replication_factor": "1"}
+
+
+def production(**changes: object) -> Settings:
+    values: dict[str, object] = {"replication_factor": 3}
+    values.update(changes)
+    return Settings.build(values)
+
+
+def cluster(brokers: int = 3, nodes: int = 3, replication: dict[str, str] = RF3) -> ClusterView:
+    return ClusterView(brokers, nodes, "streamtasks", replication)
+
+
+def test_the_production_settings_pass_on_three_nodes_without_warnings() -> None:
+    assert check_durability(production(), cluster()) == []
+
+
+def test_the_single_node_defaults_pass_on_a_single_node() -> None:
+    assert check_durability(Settings(), cluster(brokers=1, nodes=1, replication=RF1)) == []
+
+
+@pytest.mark.parametrize("acks", ["1", "0", "leader"])
+def test_acks_below_all_in_the_broker_url_is_refused(acks: str) -> None:
+    settings = production(broker=f"kafka://127.0.0.1:9092?acks={acks}")
+    with pytest.raises(ConfigError, match=f"broker URL option acks={acks}"):
+        check_durability(settings, ClusterView())  # refused whatever the cluster
+
+
+def test_acks_all_in_the_broker_url_is_accepted() -> None:
+    settings = production(broker="kafka://127.0.0.1:9092?acks=all&linger.ms=5")
+    assert check_durability(settings, cluster()) == []
+
+
+def test_idempotence_turned_off_in_the_broker_url_is_refused() -> None:
+    settings = production(broker="kafka://127.0.0.1:9092?enable.idempotence=false")
+    with pytest.raises(ConfigError, match=r"enable\.idempotence=false"):
+        check_durability(settings, cluster())
+
+
+def test_topics_with_one_replica_on_several_brokers_are_refused() -> None:
+    with pytest.raises(ConfigError, match=r"setting replication_factor is 1 on a Kafka "
+                                          r"cluster of 3 brokers.*replication_factor=3"):
+        check_durability(Settings(), cluster(replication=RF3))
+
+
+def test_two_replicas_on_three_brokers_and_a_min_insync_of_one_are_warned_about() -> None:
+    warnings = check_durability(production(replication_factor=2), cluster())
+    assert len(warnings) == 2
+    assert "replication_factor=2 on 3 brokers" in warnings[0]
+    assert "min_insync_replicas=1 with replication_factor=2" in warnings[1]
+    warnings = check_durability(production(min_insync_replicas=1), cluster())
+    assert ["min_insync_replicas=1 with replication_factor=3" in w for w in warnings] == [True]
+
+
+def test_more_replicas_than_live_brokers_is_a_warning_not_a_refusal() -> None:
+    # one broker of three is down while a worker starts: it must start
+    warnings = check_durability(production(), cluster(brokers=2))
+    assert len(warnings) == 1 and "2 broker(s) are up" in warnings[0]
+
+
+def test_a_keyspace_with_one_replica_on_several_nodes_is_refused() -> None:
+    with pytest.raises(ConfigError, match="keyspace streamtasks keeps one replica on a "
+                                          "Cassandra cluster of 3 nodes"):
+        check_durability(production(), cluster(replication=RF1))
+
+
+def test_consistency_one_for_joins_is_refused_on_a_replicated_keyspace() -> None:
+    with pytest.raises(ConfigError, match="consistency ONE"):
+        check_durability(production(consistency="ONE"), cluster())
+
+
+def test_an_unseen_cluster_is_not_checked() -> None:
+    assert check_durability(Settings(), ClusterView()) == []
+
+
+def test_a_worker_refuses_to_start_with_one_replica_on_a_cluster(
+    app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(app.broker, "cluster_size", lambda: 3)
+    worker = Worker(app, ["default"])
+    with pytest.raises(ConfigError, match="setting replication_factor is 1"):
+        worker.start()
+
+
+def test_a_worker_starts_when_the_cluster_cannot_be_seen_now(
+    app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def down() -> int:
+        raise BrokerError("no Kafka broker at 127.0.0.1:1 answered")
+
+    monkeypatch.setattr(app.broker, "cluster_size", down)
+    worker = Worker(app, ["default"])
+    try:
+        worker.start()
+        assert all(rt.started for rt in worker.runtimes)
+    finally:
+        worker.close()
