@@ -11,11 +11,12 @@ starts; a cluster that cannot be seen then is not checked (it may be down for a 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import structlog
 
+from streamtasks.backend.base import Replication
 from streamtasks.errors import ConfigError, StreamTasksError
 from streamtasks.settings import Settings, parse_url
 from streamtasks.topology import min_insync_replicas
@@ -36,15 +37,11 @@ class ClusterView:
 
     Attributes:
         brokers: Kafka brokers in the cluster metadata (live ones).
-        cassandra_nodes: Cassandra nodes the driver knows (up or down).
-        keyspace: the result keyspace, named in messages.
-        keyspace_replication: its replication map, as in ``system_schema.keyspaces``.
+        store: how the result store replicates (nodes, keyspace, replication, levels).
     """
 
     brokers: int | None = None
-    cassandra_nodes: int | None = None
-    keyspace: str = ""
-    keyspace_replication: dict[str, str] | None = field(default=None)
+    store: Replication | None = None
 
 
 def check_durability(settings: Settings, view: ClusterView) -> list[str]:
@@ -67,8 +64,8 @@ def check_durability(settings: Settings, view: ClusterView) -> list[str]:
     warnings = _check_producer(settings)
     if view.brokers is not None:
         warnings += _check_topics(settings, view.brokers)
-    if view.cassandra_nodes is not None and view.keyspace_replication is not None:
-        warnings += _check_keyspace(settings, view)
+    if view.store is not None:
+        warnings += _check_keyspace(view.store)
     return warnings
 
 
@@ -119,24 +116,21 @@ def _check_topics(settings: Settings, brokers: int) -> list[str]:
     return warnings
 
 
-def _check_keyspace(settings: Settings, view: ClusterView) -> list[str]:
-    from streamtasks.backend.cassandra.connection import CassandraOptions
+def _check_keyspace(store: Replication) -> list[str]:
     from streamtasks.backend.cassandra.consistency import check_group_consistency, replicas
 
-    assert view.cassandra_nodes is not None and view.keyspace_replication is not None
-    total = sum(replicas(view.keyspace_replication).values())
-    if view.cassandra_nodes > 1 and total == 1:
+    total = sum(replicas(store.replication).values())
+    if store.nodes > 1 and total == 1:
         raise ConfigError(
-            f"keyspace {view.keyspace} keeps one replica on a Cassandra cluster of "
-            f"{view.cassandra_nodes} nodes: results and chord joins are lost or stuck with "
+            f"keyspace {store.keyspace} keeps one replica on a Cassandra cluster of "
+            f"{store.nodes} nodes: results and chord joins are lost or stuck with "
             f"the node that holds them; replicate it {PRODUCTION_REPLICAS} times (ALTER "
             "KEYSPACE, or backend URL option replication_factor=3 for `streamtasks migrate`"
             " on a new keyspace)"
         )
-    options = CassandraOptions.from_url(settings.backend, settings)
     # ONE and the like: a member's join may miss another's write, so the chord never fires
-    return check_group_consistency(options.consistency, options.serial_consistency,
-                                   view.keyspace_replication, view.keyspace)
+    return check_group_consistency(store.consistency, store.serial_consistency,
+                                   store.replication, store.keyspace)
 
 
 def observe(broker: Broker, backend: ResultBackend) -> ClusterView:
@@ -144,11 +138,7 @@ def observe(broker: Broker, backend: ResultBackend) -> ClusterView:
 
     A cluster that cannot be reached now is left unknown (None).
     """
-    replication = backend.replication()
-    if replication is None:
-        return ClusterView(broker.cluster_size())
-    nodes, keyspace, keyspace_replication = replication
-    return ClusterView(broker.cluster_size(), nodes, keyspace, keyspace_replication)
+    return ClusterView(broker.cluster_size(), backend.replication())
 
 
 def check_worker_start(settings: Settings, broker: Broker, backend: ResultBackend) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from streamtasks import App, Settings
+from streamtasks.backend.base import Replication
 from streamtasks.durability import ClusterView, check_durability
 from streamtasks.errors import BrokerError, ConfigError
 from streamtasks.worker.consumer import Worker
@@ -19,8 +20,10 @@ def production(**changes: object) -> Settings:
     return Settings.build(values)
 
 
-def cluster(brokers: int = 3, nodes: int = 3, replication: dict[str, str] = RF3) -> ClusterView:
-    return ClusterView(brokers, nodes, "streamtasks", replication)
+def cluster(brokers: int = 3, nodes: int = 3, replication: dict[str, str] = RF3,
+            consistency: str = "LOCAL_QUORUM") -> ClusterView:
+    return ClusterView(brokers, Replication(nodes, "streamtasks", replication, consistency,
+                                            "LOCAL_SERIAL"))
 
 
 def test_the_production_settings_pass_on_three_nodes_without_warnings() -> None:
@@ -78,7 +81,7 @@ def test_a_keyspace_with_one_replica_on_several_nodes_is_refused() -> None:
 
 def test_consistency_one_for_joins_is_refused_on_a_replicated_keyspace() -> None:
     with pytest.raises(ConfigError, match="consistency ONE"):
-        check_durability(production(consistency="ONE"), cluster())
+        check_durability(production(), cluster(consistency="ONE"))
 
 
 def test_an_unseen_cluster_is_not_checked() -> None:

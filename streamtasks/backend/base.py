@@ -143,6 +143,25 @@ def with_progress(meta: TaskMeta) -> TaskMeta:
     return meta
 
 
+@dataclass(frozen=True, slots=True)
+class Replication:
+    """How a replicated result store keeps its rows (for the durability checks).
+
+    Attributes:
+        nodes: nodes of the store's cluster (up or down).
+        keyspace: where the rows are.
+        replication: its replication map (Cassandra's ``system_schema`` form).
+        consistency: the level of reads and writes.
+        serial_consistency: the level of lightweight transactions (chord claims).
+    """
+
+    nodes: int
+    keyspace: str
+    replication: dict[str, str]
+    consistency: str
+    serial_consistency: str
+
+
 class ResultBackend(ABC):
     """Stores task rows and reads them back.
 
@@ -343,8 +362,8 @@ class ResultBackend(ABC):
         """
         return []
 
-    def replication(self) -> tuple[int, str, dict[str, str]] | None:
-        """Return ``(nodes, keyspace, replication map)`` of a replicated store, else None.
+    def replication(self) -> Replication | None:
+        """Return how a replicated store keeps its rows, else None.
 
         Used by the durability checks (:mod:`streamtasks.durability`).
 

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any
 
-from streamtasks.backend.base import GroupClaim, ResultBackend, TaskMeta
+from streamtasks.backend.base import GroupClaim, Replication, ResultBackend, TaskMeta
 from streamtasks.backend.cassandra.connection import CassandraOptions, Connection
 from streamtasks.backend.cassandra.consistency import (
     SERIAL_LEVELS,
@@ -216,8 +216,8 @@ class CassandraBackend(ResultBackend):
         """Return the migrations not yet applied (:meth:`Migrator.pending_migrations`)."""
         return self._migrator.pending_migrations()
 
-    def replication(self) -> tuple[int, str, dict[str, str]] | None:
-        """Return the nodes the driver knows, the keyspace and its replication map.
+    def replication(self) -> Replication | None:
+        """Return the nodes the driver knows, the keyspace, its replication and levels.
 
         None when the keyspace does not exist yet.
 
@@ -230,7 +230,9 @@ class CassandraBackend(ResultBackend):
         if row is None:
             return None
         nodes = len(self._conn.session().cluster.metadata.all_hosts())
-        return nodes, self.options.keyspace, dict(row["replication"])
+        opts = self.options
+        return Replication(nodes, opts.keyspace, dict(row["replication"]), opts.consistency,
+                           opts.serial_consistency)
 
     def applied_migrations(self) -> list[str]:
         """Return the names of the applied migrations (:meth:`Migrator.applied_migrations`)."""
