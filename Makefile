@@ -61,7 +61,7 @@ test-cluster: install
 	$(PYTEST) cluster -q -rs
 
 lint: install
-	$(PYTHON) -m ruff check streamtasks tests integration examples bench
+	$(PYTHON) -m ruff check streamtasks tests integration cluster examples bench
 	$(PYTHON) -m mypy --strict streamtasks
 
 demo: up

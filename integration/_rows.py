@@ -13,7 +13,8 @@ from integration._services import cassandra_backend
 
 
 class Rows:
-    def __init__(self) -> None:
+    def __init__(self, consistency: int | None = None) -> None:
+        """Read at ``consistency`` (a driver ConsistencyLevel; default the driver's)."""
         b = cassandra_backend()
         self.keyspace = b.keyspace
         self.cluster = Cluster([b.host], port=b.port, connect_timeout=10)
@@ -21,6 +22,8 @@ class Rows:
         self.select = self.session.prepare(
             f"SELECT task_id, state FROM {self.keyspace}.tasks WHERE task_id = ?"
         )
+        if consistency is not None:
+            self.select.consistency_level = consistency
 
     def states(self, ids: Sequence[str]) -> dict[str, str]:
         results = execute_concurrent_with_args(

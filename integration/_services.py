@@ -44,9 +44,11 @@ def kafka_bootstrap() -> str:
 
 
 def cassandra_backend() -> Backend:
+    """The first host of the backend URL (the driver finds the others) and its keyspace."""
     parts = urlsplit(backend_url())
+    first = urlsplit(f"//{parts.netloc.split(',')[0]}")
     keyspace = parts.path.strip("/") or "streamtasks"
-    return Backend(parts.hostname or "127.0.0.1", parts.port or 9042, keyspace)
+    return Backend(first.hostname or "127.0.0.1", first.port or 9042, keyspace)
 
 
 def _is_local(hostports: list[tuple[str, int]], local_port: int) -> bool:
