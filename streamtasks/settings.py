@@ -82,9 +82,9 @@ class Settings(BaseSettings):
         backend_max_in_flight: concurrent Cassandra writes per process.
         track_started: write STARTED as soon as any task starts (one more write per
             task; per task: ``@app.task(track_started=True)``).
-        track_started_after_ms: a task still running (or waiting to run) this long after
-            its record was taken gets one RECEIVED or STARTED write; shorter tasks cost
-            none (0: never).
+        track_started_after_ms: a task still running this long after it started gets one
+            STARTED write (one waiting this long behind its key: RECEIVED); shorter tasks
+            cost none (0: never).
         track_pending: write PENDING when a task is sent (one more write per send).
         log_format: ``json``, ``console``, or ``auto`` (JSON when stdout is not a terminal).
         log_level: ``debug``, ``info``, ``warning``, ``error``, ``critical``.

@@ -82,7 +82,7 @@ def test_a_task_waiting_behind_a_long_one_reads_received(app: App) -> None:
     worker, thread = _running_worker(app)
     try:
         assert _until(lambda: second.state == states.RECEIVED), second.state
-        assert first.state == states.STARTED
+        assert _until(lambda: first.state == states.STARTED), first.state
         go.set()
         assert second.get(timeout=10) == 2
     finally:
@@ -103,6 +103,31 @@ def test_short_tasks_write_no_progress(app: App) -> None:
     assert [r.get(timeout=1) for r in results] == list(range(20))
     assert backend.store_calls == 20  # one row per task, nothing more
     assert all(not (r.meta() or _no_meta()).extra for r in results)
+
+
+def test_a_backlog_waiting_for_a_thread_writes_no_received(app: App) -> None:
+    # Given one thread busy with a task longer than the threshold, and a backlog behind it
+    @app.task(name="slow")
+    def slow() -> None:
+        time.sleep(0.2)
+
+    @app.task(name="quick")
+    def quick(n: int) -> int:
+        return n
+
+    slow.delay()
+    backlog = [quick.delay(n) for n in range(10)]
+    app.flush()
+    worker = app.worker(concurrency=1)
+    try:
+        worker.run_until_idle(10)
+    finally:
+        worker.close()
+    # Then the slow one got STARTED (one write more), the waiting ones nothing
+    backend = app.backend
+    assert isinstance(backend, MemoryBackend)
+    assert [r.get(timeout=1) for r in backlog] == list(range(10))
+    assert backend.store_calls == 11 + 1
 
 
 def _no_meta() -> object:
@@ -172,6 +197,7 @@ def test_the_threshold_firing_as_the_task_ends_leaves_the_final_row() -> None:
     assert (backend.fetch("t1") or TaskMeta("t1", "")).state == states.SUCCESS
     run2 = writer.track(TaskMessage(id="t2", name="n", queue="q"), False)
     assert run2 is not None
+    writer.started(run2)
     run2.finished = True
     time.sleep(0.002)
     calls = backend.store_calls

@@ -385,12 +385,12 @@ class Worker:
             self._dead_letter(record, lease, runtime.group_id, msg, err)
             return
         job = _Job(record, lease, runtime.group_id, msg, task, args, kwargs)
-        # from now on: RECEIVED if it waits long (behind its key, or for a thread)
         job.progress = self.progress.track(msg, task.options.track_started, lease.current)
         slot = job.slot
         if slot is not None:
             if slot in self._waiting:
                 self._waiting[slot].append(job)
+                self.progress.waiting(job.progress)  # RECEIVED if it waits long
                 return
             self._waiting[slot] = deque()
         self._submit(job)

@@ -1,11 +1,12 @@
 """RECEIVED and STARTED rows for tasks that run long, at no cost for short ones.
 
-A run is tracked from when the worker takes its record. A run still going after
-``track_started_after_ms`` gets one progress write: STARTED if it is running, else
-RECEIVED (and, if it is still going one threshold later and has started by then,
-STARTED). A task registered with ``track_started=True`` (or every task, with the
+A run still going ``track_started_after_ms`` after it started gets one STARTED write; a
+record waiting that long behind its key (an ``ordered`` task, after a long one) gets one
+RECEIVED write. A task registered with ``track_started=True`` (or every task, with the
 ``track_started`` setting) gets STARTED as soon as it starts. A short task ends before
-its threshold and costs no write: only a deque entry.
+its threshold and costs no write: one deque entry. Records that merely wait for a free
+thread (a backlog) get no RECEIVED: under load that would double the writes exactly when
+the store is busiest.
 
 Progress goes apart from the row's state (:meth:`ResultBackend.mark_progress`), so a
 write that lands late, after the final row (the threshold passing just as the task ends,
@@ -74,19 +75,24 @@ class ProgressWriter:
         at_once = task_tracks_started or self.track_started
         if not at_once and self.after_s <= 0:
             return None
-        run = RunProgress(msg, at_once, alive)
-        if not at_once:
-            # deadlines rise with insertion order: the deque stays sorted
+        return RunProgress(msg, at_once, alive)
+
+    def waiting(self, run: RunProgress | None) -> None:
+        """The record waits behind its key: RECEIVED if it still waits after the threshold."""
+        if run is not None and not run.at_once:
             self._due.append((time.monotonic() + self.after_s, run))
-        return run
 
     def started(self, run: RunProgress | None) -> None:
-        """The run starts (in the thread that runs it)."""
+        """The run starts (in the thread that runs it): STARTED now or after the threshold."""
         if run is None:
             return
         run.started = True
         if run.at_once:
             self._write(run, states.STARTED)
+        else:
+            # appended from the running threads; deadlines rise with the order of appends
+            # (to within a thread switch), so the deque stays sorted for write_due
+            self._due.append((time.monotonic() + self.after_s, run))
 
     def write_due(self) -> None:
         """Write progress of the runs whose threshold passed (the worker's loop thread)."""
@@ -96,16 +102,12 @@ class ProgressWriter:
         now = time.monotonic()
         while due and due[0][0] <= now:
             _, run = due.popleft()
-            if run.finished or not run.alive():
+            if run.finished or not run.alive() or run.written == states.STARTED:
                 continue
             if run.started:
-                if run.written != states.STARTED:
-                    self._write(run, states.STARTED)
+                self._write(run, states.STARTED)
             elif run.written is None:
                 self._write(run, states.RECEIVED)
-                due.append((now + self.after_s, run))  # STARTED once it runs
-            else:
-                due.append((now + self.after_s, run))
 
     def _write(self, run: RunProgress, state: str) -> None:
         run.written = state
