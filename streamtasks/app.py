@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import atexit
+import inspect
 import threading
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, TypeVar, overload
@@ -20,6 +21,7 @@ from streamtasks.backend.base import ResultBackend
 from streamtasks.broker.base import Broker, TopicSpec
 from streamtasks.codec import AvroCodec, Codec, check_arguments, to_json_text
 from streamtasks.context import child_task_id, link_to_parent
+from streamtasks.control import REVOKE_EXPIRES_S
 from streamtasks.delays import next_hop
 from streamtasks.errors import (
     ConfigError,
@@ -31,8 +33,10 @@ from streamtasks.errors import (
 from streamtasks.headers import task_headers
 from streamtasks.logs import ensure_configured
 from streamtasks.message import TaskMessage, now_ms
+from streamtasks.ratelimit import parse_rate
 from streamtasks.result import AsyncResult, GroupResult
 from streamtasks.retry import RetryPolicy, call_options
+from streamtasks.schedules import Schedule, every_seconds
 from streamtasks.settings import Settings
 from streamtasks.signature import freeze_callbacks
 from streamtasks.task import (
@@ -46,6 +50,7 @@ from streamtasks.task import (
     take_aliases,
 )
 from streamtasks.timeutil import epoch_ms
+from streamtasks.worker.procpool import check_pool
 
 if TYPE_CHECKING:
     from streamtasks.signature import Canvas
@@ -109,6 +114,8 @@ class App:
         self.tasks: dict[str, Task[Any, Any]] = {}
         #: App-wide error handlers (:meth:`on_failure`), called in registration order.
         self.failure_handlers: list[ErrorHook] = []
+        #: Periodic tasks by schedule name (:meth:`periodic`).
+        self.schedules: dict[str, Schedule] = {}
         self._broker = broker if isinstance(broker, Broker) else None
         self._backend = backend if isinstance(backend, ResultBackend) else None
         self._lock = threading.Lock()
@@ -180,6 +187,11 @@ class App:
         on_failure: ErrorHook | None = None,
         on_retry: ErrorHook | None = None,
         on_success: SuccessHook | None = None,
+        time_limit: float | None = None,
+        soft_time_limit: float | None = None,
+        pool: str = "thread",
+        rate_limit: str | float | None = None,
+        group_rate_limit: str | float | None = None,
     ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
     @overload
@@ -223,6 +235,11 @@ class App:
         on_failure: ErrorHook | None = None,
         on_retry: ErrorHook | None = None,
         on_success: SuccessHook | None = None,
+        time_limit: float | None = None,
+        soft_time_limit: float | None = None,
+        pool: str = "thread",
+        rate_limit: str | float | None = None,
+        group_rate_limit: str | float | None = None,
     ) -> Task[P, R] | Callable[[Callable[..., R]], Task[P, R]]:
         """Register a function as a task (usable bare or with options).
 
@@ -231,7 +248,7 @@ class App:
             name: the name workers know it by (default ``module.function``).
             queue: its default queue (default: the app's ``default_queue``).
             ordered: run records sharing a key one after another, in order.
-            time_limit_s: cancel an ``async def`` task after this many seconds.
+            time_limit_s: the older spelling of ``time_limit``.
             max_retries: retries after a failure (0: a failure is final).
             backoff: ``fixed``, ``exponential`` (full jitter) or ``fibonacci``.
             backoff_s: the base delay between attempts.
@@ -244,12 +261,27 @@ class App:
             on_failure: ``hook(request, exc, traceback)`` after the task failed for good.
             on_retry: ``hook(request, exc, traceback)`` when a retry is scheduled.
             on_success: ``hook(request, result)`` after the task succeeded.
+            time_limit: seconds after which an ``async def`` task is cancelled and a
+                ``pool="process"`` task's process is killed (the run ends FAILURE with
+                ``TimeLimitExceeded``, or is retried by the policy).
+            soft_time_limit: seconds after which ``SoftTimeLimitExceeded`` is raised
+                inside a ``pool="process"`` task (it may catch it and clean up).
+            pool: ``"thread"`` (default) or ``"process"``: a sync task runs in a child
+                process of the worker, which a time limit or a revoke can kill.
+            rate_limit: at most this many runs started per worker process: ``"100/s"``,
+                ``"10/m"``, ``"5/h"`` or a number per second (Celery's ``rate_limit``).
+            group_rate_limit: the same for the queue's whole consumer group: divided
+                among its current members (``docs/control.md``).
 
         Raises:
-            ConfigError: another task is registered under the same name, or a bad
-                retry policy.
+            ConfigError: another task is registered under the same name, a bad
+                retry policy, rate, pool or time limit.
         """
         policy = RetryPolicy(max_retries, backoff, backoff_s, backoff_max_s, retry_on)
+        if time_limit is not None and time_limit_s is not None:
+            raise ConfigError("give time_limit or time_limit_s, not both")
+        limit_s = time_limit if time_limit is not None else time_limit_s
+        rates = (parse_rate(rate_limit), parse_rate(group_rate_limit, "group_rate_limit"))
 
         hooks = TaskHooks(on_failure, on_retry, on_success)
 
@@ -257,14 +289,20 @@ class App:
             task_name = name or f"{func.__module__}.{func.__qualname__}"
             if task_name in self.tasks and self.tasks[task_name].__wrapped__ is not func:
                 raise ConfigError(f"a task named {task_name!r} is already registered")
+            check_pool(pool, inspect.iscoroutinefunction(func), limit_s, soft_time_limit,
+                       f"task {task_name}", bind)
             options = TaskOptions(
                 queue=queue or self.settings.default_queue,
                 ordered=ordered,
-                time_limit_s=time_limit_s,
+                time_limit_s=limit_s,
                 retry=policy,
                 bind=bind,
                 track_started=track_started,
                 hooks=hooks,
+                soft_time_limit_s=soft_time_limit,
+                pool=pool,
+                rate_limit=rates[0],
+                group_rate_limit=rates[1],
             )
             registered: Task[P, R] = Task(self, func, task_name, options)
             self.tasks[task_name] = registered
@@ -281,6 +319,55 @@ class App:
         """
         self.failure_handlers.append(handler)
         return handler
+
+    def periodic(
+        self,
+        cron: str | None = None,
+        *,
+        tz: str = "UTC",
+        every: timedelta | float | None = None,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        name: str | None = None,
+        queue: str | None = None,
+        catch_up: str = "latest",
+    ) -> Callable[[Callable[P, R]], Task[P, R]]:
+        """Run a task periodically: on a cron expression in a time zone, or every period.
+
+        Decorates a function (registered as a task with default options) or a
+        :class:`Task`. Any worker fires it (each due time once, see
+        ``docs/control.md``); ``streamtasks beat`` runs a scheduler alone.
+
+        Args:
+            cron: a five-field cron expression, e.g. ``"*/5 * * * *"``.
+            tz: the IANA time zone ``cron`` is read in (default UTC).
+            every: the period (a timedelta or seconds), instead of ``cron``.
+            args: positional arguments of every firing.
+            kwargs: keyword arguments of every firing.
+            name: the schedule's name (default: the task's name).
+            queue: the queue (default: the task's).
+            catch_up: after downtime, ``latest`` (default: the newest missed due time
+                fires), ``all`` or ``none``.
+
+        Raises:
+            ConfigError: a bad expression, time zone, period or policy, or a schedule of
+                that name already exists.
+        """
+
+        def register(fn: Callable[P, R]) -> Task[P, R]:
+            task = fn if isinstance(fn, Task) else self.task(fn)
+            schedule = Schedule(
+                name=name or task.name, task=task.name, queue=queue or task.options.queue,
+                cron=cron, tz=tz, every_s=every_seconds(every), args=tuple(args),
+                kwargs=dict(kwargs or {}), catch_up=catch_up,
+            )
+            if schedule.name in self.schedules and self.schedules[schedule.name] != schedule:
+                raise ConfigError(f"a schedule named {schedule.name!r} is already declared")
+            check_arguments(task.fn, list(schedule.args), dict(schedule.kwargs))
+            self.schedules[schedule.name] = schedule
+            return task
+
+        return register
 
     # -- sending -----------------------------------------------------------------
 
@@ -551,6 +638,29 @@ class App:
             BackendError: the backend failed the read.
         """
         return GroupResult.restore(group_id, self)
+
+    def revoke(self, task_ids: str | Sequence[str], *, terminate: bool = False,
+               expires_s: float = REVOKE_EXPIRES_S) -> None:
+        """Revoke tasks: any not yet started ends REVOKED without running.
+
+        Every worker learns of it within about a second (``docs/control.md``). Revoking
+        a workflow's id (a chain's, a group's) revokes its parts not yet run.
+
+        Args:
+            task_ids: one id or several.
+            terminate: also stop them while running: an ``async def`` task is cancelled,
+                a task in a child process (``pool="process"``) is killed.
+            expires_s: how long the revoke is kept (default 3 hours).
+
+        Raises:
+            ConfigError: no id, or ``expires_s`` not positive.
+            BackendError: the backend did not record the revoke.
+            SendError: Kafka did not confirm the broadcast.
+        """
+        from streamtasks.control import revoke
+
+        revoke(self, [task_ids] if isinstance(task_ids, str) else task_ids, terminate,
+               expires_s)
 
     def get_task(self, name: str) -> Task[Any, Any]:
         """Return a registered task.

@@ -23,6 +23,7 @@ from streamtasks.codec import to_json_text
 from streamtasks.errors import ConfigError, ResultTimeout, StreamTasksError
 from streamtasks.logs import configure_logging
 from streamtasks.settings import ENV_PREFIX, LOG_LEVELS
+from streamtasks.ops.control import add_control_commands
 from streamtasks.timeutil import parse_time_ms
 
 if TYPE_CHECKING:
@@ -92,6 +93,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--processes", type=_positive_int, default=1,
                    help="worker processes, each a member of the queues' groups, supervised "
                    "(default 1; process i serves metrics on PORT + i)")
+    p.add_argument("--no-beat", action="store_true",
+                   help="do not fire the app's periodic tasks from this worker")
     _add_metrics_flags(p)
     p.set_defaults(handler=_cmd_worker)
 
@@ -160,6 +163,7 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_cmd_purge)
 
     _add_ops_commands(sub, common)
+    add_control_commands(sub, common, _app, _positive_float)
     return parser
 
 
@@ -388,7 +392,7 @@ def _cmd_worker(ns: argparse.Namespace) -> int:
     port = _metrics_port(ns, app)
     metrics = WorkerMetrics() if port else None
     worker = app.worker(queues, concurrency=ns.concurrency, max_in_flight=ns.max_in_flight,
-                        name=ns.name, observer=metrics)
+                        name=ns.name, observer=metrics, beat=not ns.no_beat)
     server = serve_worker(worker, metrics, port, ns.metrics_host) if metrics else None
     # What start-up built (modules, the app, the drivers' metadata) lives as long as the
     # process: moved out of the collector's way, full collections stay short.

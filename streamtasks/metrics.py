@@ -106,6 +106,15 @@ class WorkerMetrics:
             "streamtasks_forward_lateness_seconds", "How long after its due time a delayed "
             "record was forwarded.", ["queue", "tier"], buckets=_LATENESS_BUCKETS,
             registry=reg)
+        self.schedules_fired = Counter(
+            "streamtasks_schedules_fired", "Due times of periodic tasks whose task this "
+            "process sent (it won the due time's claim).", ["schedule"], registry=reg)
+        self.revoked_tasks = Counter(
+            "streamtasks_revoked", "Revoked tasks that ended REVOKED here (not run, or "
+            "terminated).", ["queue", "name"], registry=reg)
+        self.rate_limited_tasks = Counter(
+            "streamtasks_rate_limited", "Tasks that waited for their rate limit before "
+            "starting.", ["queue", "name"], registry=reg)
 
     # -- WorkerObserver ----------------------------------------------------------------
 
@@ -138,6 +147,18 @@ class WorkerMetrics:
     def loop_turned(self, loop: str) -> None:
         """Remember when ``loop`` last turned (one dict store: called every loop turn)."""
         self._turns[loop] = self.clock()
+
+    def schedule_fired(self, schedule: str) -> None:
+        """Count a due time fired by this process."""
+        self.schedules_fired.labels(schedule).inc()
+
+    def revoked(self, queue: str, name: str) -> None:
+        """Count a revoked task honoured here."""
+        self.revoked_tasks.labels(queue, name).inc()
+
+    def rate_limited(self, queue: str, name: str) -> None:
+        """Count a task held back by its rate limit."""
+        self.rate_limited_tasks.labels(queue, name).inc()
 
     # -- read by health checks and the collector ------------------------------------------
 

@@ -113,6 +113,10 @@ class AsyncResult(Generic[R]):
         """Whether the task ended in FAILURE."""
         return self.state == states.FAILURE
 
+    def revoke(self, terminate: bool = False) -> None:
+        """Revoke the task (and, for a workflow's id, its parts); see :meth:`App.revoke`."""
+        self.app.revoke(self.id, terminate=terminate)
+
     def get(self, timeout: float | None = None, propagate: bool = True) -> R:
         """Wait for the task to finish and return its result.
 
@@ -174,6 +178,10 @@ class ChainResult:
     def ready(self) -> bool:
         """Whether the last step reached a final state."""
         return self.last.ready()
+
+    def revoke(self, terminate: bool = False) -> None:
+        """Revoke the chain: its steps not yet run end REVOKED (the chain stops)."""
+        self.last.revoke(terminate=terminate)
 
     def get(self, timeout: float | None = None, propagate: bool = True) -> Any:
         """Wait for the last step and return its result (see :meth:`AsyncResult.get`).
@@ -258,6 +266,10 @@ class GroupResult:
     def ready(self) -> bool:
         """Whether every member reached a final state."""
         return all(row is not None and row.ready for row in self._rows())
+
+    def revoke(self, terminate: bool = False) -> None:
+        """Revoke the group: its members (and their parts) not yet run end REVOKED."""
+        self.app.revoke(self.id, terminate=terminate)
 
     def successful(self) -> bool:
         """Whether every member succeeded."""

@@ -47,8 +47,9 @@ REFUSED_OPTIONS = {
                     "for it",
     "ignore_result": "every task's outcome is written to the result backend",
     "time_limit": "a time limit is set per task, not per call: "
-                  "@app.task(time_limit_s=...)",
-    "soft_time_limit": "there is no soft time limit; use @app.task(time_limit_s=...)",
+                  "@app.task(time_limit=...)",
+    "soft_time_limit": "a soft time limit is set per task, not per call: "
+                       "@app.task(pool='process', soft_time_limit=...)",
     "add_to_parent": "results are not collected into a parent",
     "reply_to": "results go to the result backend, not to a reply queue",
     "delivery_mode": "every task is written to Kafka durably",
@@ -138,12 +139,18 @@ class TaskOptions:
     Attributes:
         queue: the queue it is sent to unless the call names another.
         ordered: records of one key run one after another (in partition order).
-        time_limit_s: an ``async def`` task is cancelled after this many seconds.
+        time_limit_s: an ``async def`` task is cancelled, a ``pool="process"`` task's
+            process killed, after this many seconds (``time_limit``).
         retry: when and how a failure is tried again.
         bind: the function gets the task as its first argument (``self``).
         track_started: a STARTED row is written as soon as a run starts (otherwise only
             for a run still going after ``track_started_after_ms``).
         hooks: functions called after a run (``on_failure``, ``on_retry``, ``on_success``).
+        soft_time_limit_s: a ``pool="process"`` task gets ``SoftTimeLimitExceeded``
+            raised inside after this many seconds.
+        pool: ``thread`` (sync tasks, default) or ``process`` (a child process).
+        rate_limit: runs started per second per worker process (None: no limit).
+        group_rate_limit: runs started per second by the queue's whole group.
     """
 
     queue: str
@@ -153,6 +160,10 @@ class TaskOptions:
     bind: bool = False
     track_started: bool = False
     hooks: TaskHooks = field(default_factory=TaskHooks)
+    soft_time_limit_s: float | None = None
+    pool: str = "thread"
+    rate_limit: float | None = None
+    group_rate_limit: float | None = None
 
 
 class Task(Generic[P, R]):

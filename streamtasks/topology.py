@@ -6,7 +6,9 @@ A queue ``q`` in namespace ``ns`` owns these topics::
     ns.q.delay.{tier}    one per delay tier (kind ``delay``)
     ns.q.dlq             the dead letters (kind ``dlq``)
 
-and these consumer groups, one per queue whatever set of queues a worker serves::
+one control topic per namespace, ``ns._control`` (revokes, compacted; queue names
+beginning with ``_`` are reserved for it), and these consumer groups, one per queue
+whatever set of queues a worker serves::
 
     ns.q                 the workers taking its tasks
     ns.q.delayer         the forwarder of its delay tiers
@@ -149,6 +151,10 @@ class Topology:
         """Return every topic of ``queue``: the task topic, the dead letters, the tiers."""
         return [self.topic(queue), self.dlq_topic(queue), *self.tier_topics(queue)]
 
+    def control_topic(self) -> str:
+        """Return the namespace's control topic (revokes): ``{ns}._control``."""
+        return f"{self.namespace}._control"
+
     # -- consumer groups -------------------------------------------------------------
 
     def group_id(self, queue: str) -> str:
@@ -206,9 +212,10 @@ class Topology:
         """Refuse a queue name that cannot name its topics and groups safely.
 
         A queue name is 1 or more of ``A-Z a-z 0-9 . _ -`` (Kafka's topic characters),
-        does not end in ``.dlq`` or ``.delayer`` nor contain ``.delay.`` (those name
-        another queue's dead letters, forwarder group and tiers), and is short enough that
-        its longest topic fits Kafka's 249 characters.
+        does not begin with ``_`` (the control topic's), does not end in ``.dlq`` or
+        ``.delayer`` nor contain ``.delay.`` (those name another queue's dead letters,
+        forwarder group and tiers), and is short enough that its longest topic fits
+        Kafka's 249 characters.
 
         Raises:
             ConfigError: saying what is wrong with the name.
@@ -220,6 +227,11 @@ class Topology:
             raise ConfigError(
                 f"queue name {queue!r} has characters Kafka refuses in topic names "
                 f"({''.join(bad)!r}); use letters, digits, '.', '_' and '-'"
+            )
+        if queue.startswith("_"):
+            raise ConfigError(
+                f"queue name {queue!r} is reserved: names beginning with '_' name "
+                "streamtasks' own topics (the control topic)"
             )
         if queue.endswith((".dlq", ".delayer")) or ".delay." in queue:
             raise ConfigError(

@@ -51,6 +51,21 @@ class GroupClaim:
         return self.claimer == claimer and self.outcome == outcome
 
 
+@dataclass(frozen=True, slots=True)
+class FireClaim:
+    """The claim of one due time of a schedule (see :mod:`streamtasks.schedules`).
+
+    Attributes:
+        claimer: the scheduler that holds the due time.
+        claimed_ms: when it claimed it (epoch ms).
+        sent: the due time's task is confirmed sent.
+    """
+
+    claimer: str
+    claimed_ms: int
+    sent: bool = False
+
+
 @dataclass(slots=True)
 class TaskMeta:
     """The stored state of one task (one row, keyed by ``task_id``)."""
@@ -349,6 +364,69 @@ class ResultBackend(ABC):
             BackendError: the backend cannot be reached to tell.
 
         """
+
+    # -- schedules and revokes (streamtasks.schedules, streamtasks.control) ------------
+
+    def claim_fire(self, schedule: str, due_ms: int, claimer: str, ttl_s: int) -> FireClaim:
+        """Claim one due time of a schedule, once for all (a lightweight transaction).
+
+        Returns the claim that holds the due time: ``claimer``'s when it won, else the
+        earlier one. Rows expire after ``ttl_s``.
+
+        Raises:
+            BackendError: the claim could not be decided (try again).
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot claim schedule due times")
+
+    def fire_claim(self, schedule: str, due_ms: int) -> FireClaim | None:
+        """Return the claim of a due time, or None (a plain read).
+
+        Raises:
+            BackendError: the read failed.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot read schedule claims")
+
+    def take_over_fire(
+        self, schedule: str, due_ms: int, claimer: str, previous: str, ttl_s: int
+    ) -> bool:
+        """Take a due time over from ``previous`` if it is still unsent; True when taken.
+
+        Raises:
+            BackendError: the claim could not be decided (try again).
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot claim schedule due times")
+
+    def fire_sent(self, schedule: str, due_ms: int, ttl_s: int) -> None:
+        """Mark a claimed due time's task confirmed sent.
+
+        Raises:
+            BackendError: the write failed.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot claim schedule due times")
+
+    def last_fire(self, schedule: str) -> int | None:
+        """Return the newest claimed due time of a schedule (epoch ms), or None.
+
+        Raises:
+            BackendError: the read failed.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot read schedule claims")
+
+    def store_revoked(self, task_ids: Sequence[str], terminate: bool, ttl_s: int) -> None:
+        """Record task ids as revoked for ``ttl_s`` seconds.
+
+        Raises:
+            BackendError: the write failed.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot store revoked ids")
+
+    def revoked(self, task_ids: Sequence[str]) -> dict[str, bool]:
+        """Return which of ``task_ids`` are revoked, each with its ``terminate`` flag.
+
+        Raises:
+            BackendError: the read failed.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot read revoked ids")
 
     def migrate(self) -> list[str]:
         """Create or upgrade the storage schema; return the migrations applied."""

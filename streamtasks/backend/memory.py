@@ -15,6 +15,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from streamtasks.backend.base import (
+    FireClaim,
     GroupClaim,
     ResultBackend,
     TaskMeta,
@@ -93,6 +94,8 @@ class MemoryBackend(ResultBackend):
         self._groups: dict[str, dict[int, Any]] = {}
         self._claims: dict[str, GroupClaim] = {}
         self._saved_groups: dict[str, list[str]] = {}
+        self._fires: dict[tuple[str, int], FireClaim] = {}
+        self._revoked: dict[str, bool] = {}
         self._fail_next = 0
         self._fail_error: BackendError | None = None
         self._stores = 0
@@ -270,6 +273,51 @@ class MemoryBackend(ResultBackend):
         with self._lock:
             return self._claims.get(group_id)
 
+    # -- schedules and revokes (no TTL here) ------------------------------------
+
+    def claim_fire(self, schedule: str, due_ms: int, claimer: str, ttl_s: int) -> FireClaim:
+        """Claim a due time unless claimed; return the claim that holds it."""
+        with self._lock:
+            return self._fires.setdefault((schedule, due_ms), FireClaim(claimer, now_ms()))
+
+    def fire_claim(self, schedule: str, due_ms: int) -> FireClaim | None:
+        """Return the claim of a due time, or None."""
+        with self._lock:
+            return self._fires.get((schedule, due_ms))
+
+    def take_over_fire(
+        self, schedule: str, due_ms: int, claimer: str, previous: str, ttl_s: int
+    ) -> bool:
+        """Take an unsent due time over from ``previous``; True when taken."""
+        with self._lock:
+            claim = self._fires.get((schedule, due_ms))
+            if claim is None or claim.sent or claim.claimer != previous:
+                return False
+            self._fires[(schedule, due_ms)] = FireClaim(claimer, now_ms())
+            return True
+
+    def fire_sent(self, schedule: str, due_ms: int, ttl_s: int) -> None:
+        """Mark a claimed due time sent."""
+        with self._lock:
+            claim = self._fires[(schedule, due_ms)]
+            self._fires[(schedule, due_ms)] = dataclasses.replace(claim, sent=True)
+
+    def last_fire(self, schedule: str) -> int | None:
+        """Return the newest claimed due time of ``schedule``, or None."""
+        with self._lock:
+            return max((due for name, due in self._fires if name == schedule), default=None)
+
+    def store_revoked(self, task_ids: Sequence[str], terminate: bool, ttl_s: int) -> None:
+        """Record ``task_ids`` as revoked."""
+        with self._lock:
+            for task_id in task_ids:
+                self._revoked[task_id] = terminate or self._revoked.get(task_id, False)
+
+    def revoked(self, task_ids: Sequence[str]) -> dict[str, bool]:
+        """Return which of ``task_ids`` are revoked, with their ``terminate`` flags."""
+        with self._lock:
+            return {t: self._revoked[t] for t in task_ids if t in self._revoked}
+
     # -- test hooks --------------------------------------------------------------
 
     def fail_writes(self, n: int, error: BackendError | None = None) -> None:
@@ -300,6 +348,8 @@ class MemoryBackend(ResultBackend):
             self._groups.clear()
             self._claims.clear()
             self._saved_groups.clear()
+            self._fires.clear()
+            self._revoked.clear()
 
     def _injected_failure(self, what: str) -> BackendError | None:
         """Consume one injected failure, if any (call with the lock held)."""

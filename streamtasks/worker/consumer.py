@@ -31,6 +31,7 @@ from streamtasks.backend.base import TaskMeta
 from streamtasks.broker.base import Record, TopicPartition
 from streamtasks.codec import bind_arguments
 from streamtasks.context import Running
+from streamtasks.control import ControlListener, RevokedIds
 from streamtasks.durability import check_worker_start
 from streamtasks.errors import (
     BackendError,
@@ -39,9 +40,12 @@ from streamtasks.errors import (
     MessageError,
     ResultTimeout,
     TaskExpired,
+    TaskRevoked,
 )
 from streamtasks.headers import task_headers
 from streamtasks.message import TaskMessage, now_ms
+from streamtasks.ratelimit import RateGate, rate_gate
+from streamtasks.schedules import Scheduler, SchedulerThread
 from streamtasks.task import Task
 from streamtasks.tracing import record_traceparent
 from streamtasks.worker import hooks
@@ -98,6 +102,8 @@ class _Job:
     running: Running | None = None
     #: RECEIVED / STARTED bookkeeping, or None when nothing is written for it.
     progress: RunProgress | None = None
+    #: Revoked while it waited to start: not run, ends REVOKED.
+    revoked: bool = False
 
     @property
     def slot(self) -> _Slot | None:
@@ -121,6 +127,8 @@ class Worker:
         max_in_flight: records held before partitions are paused.
         name: this worker's name in result rows (default ``host:pid``).
         observer: told about tasks finished, dead letters, commits (metrics).
+        beat: fire the app's periodic tasks from a thread of this worker (each due time
+            is claimed once across all workers, see ``docs/control.md``).
     """
 
     def __init__(
@@ -132,8 +140,10 @@ class Worker:
         max_in_flight: int | None = None,
         name: str | None = None,
         observer: WorkerObserver | None = None,
+        beat: bool = True,
     ) -> None:
         self.app = app
+        self.beat = beat
         self.observer: WorkerObserver = observer or NullObserver()
         self.settings = app.settings
         self.queues = list(dict.fromkeys(queues))
@@ -159,6 +169,10 @@ class Worker:
                                        self.settings.track_started)
         self.executor = Executor(self.concurrency,
                                  inline_max_s=self.settings.inline_max_ms / 1000)
+        #: Task ids revoked (read from the control topic by :attr:`control`).
+        self.revoked = RevokedIds()
+        self.control = ControlListener(app, self.revoked, on_terminate=self.executor.terminate)
+        self.rates: RateGate[_Job] = rate_gate(app, self.queues)
         #: Errors raised by tasks here, newest last (kept for :meth:`App.drain`).
         self.task_errors: list[BaseException] = []
         #: Forwards this worker's delayed records when due (``run_delayer``), or None.
@@ -196,6 +210,8 @@ class Worker:
         check_worker_start(self.app.settings, self.app.broker, self.app.backend)
         for q in self.queues:
             self.app.ensure_queue(q)
+        # revokes made before this worker started are known before its first task
+        self.control.start()
         for rt in self.runtimes:
             rt.start()
         if self.settings.run_delayer and self.delayer is None:
@@ -240,16 +256,26 @@ class Worker:
                 name="streamtasks-delayer", daemon=True,
             )
             forwarder_thread.start()
+        scheduler = self._start_scheduler()
         try:
             while not self._stop.is_set():
                 self._step(self._poll_timeout())
         finally:
+            if scheduler is not None:
+                scheduler.stop()
             forwarder_stop.set()
             self._drain(self.settings.shutdown_grace_s)
             if forwarder_thread is not None:
                 forwarder_thread.join(self.settings.shutdown_grace_s + 5)
             self.close()
         return self.exit_code
+
+    def _start_scheduler(self) -> SchedulerThread | None:
+        if not (self.beat and self.app.schedules):
+            return None
+        thread = SchedulerThread(Scheduler(self.app, self.name, observer=self.observer))
+        thread.start()
+        return thread
 
     def _supervise_forwarder(self, stop: threading.Event) -> None:
         """Run the delay forwarder; restart it after an error, or stop the worker (exit 1).
@@ -313,6 +339,8 @@ class Worker:
             self.delayer.close()  # a no-op when its own run() closed it
         for rt in self.runtimes:
             rt.close()
+        self.control.close()
+        self.rates.close()
         self.executor.shutdown(wait=False)
         self.flows.close()
         self.app.broker.flush(5.0)
@@ -355,6 +383,8 @@ class Worker:
     def _service(self) -> None:
         """Serve delivery reports, due effect steps, outcomes, and ended leases."""
         self.app.broker.poll(0)
+        for job in self.rates.release():
+            self._run(job)
         self.effects.run_due()
         self._carry_out_outcomes()
         self.progress.write_due()
@@ -373,6 +403,10 @@ class Worker:
                 raise DecodeError("record has no value (a tombstone?)")
             msg = self.app.codec.decode_task(record.value)
             task = self.app.get_task(msg.name)
+            if self.revoked.match(msg) is not None:
+                self._record_effects(lease, self._revoked_steps(record, msg),
+                                     f"revoke of {msg.id}")
+                return
             now = now_ms()
             if msg.expires_ms is not None and now > msg.expires_ms:
                 self._expired(record, lease, runtime.group_id, msg)
@@ -401,14 +435,22 @@ class Worker:
         for slot in [s for s in self._waiting if s[0] in gone]:
             for job in self._waiting.pop(slot):
                 job.lease.drop()
+        for job in self.rates.drop(gone):
+            job.lease.drop()
 
     def holds(self) -> set[TopicPartition]:
-        """Partitions whose slow head holds too many records behind it."""
+        """Partitions with a slow head holding too many records, or with rate-limited ones."""
         cap = self.max_in_flight * _SLOW_HEAD_FACTOR
         return {tp for rt in self.runtimes for tp in rt.assigned
-                if rt.tracker.in_flight(tp) > cap}
+                if rt.tracker.in_flight(tp) > cap} | self.rates.held()
 
     def _submit(self, job: _Job) -> None:
+        if not self.rates.admit(job.task.name, job.record.tp, job):
+            self.observer.rate_limited(job.msg.queue, job.msg.name)
+            return
+        self._run(job)
+
+    def _run(self, job: _Job) -> None:
         record, msg = job.record, job.msg
         context = {"task_id": msg.id, "queue": msg.queue, "attempt": msg.attempt,
                    "partition": record.partition, "offset": record.offset,
@@ -438,6 +480,9 @@ class Worker:
         record sent by a member that carried out the chord's decision again).
         """
         if not job.lease.start():
+            return False
+        if self.revoked.match(job.msg) is not None:
+            job.revoked = True
             return False
         if CHORD_BODY in job.msg.options:
             try:
@@ -508,6 +553,12 @@ class Worker:
             log.info("chord body already ran: duplicate record skipped", id=job.msg.id,
                      group=job.msg.options.get(CHORD_BODY))
             self._job_done(job)
+            return
+        if job.revoked or (outcome is not None and outcome.state == states.REVOKED
+                           and job.lease.current()):
+            job.effects_started = time.monotonic()
+            self._effects(job, self._revoked_steps(job.record, job.msg, outcome),
+                          f"revoke of {job.msg.id}")
             return
         if outcome is None or not job.lease.current():
             # Not run (its partition left while it was queued), or it ran but the
@@ -724,13 +775,31 @@ class Worker:
         self._record_effects(lease, [step], f"postponing {msg.id}")
 
     def _expired(self, record: Record, lease: Lease, group_id: str, msg: TaskMessage) -> None:
-        meta = self._meta(msg, Outcome(states.REVOKED, None, None, None, now_ms(), now_ms()))
-        meta.error_type, meta.error_message = "Expired", f"expired at {msg.expires_ms} ms"
         expired = TaskExpired(f"task {msg.id} expired at {msg.expires_ms} ms before it ran")
-        self.observer.task_finished(msg.queue, msg.name, states.REVOKED, 0.0)
-        steps = [store_step(self.app.backend, meta),
-                 *self.flows.after_failure(msg, expired, claimer_of(record))]
+        steps = self._unrun_steps(record, msg, expired, "Expired",
+                                  f"expired at {msg.expires_ms} ms")
         self._record_effects(lease, steps, f"expiry of {msg.id}")
+
+    def _revoked_steps(self, record: Record, msg: TaskMessage,
+                       outcome: Outcome | None = None) -> list[Step]:
+        """A revoked task: REVOKED row; its workflow stops (error callbacks, chord fails)."""
+        self.observer.revoked(msg.queue, msg.name)
+        ran = outcome is not None and outcome.state == states.REVOKED
+        text = "terminated while running" if ran else "revoked before it ran"
+        log.info("task revoked", task=msg.name, id=msg.id, terminated=ran)
+        return self._unrun_steps(record, msg, TaskRevoked(f"task {msg.id} {text}"),
+                                 "Revoked", text, outcome if ran else None)
+
+    def _unrun_steps(self, record: Record, msg: TaskMessage, error: TaskRevoked,
+                     error_type: str, message: str, outcome: Outcome | None = None,
+                     ) -> list[Step]:
+        """REVOKED row (expired or revoked), then what follows a failure of the task."""
+        outcome = outcome or Outcome(states.REVOKED, None, None, None, now_ms(), now_ms())
+        meta = self._meta(msg, dataclasses.replace(outcome, error=None))
+        meta.error_type, meta.error_message = error_type, message
+        self.observer.task_finished(msg.queue, msg.name, states.REVOKED, 0.0)
+        return [store_step(self.app.backend, meta),
+                *self.flows.after_failure(msg, error, claimer_of(record))]
 
     # -- pauses --------------------------------------------------------------------
 

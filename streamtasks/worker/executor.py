@@ -17,8 +17,12 @@ import structlog
 
 from streamtasks import states
 from streamtasks.context import Running, activated
+from streamtasks.errors import TaskRevoked
 from streamtasks.logs import task_context
 from streamtasks.task import Task
+from streamtasks.worker.procpool import ProcessPool, TimeLimitExceeded
+
+__all__ = ["Executor", "Outcome", "TimeLimitExceeded"]
 
 log = structlog.get_logger("streamtasks.worker")
 
@@ -50,17 +54,23 @@ class _Run:
     running: Running | None = None
 
 
-class TimeLimitExceeded(Exception):
-    """The task ran longer than its ``time_limit_s``."""
-
-
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def _failure(err: BaseException, started_ms: int) -> Outcome:
-    trace = "".join(traceback.format_exception(err))
+def _failure(err: BaseException, started_ms: int, trace: str | None = None) -> Outcome:
+    trace = trace or "".join(traceback.format_exception(err))
     return Outcome(states.FAILURE, None, err, trace, started_ms, _now_ms())
+
+
+def _run_id(running: Running | None) -> str:
+    """The task id a run is found by (:meth:`Executor.terminate`)."""
+    return "" if running is None else running.msg.id
+
+
+def _terminated(started_ms: int) -> Outcome:
+    err = TaskRevoked("revoked with terminate=True while running: stopped")
+    return Outcome(states.REVOKED, None, err, None, started_ms, _now_ms())
 
 
 @contextlib.contextmanager
@@ -117,6 +127,9 @@ class Executor:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
         self._semaphore: asyncio.Semaphore | None = None
+        self._processes: ProcessPool | None = None
+        self._running_async: dict[str, asyncio.Task[Any]] = {}
+        self._terminating: set[str] = set()
 
     def new_turn(self) -> None:
         """The caller's loop turned: inline runs get a new budget."""
@@ -142,7 +155,7 @@ class Executor:
         and its record's ``traceparent``, bound while it runs (see
         :func:`streamtasks.logs.task_context`); the outcome carries the run's trace.
         ``running``: the run's request, current while it runs (``self.request``,
-        :func:`streamtasks.current_task`).
+        :func:`streamtasks.current_task`); its task id is what :meth:`terminate` finds.
         """
         if task.is_async:
             future: Future[Outcome | None] = asyncio.run_coroutine_threadsafe(
@@ -152,7 +165,8 @@ class Executor:
             future.add_done_callback(lambda f: _report(f, done))
             return
         run = _Run(task, args, kwargs, start, done, context, running)
-        if inline and self._budget_s > 0 and self._cheap(task.name):
+        in_process = task.options.pool == "process"
+        if inline and not in_process and self._budget_s > 0 and self._cheap(task.name):
             began = time.perf_counter()
             self._execute(run)
             self._budget_s -= time.perf_counter() - began
@@ -177,10 +191,24 @@ class Executor:
                 return
             self._execute(run)
 
+    def terminate(self, run_id: str) -> bool:
+        """Stop the run of task ``run_id`` if it runs now and can be stopped.
+
+        An ``async def`` task is cancelled; a task in a child process has its process
+        killed; either ends REVOKED. A sync task in a thread cannot be stopped (False).
+        """
+        if self._processes is not None and self._processes.terminate(run_id):
+            return True
+        running = self._running_async.get(run_id)
+        if running is None or self._loop is None:
+            return False
+        self._terminating.add(run_id)
+        self._loop.call_soon_threadsafe(running.cancel)
+        return True
+
     def _execute(self, run: _Run) -> None:
         try:
-            outcome = self._run_sync(run.task, run.args, run.kwargs, run.start, run.context,
-                                     run.running)
+            outcome = self._run_sync(run)
             if outcome is not None and self.inline_max_s:
                 self._measure(run.task.name, outcome)
             run.done(outcome)
@@ -193,25 +221,41 @@ class Executor:
         weight = 1 / (runs + 1) if runs < self.INLINE_AFTER_RUNS else 0.1
         self._cost[name] = (runs + 1, average + (took - average) * weight)
 
-    @staticmethod
-    def _run_sync(
-        task: Task[Any, Any], args: list[Any], kwargs: dict[str, Any], start: Callable[[], bool],
-        context: Mapping[str, object] | None = None, running: Running | None = None,
-    ) -> Outcome | None:
-        with _scope(task.name, context, running) as trace:
-            if not start():
+    def _run_sync(self, run: _Run) -> Outcome | None:
+        task = run.task
+        with _scope(task.name, run.context, run.running) as trace:
+            if not run.start():
                 return None
             started_ns = time.perf_counter_ns()
             started = _now_ms()
-            try:
-                result = task.fn(*args, **kwargs)
-            except BaseException as err:
-                outcome = _failure(err, started)
+            if task.options.pool == "process":
+                outcome = self._run_in_process(run, started)
             else:
-                outcome = Outcome(states.SUCCESS, result, None, None, started, _now_ms())
+                try:
+                    result = task.fn(*run.args, **run.kwargs)
+                except BaseException as err:
+                    outcome = _failure(err, started)
+                else:
+                    outcome = Outcome(states.SUCCESS, result, None, None, started, _now_ms())
         outcome.started_ns, outcome.finished_ns = started_ns, time.perf_counter_ns()
         outcome.traceparent = trace[0] if trace else None
         return outcome
+
+    def _run_in_process(self, run: _Run, started: int) -> Outcome:
+        if self._processes is None:
+            self._processes = ProcessPool(self.concurrency)
+        options = run.task.options
+        try:
+            answer = self._processes.run(run.task.fn, run.args, run.kwargs, _run_id(run.running),
+                                         options.time_limit_s, options.soft_time_limit_s)
+        except Exception as err:
+            return _failure(err, started)
+        if answer.terminated:
+            return _terminated(started)
+        if answer.ok:
+            return Outcome(states.SUCCESS, answer.value, None, None, started, _now_ms())
+        assert answer.error is not None
+        return _failure(answer.error, started, answer.traceback)
 
     async def _run_async(
         self, task: Task[Any, Any], args: list[Any], kwargs: dict[str, Any],
@@ -222,8 +266,20 @@ class Executor:
         async with self._semaphore:
             # a coroutine run by run_coroutine_threadsafe is its own asyncio task: what
             # the scope binds stays within this run
-            with _scope(task.name, context, running) as trace:
-                outcome = await self._run_coroutine(task, args, kwargs, start)
+            current = asyncio.current_task()
+            run_id = _run_id(running)
+            trace: list[str] = []
+            if run_id and current is not None:
+                self._running_async[run_id] = current
+            try:
+                with _scope(task.name, context, running) as trace:
+                    outcome = await self._run_coroutine(task, args, kwargs, start)
+            except asyncio.CancelledError as err:
+                terminated = run_id in self._terminating
+                outcome = _terminated(_now_ms()) if terminated else _failure(err, _now_ms())
+            finally:
+                self._running_async.pop(run_id, None)
+                self._terminating.discard(run_id)
             if outcome is not None:
                 outcome.traceparent = trace[0] if trace else None
             return outcome
@@ -249,6 +305,8 @@ class Executor:
                 limited = TimeLimitExceeded(f"{task.name} ran longer than {limit}s")
                 return _failure(limited, started)
             return _failure(err, started)  # the task's own TimeoutError stays itself
+        except asyncio.CancelledError:
+            raise  # a terminate (or the task's own): decided by _run_async
         except BaseException as err:
             return _failure(err, started)
         return Outcome(states.SUCCESS, result, None, None, started, _now_ms())
@@ -287,6 +345,8 @@ class Executor:
             if wait:
                 for thread in self._threads:
                     thread.join()
+        if self._processes is not None:
+            self._processes.shutdown()
         if self._loop is not None:
             loop, self._loop = self._loop, None
             loop.call_soon_threadsafe(loop.stop)

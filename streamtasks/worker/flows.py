@@ -30,7 +30,7 @@ import structlog
 from streamtasks import states
 from streamtasks.backend.base import GROUP_FAILED, GROUP_FIRED, GroupClaim, TaskMeta
 from streamtasks.broker.base import Record
-from streamtasks.errors import BackendError, WorkflowError
+from streamtasks.errors import BackendError, TaskExpired, TaskRevoked, WorkflowError
 from streamtasks.fanin import FanIn
 from streamtasks.message import TaskMessage, now_ms
 from streamtasks.worker.effects import Step, StepDone, send_all_step, store_all_step
@@ -192,8 +192,12 @@ class FollowUps:
             steps = []
         broken = broken_continuation(msg)
         if broken.doomed:
-            text = f"upstream task {msg.id} ({msg.name}) failed: {error_text(error)}"
-            metas = [self._doomed(node, msg, type(error).__name__, text, now)
+            # a revoked workflow's later steps read REVOKED: they were stopped, not failed
+            revoked = isinstance(error, TaskRevoked) and not isinstance(error, TaskExpired)
+            text = (f"upstream task {msg.id} ({msg.name}) "
+                    f"{'was revoked' if revoked else 'failed'}: {error_text(error)}")
+            state = states.REVOKED if revoked else states.FAILURE
+            metas = [self._doomed(node, msg, type(error).__name__, text, now, state)
                      for node in broken.doomed]
             steps.append(store_all_step(self.app.backend, metas))
         if broken.join is not None:
@@ -383,13 +387,14 @@ class FollowUps:
             future.result()
 
     def _doomed(
-        self, node: Node, cause: TaskMessage, error_type: str, text: str, now: int
+        self, node: Node, cause: TaskMessage, error_type: str, text: str, now: int,
+        state: str = states.FAILURE,
     ) -> TaskMeta:
-        """The FAILURE row of a task that will never run because ``cause`` failed."""
+        """The row of a task that will never run because ``cause`` failed (or was revoked)."""
         options = node.get("options") or {}
         return TaskMeta(
             task_id=str(node["id"]),
-            state=states.FAILURE,
+            state=state,
             name=str(node["name"]),
             queue=str(options.get("queue") or self._default_queue),
             error_type=error_type,

@@ -33,6 +33,15 @@ class WorkerObserver(Protocol):
     def loop_turned(self, loop: str) -> None:
         """The ``worker`` or ``forwarder`` loop completed a turn (liveness)."""
 
+    def schedule_fired(self, schedule: str) -> None:
+        """This process's scheduler sent the task of one due time of ``schedule``."""
+
+    def revoked(self, queue: str, name: str) -> None:
+        """A revoked task ended REVOKED here (not run, or terminated while running)."""
+
+    def rate_limited(self, queue: str, name: str) -> None:
+        """A task waited for its rate limit's token before it could start."""
+
 
 class NullObserver:
     """An observer that records nothing (the default)."""
@@ -53,4 +62,13 @@ class NullObserver:
         """Record nothing."""
 
     def loop_turned(self, loop: str) -> None:
+        """Record nothing."""
+
+    def schedule_fired(self, schedule: str) -> None:
+        """Record nothing."""
+
+    def revoked(self, queue: str, name: str) -> None:
+        """Record nothing."""
+
+    def rate_limited(self, queue: str, name: str) -> None:
         """Record nothing."""

@@ -10,6 +10,7 @@ The package, by concern:
 - :mod:`.schema`: the versioned CQL migrations (``schemas/cql``) and applying them;
 - :mod:`.rows`: task rows and the listing by queue, state and time;
 - :mod:`.groups`: group members, shard marks and the chord trigger row;
+- :mod:`.control`: schedule claims and revoked ids;
 - :mod:`.futures`: driver callbacks as futures; :mod:`.errors`: driver errors explained.
 """
 
@@ -19,7 +20,13 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any
 
-from streamtasks.backend.base import GroupClaim, Replication, ResultBackend, TaskMeta
+from streamtasks.backend.base import (
+    FireClaim,
+    GroupClaim,
+    Replication,
+    ResultBackend,
+    TaskMeta,
+)
 from streamtasks.backend.cassandra.connection import CassandraOptions, Connection
 from streamtasks.backend.cassandra.consistency import (
     SERIAL_LEVELS,
@@ -27,6 +34,7 @@ from streamtasks.backend.cassandra.consistency import (
     check_serial_consistency,
     replicas,
 )
+from streamtasks.backend.cassandra.control import ControlStore
 from streamtasks.backend.cassandra.groups import GroupStore, group_ttl_s
 from streamtasks.backend.cassandra.rows import (
     HOUR_MS,
@@ -101,6 +109,7 @@ class CassandraBackend(ResultBackend):
             self._conn, codec, group_ttl_s(ttl_s, int(settings.group_expires_s))
         )
         self._saved_groups = SavedGroups(self._conn, ttl_s)
+        self._control = ControlStore(self._conn)
         self._migrator = Migrator(self._conn)
 
     def __repr__(self) -> str:
@@ -205,6 +214,38 @@ class CassandraBackend(ResultBackend):
     def group_claim(self, group_id: str) -> GroupClaim | None:
         """Return the group's trigger row, or None (:meth:`GroupStore.group_claim`)."""
         return self._groups.group_claim(group_id)
+
+    # -- schedules and revokes (see ControlStore) -----------------------------------------
+
+    def claim_fire(self, schedule: str, due_ms: int, claimer: str, ttl_s: int) -> FireClaim:
+        """Claim a schedule's due time by a lightweight transaction (:class:`ControlStore`)."""
+        return self._control.claim_fire(schedule, due_ms, claimer, ttl_s)
+
+    def fire_claim(self, schedule: str, due_ms: int) -> FireClaim | None:
+        """Return the claim of a due time, or None (:class:`ControlStore`)."""
+        return self._control.fire_claim(schedule, due_ms)
+
+    def take_over_fire(
+        self, schedule: str, due_ms: int, claimer: str, previous: str, ttl_s: int
+    ) -> bool:
+        """Take an unsent due time over (:class:`ControlStore`)."""
+        return self._control.take_over_fire(schedule, due_ms, claimer, previous, ttl_s)
+
+    def fire_sent(self, schedule: str, due_ms: int, ttl_s: int) -> None:
+        """Mark a due time's task sent (:class:`ControlStore`)."""
+        self._control.fire_sent(schedule, due_ms, ttl_s)
+
+    def last_fire(self, schedule: str) -> int | None:
+        """Return a schedule's newest claimed due time (:class:`ControlStore`)."""
+        return self._control.last_fire(schedule)
+
+    def store_revoked(self, task_ids: Sequence[str], terminate: bool, ttl_s: int) -> None:
+        """Record revoked ids with a TTL (:class:`ControlStore`)."""
+        self._control.store_revoked(task_ids, terminate, ttl_s)
+
+    def revoked(self, task_ids: Sequence[str]) -> dict[str, bool]:
+        """Return which ids are revoked (:class:`ControlStore`)."""
+        return self._control.revoked(task_ids)
 
     # -- schema, close -----------------------------------------------------------------
 

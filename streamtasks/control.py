@@ -1,0 +1,253 @@
+"""Revoking tasks: recorded in the result backend, broadcast to every worker.
+
+:func:`revoke` writes each id to the backend (with a TTL, ``revoked_tasks``) and sends
+one record per id to the control topic ``{ns}._control`` (:meth:`Topology.control_topic`,
+compacted: the newest record per id is kept until the revoke expires). Every worker
+reads that topic from its start, in a thread of its own, into a :class:`RevokedIds`:
+it reads the topic to its end before joining the task groups, so a worker never runs a
+task revoked before it started, and learns of later revokes within the poll interval.
+
+A revoked id matches a task whose id, workflow root id or group id is revoked: revoking
+a chain's or a group's result revokes every part not yet run. The worker checks when it
+takes a record in and again just before the task starts; a revoked task ends REVOKED
+without running (a delayed or retried one when it comes back from its delay tier).
+``terminate=True`` also stops it while it runs: an ``async def`` task is cancelled, a task
+running in a child process (``pool="process"``) has its process killed. A sync task in a
+thread cannot be stopped: it runs to its end and its outcome is kept.
+
+The control record's value is a small JSON object (``{"terminate": bool, "expires_ms":
+int}``); nothing else is ever read from it.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING
+
+import structlog
+
+from streamtasks.broker.base import Record, TopicPartition, TopicSpec
+from streamtasks.errors import ConfigError, SendError
+
+if TYPE_CHECKING:
+    from streamtasks.app import App
+    from streamtasks.broker.base import Consumer
+    from streamtasks.message import TaskMessage
+
+log = structlog.get_logger("streamtasks.control")
+
+#: How long a revoke is kept (Celery keeps revokes 3 hours by default, too).
+REVOKE_EXPIRES_S = 3 * 3600
+#: The longest a worker waits at start to read the revokes made before it.
+CATCH_UP_S = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class RevokeNotice:
+    """One revoke as read from the control topic."""
+
+    task_id: str
+    terminate: bool
+    expires_ms: int
+
+
+def encode_notice(terminate: bool, expires_ms: int) -> bytes:
+    """Return the control record value of a revoke."""
+    return json.dumps({"terminate": terminate, "expires_ms": expires_ms}).encode()
+
+
+def decode_notice(record: Record) -> RevokeNotice | None:
+    """Return the revoke a control record carries, or None for anything else."""
+    if record.key is None or record.value is None:
+        return None
+    try:
+        body = json.loads(record.value)
+        return RevokeNotice(record.key.decode(), bool(body["terminate"]),
+                            int(body["expires_ms"]))
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        log.warning("unreadable control record skipped", offset=record.offset)
+        return None
+
+
+def control_topic_spec(app: App) -> TopicSpec:
+    """Return the control topic's spec: one partition, compacted, deleted after expiry."""
+    topology = app.settings.topology
+    config = {
+        **topology.topic_config(),
+        "cleanup.policy": "compact,delete",
+        "retention.ms": str(REVOKE_EXPIRES_S * 1000 * 8),
+    }
+    return TopicSpec(topology.control_topic(), 1, topology.replication_factor, config)
+
+
+def ensure_control_topic(app: App) -> None:
+    """Create the control topic when allowed and missing."""
+    if app.settings.create_topics:
+        app.broker.create_topics([control_topic_spec(app)])
+
+
+def revoke(app: App, task_ids: Sequence[str], terminate: bool = False,
+           expires_s: float = REVOKE_EXPIRES_S) -> None:
+    """Revoke tasks: record them, tell every worker; return when Kafka confirmed it.
+
+    Raises:
+        ConfigError: no id given, or ``expires_s`` not positive.
+        BackendError: the backend did not record them.
+        SendError: Kafka did not confirm the broadcast.
+    """
+    ids = list(dict.fromkeys(str(t) for t in task_ids))
+    if not ids:
+        raise ConfigError("revoke: give at least one task id")
+    if expires_s <= 0:
+        raise ConfigError(f"revoke: expires_s must be positive, got {expires_s}")
+    app.backend.store_revoked(ids, terminate, int(expires_s))
+    ensure_control_topic(app)
+    expires_ms = int((time.time() + expires_s) * 1000)
+    value = encode_notice(terminate, expires_ms)
+    confirmed: dict[str, str | None] = {}
+
+    def delivered(task_id: str, error: str | None) -> None:
+        confirmed[task_id] = error
+
+    for task_id in ids:
+        app.broker.send(app.settings.topology.control_topic(), value, key=task_id.encode(),
+                        on_delivery=partial(delivered, task_id))
+    app.broker.flush(30.0)
+    failures = [(t, confirmed.get(t) or "not confirmed within 30s") for t in ids
+                if t not in confirmed or confirmed[t] is not None]
+    if failures:
+        raise SendError(failures)
+    log.info("revoked", ids=len(ids), terminate=terminate)
+
+
+class RevokedIds:
+    """The ids revoked and not yet expired, as a worker knows them (thread-safe reads)."""
+
+    def __init__(self) -> None:
+        self._ids: dict[str, RevokeNotice] = {}
+
+    def add(self, notice: RevokeNotice) -> None:
+        """Remember a revoke (a later one of the same id replaces it)."""
+        self._ids[notice.task_id] = notice
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def match(self, msg: TaskMessage) -> RevokeNotice | None:
+        """Return the revoke that applies to a task (its id, or its workflow's), or None."""
+        if not self._ids:
+            return None
+        notice = self._ids.get(msg.id)
+        for outer in (msg.root_id, msg.group_id):
+            if notice is None and outer is not None:
+                notice = self._ids.get(outer)
+        if notice is None:
+            return None
+        if notice.expires_ms < time.time() * 1000:
+            self._ids.pop(notice.task_id, None)
+            return None
+        return notice
+
+
+class ControlListener:
+    """Reads the control topic into a :class:`RevokedIds`, from the topic's start.
+
+    Joins a consumer group of its own (``{ns}._control.{uuid}``, never committed), so
+    every worker reads every revoke.
+
+    Args:
+        app: the app whose control topic is read.
+        revoked: where revokes go.
+        on_terminate: called with each task id revoked with ``terminate=True``.
+    """
+
+    def __init__(self, app: App, revoked: RevokedIds,
+                 on_terminate: Callable[[str], object] = lambda _id: None) -> None:
+        self.app = app
+        self.revoked = revoked
+        self.on_terminate = on_terminate
+        self._topic = app.settings.topology.control_topic()
+        self._consumer: Consumer | None = None
+        self._assigned: list[TopicPartition] = []
+        self._position: dict[TopicPartition, int] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, catch_up_s: float = CATCH_UP_S) -> None:
+        """Join, read every revoke made so far (up to ``catch_up_s``), then keep reading."""
+        ensure_control_topic(self.app)
+        group = f"{self.app.settings.topology.control_topic()}.{uuid.uuid4().hex}"
+        self._consumer = self.app.broker.consumer(group, [self._topic], self, eager=True)
+        self._catch_up(catch_up_s)
+        self._thread = threading.Thread(target=self._run, name="streamtasks-control",
+                                        daemon=True)
+        self._thread.start()
+
+    def _catch_up(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        ends: dict[TopicPartition, int] | None = None
+        while time.monotonic() < deadline:
+            self.poll(0.1)
+            if not self._assigned:
+                continue
+            if ends is None:
+                ends = {tp: self.app.broker.watermarks(tp)[1] for tp in self._assigned}
+            if all(self._position.get(tp, 0) >= end for tp, end in ends.items()):
+                log.info("revokes read", revoked=len(self.revoked))
+                return
+        log.warning("the control topic was not read to its end in time; revokes made "
+                    "before this worker started may be missed", timeout_s=timeout_s)
+
+    def poll(self, timeout_s: float) -> int:
+        """Read what came; return how many records."""
+        assert self._consumer is not None
+        records = self._consumer.poll(timeout_s, 500)
+        for record in records:
+            self._position[record.tp] = record.offset + 1
+            notice = decode_notice(record)
+            if notice is None:
+                continue
+            self.revoked.add(notice)
+            if notice.terminate:
+                self.on_terminate(notice.task_id)
+        return len(records)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.poll(0.2)
+            except Exception:
+                log.exception("reading the control topic failed; trying again")
+                self._stop.wait(1.0)
+
+    def close(self) -> None:
+        """Stop reading and leave the group."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5.0)
+        if self._consumer is not None:
+            self._consumer.close()
+            self._consumer = None
+
+    # -- rebalance listener: a group of one, nothing to commit --------------------------
+
+    def on_assign(self, partitions: list[TopicPartition]) -> None:
+        """Partitions of the control topic assigned (read from their start)."""
+        self._assigned = sorted(set(self._assigned) | set(partitions))
+
+    def on_revoke(self, partitions: list[TopicPartition]) -> None:
+        """Partitions revoked (only at close)."""
+        self._assigned = [tp for tp in self._assigned if tp not in partitions]
+
+    def on_lost(self, partitions: list[TopicPartition]) -> None:
+        """Partitions lost (only at close)."""
+        self.on_revoke(partitions)
+
+    def on_commit(self, committed: object, failed: object, error: str | None) -> None:
+        """Never commits: nothing to do."""

@@ -1,0 +1,249 @@
+"""Child processes for sync tasks declared with ``pool="process"``: killable, time-limited.
+
+A task runs in a child process when it asks for it (``@app.task(pool="process")``): its
+CPU work runs beside the worker's loop, and the child can be stopped, which a thread
+cannot. The worker's task thread hands the run to an idle child over a pipe and waits:
+
+- ``soft_time_limit``: the child raises :class:`SoftTimeLimitExceeded` inside the task
+  (a ``SIGALRM`` timer), which the task may catch to clean up;
+- ``time_limit``: the parent kills the child (``SIGKILL``) when the run is not back in
+  time; the run ends FAILURE with :class:`TimeLimitExceeded` (or is retried by its
+  policy), and a new child replaces the killed one for the next run;
+- :meth:`ProcessPool.terminate` (a revoke with ``terminate=True``) kills the child
+  running that task; the run ends REVOKED.
+
+Children are started with ``spawn`` (a fork of a process holding Kafka and Cassandra
+client threads is not safe): a child imports the task's module and finds the task by
+its function's qualified name, so such tasks must be defined at the top level of an
+importable module (not ``__main__``). Arguments and results cross the pipe by pickle,
+between the worker and its own children only; nothing read from Kafka is unpickled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import multiprocessing
+import os
+import signal
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+import structlog
+
+from streamtasks.errors import ConfigError, TaskError
+
+log = structlog.get_logger("streamtasks.worker")
+
+POOLS = ("thread", "process")
+
+
+class TimeLimitExceeded(TaskError):
+    """The task ran longer than its ``time_limit`` (async: cancelled; process: killed)."""
+
+
+class SoftTimeLimitExceeded(TaskError):
+    """Raised inside a task running longer than its ``soft_time_limit``; it may clean up."""
+
+
+class ChildProcessDied(TaskError):
+    """The child process running the task died (killed from outside, out of memory)."""
+
+
+@dataclass(slots=True)
+class ChildResult:
+    """What came back from a child: a result, or an error with its traceback."""
+
+    ok: bool
+    value: Any = None
+    error: BaseException | None = None
+    traceback: str | None = None
+    terminated: bool = False
+
+
+def _resolve(module: str, qualname: str) -> Any:
+    target: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        target = getattr(target, part)
+    return getattr(target, "fn", target)  # a Task object wraps the function
+
+
+def _soft_limit(_signum: int, _frame: object) -> None:
+    raise SoftTimeLimitExceeded("the task ran past its soft_time_limit")
+
+
+def _child_main(conn: Connection) -> None:
+    """A child's loop: run what the parent sends until the pipe closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the worker decides when children end
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGALRM, _soft_limit)
+    while True:
+        try:
+            module, qualname, args, kwargs, soft_s = conn.recv()
+        except (EOFError, OSError):
+            return
+        if soft_s:
+            signal.setitimer(signal.ITIMER_REAL, soft_s)
+        try:
+            value = _resolve(module, qualname)(*args, **kwargs)
+            answer = ChildResult(True, value)
+        except BaseException as err:
+            answer = ChildResult(False, None, err, "".join(traceback.format_exception(err)))
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        try:
+            conn.send(answer)
+        except Exception as err:  # an unpicklable result or error: say what it was
+            conn.send(ChildResult(False, None, TaskError(
+                f"the task's {'result' if answer.ok else 'error'} cannot be sent back from "
+                f"its process: {type(err).__name__}: {err}"), answer.traceback))
+
+
+class _Child:
+    def __init__(self, context: Any) -> None:
+        self.conn, child_conn = context.Pipe()
+        self.process = context.Process(target=_child_main, args=(child_conn,), daemon=True,
+                                       name="streamtasks-child")
+        self.process.start()
+        child_conn.close()
+
+    def signal_kill(self) -> None:
+        if self.process.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.process.pid, signal.SIGKILL)
+
+    def kill(self) -> None:
+        self.signal_kill()
+        self.process.join(5)
+        self.conn.close()
+
+
+def check_pool(pool: str, is_async: bool, time_limit_s: float | None,
+               soft_time_limit_s: float | None, where: str, bind: bool = False) -> None:
+    """Refuse a pool and time limits a task cannot have.
+
+    Raises:
+        ConfigError: naming what is wrong.
+    """
+    if pool not in POOLS:
+        raise ConfigError(f"{where}: pool must be one of {', '.join(POOLS)}, got {pool!r}")
+    for option, value in (("time_limit", time_limit_s), ("soft_time_limit", soft_time_limit_s)):
+        if value is not None and value <= 0:
+            raise ConfigError(f"{where}: {option} must be above 0, got {value}")
+    if is_async and pool == "process":
+        raise ConfigError(f"{where}: an async def task runs on the event loop; "
+                          "pool='process' is for sync tasks")
+    if bind and pool == "process":
+        raise ConfigError(f"{where}: bind=True is not available with pool='process' (the "
+                          "task object and its request stay in the worker)")
+    if is_async and soft_time_limit_s is not None:
+        raise ConfigError(f"{where}: soft_time_limit is for sync tasks in pool='process'; "
+                          "an async def task is cancelled at its time_limit")
+    if not is_async and pool != "process" and (time_limit_s or soft_time_limit_s):
+        raise ConfigError(f"{where}: a sync task in a thread cannot be stopped; time_limit "
+                          "and soft_time_limit need pool='process'")
+    if time_limit_s and soft_time_limit_s and soft_time_limit_s >= time_limit_s:
+        raise ConfigError(f"{where}: soft_time_limit ({soft_time_limit_s}s) must be below "
+                          f"time_limit ({time_limit_s}s)")
+
+
+class ProcessPool:
+    """Up to ``size`` child processes, started when first needed and reused.
+
+    Args:
+        size: the most children (the worker's concurrency).
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._context = multiprocessing.get_context("spawn")
+        self._idle: list[_Child] = []
+        self._busy: dict[str, _Child] = {}
+        self._terminated: set[str] = set()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def run(self, fn: Any, args: list[Any], kwargs: dict[str, Any], run_id: str,
+            time_limit_s: float | None = None,
+            soft_time_limit_s: float | None = None) -> ChildResult:
+        """Run ``fn(*args, **kwargs)`` in a child; block until it is back, killed or dies.
+
+        Raises:
+            ConfigError: the function cannot be found by a child (not at the top level of
+                an importable module).
+        """
+        module, qualname = fn.__module__, fn.__qualname__
+        if module == "__main__" or "<locals>" in qualname:
+            raise ConfigError(f"{module}.{qualname}: a pool='process' task must be defined at "
+                              "the top level of an importable module")
+        child = self._take(run_id)
+        began = time.monotonic()
+        try:
+            child.conn.send((module, qualname, args, kwargs, soft_time_limit_s))
+            if not child.conn.poll(time_limit_s):
+                child.kill()
+                return ChildResult(False, None, TimeLimitExceeded(
+                    f"{qualname} ran longer than its time_limit of {time_limit_s}s: its "
+                    "process was killed"))
+            answer: ChildResult = child.conn.recv()
+        except (EOFError, OSError, BrokenPipeError):
+            child.kill()
+            with self._lock:
+                terminated = run_id in self._terminated
+            if terminated:
+                return ChildResult(False, None, None, terminated=True)
+            return ChildResult(False, None, ChildProcessDied(
+                f"the process running {qualname} died after {time.monotonic() - began:.1f}s "
+                f"(exit code {child.process.exitcode})"))
+        finally:
+            self._give_back(run_id, child)
+        return answer
+
+    def terminate(self, run_id: str) -> bool:
+        """Kill the child running ``run_id``; True when one was running it."""
+        with self._lock:
+            child = self._busy.get(run_id)
+            if child is None:
+                return False
+            self._terminated.add(run_id)
+        log.info("terminating a running task: killing its process", id=run_id,
+                 pid=child.process.pid)
+        child.signal_kill()
+        return True
+
+    def _take(self, run_id: str) -> _Child:
+        with self._lock:
+            child = self._idle.pop() if self._idle else None
+        while child is not None and not child.process.is_alive():
+            child.conn.close()
+            with self._lock:
+                child = self._idle.pop() if self._idle else None
+        if child is None:
+            child = _Child(self._context)
+        with self._lock:
+            self._busy[run_id] = child
+        return child
+
+    def _give_back(self, run_id: str, child: _Child) -> None:
+        with self._lock:
+            self._busy.pop(run_id, None)
+            self._terminated.discard(run_id)
+            keep = (not self._closed and child.process.is_alive()
+                    and len(self._idle) < self.size)
+            if keep:
+                self._idle.append(child)
+        if not keep:
+            child.kill()
+
+    def shutdown(self) -> None:
+        """Kill every child (idle ones at once; running ones too: their records repeat)."""
+        with self._lock:
+            self._closed = True
+            children = self._idle + list(self._busy.values())
+            self._idle = []
+        for child in children:
+            child.kill()
