@@ -22,8 +22,8 @@ from streamtasks.backend.base import TaskMeta
 from streamtasks.codec import to_json_text
 from streamtasks.errors import ConfigError, ResultTimeout, StreamTasksError
 from streamtasks.logs import configure_logging
-from streamtasks.settings import ENV_PREFIX, LOG_LEVELS
 from streamtasks.ops.control import add_control_commands
+from streamtasks.settings import ENV_PREFIX, LOG_LEVELS
 from streamtasks.timeutil import parse_time_ms
 
 if TYPE_CHECKING:
