@@ -29,7 +29,8 @@ def cluster_env(prefix: str, **extra: str) -> dict[str, str]:
     Three replicas of every topic (``min.insync.replicas`` 2 follows); the keyspace is
     replicated three times (``BACKEND_URL``), written and read at LOCAL_QUORUM (the default).
     """
-    return worker_env(new_namespace(prefix), STREAMTASKS_REPLICATION_FACTOR=str(NODES), **extra)
+    return worker_env(new_namespace(prefix),
+                      **{"STREAMTASKS_REPLICATION_FACTOR": str(NODES), **extra})
 
 
 def services(*args: str, timeout: float = 300) -> str:
