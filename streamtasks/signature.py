@@ -129,7 +129,8 @@ class Signature(Canvas):
             ``expires_at``, ``max_retries``, ``backoff``, ``backoff_s``, as stored
             (:meth:`set` takes Celery's names and stores them so).
         link: callbacks started with this task's result when it succeeds.
-        link_error: callbacks started with ``(task_id, "Type: message")`` when it fails
+        link_error: callbacks started with the failure (a dict, see
+            :func:`streamtasks.workflow.failure_info`) when it fails
             for good.
         task_id: a fixed id, else one is derived when the workflow is applied.
         app: the app of the task it was made from, if any.
@@ -187,7 +188,7 @@ class Signature(Canvas):
         return dataclasses.replace(self, link=(*self.link, _check_part(callback, "on_success")))
 
     def on_error(self, callback: Canvas) -> Signature:
-        """Return a copy that starts ``callback`` with ``(task_id, error)`` on failure."""
+        """Return a copy that starts ``callback`` with the failure (a dict) on failure."""
         return dataclasses.replace(
             self, link_error=(*self.link_error, _check_part(callback, "on_error"))
         )
