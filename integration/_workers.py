@@ -49,12 +49,12 @@ class WorkerProcess:
     """One ``streamtasks worker`` process."""
 
     def __init__(self, env: dict[str, str], queues: str = "default", concurrency: int = 8,
-                 log_path: Path | None = None) -> None:
+                 log_path: Path | None = None, app: str = "integration.worker_app:app",
+                 extra: tuple[str, ...] = ()) -> None:
         self.log = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "streamtasks.cli", "worker", "--app",
-             "integration.worker_app:app", "--queues", queues, "--concurrency",
-             str(concurrency)],
+            [sys.executable, "-m", "streamtasks.cli", "worker", "--app", app,
+             "--queues", queues, "--concurrency", str(concurrency), *extra],
             cwd=REPO, env={**os.environ, **env}, stdout=self.log, stderr=self.log,
         )
 
