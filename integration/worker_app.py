@@ -160,3 +160,21 @@ def nap(label: str, ms: int) -> str:
     time.sleep(ms / 1000)
     _record_execution(f"{label}:{os.getpid()}")
     return label
+
+
+@app.task(name="it.parent", bind=True)
+def parent(self: object, label: str, children: int, hold_ms: int) -> list[str]:
+    """Send ``children`` it.add tasks, record the run with its request, then hold.
+
+    The hold is a window in which a test kills the worker: the run is repeated on
+    redelivery, and must send the same children (ids derived from its own).
+    """
+    import time
+
+    request = parent.request
+    # confirmed, so that the children of a run killed later are on Kafka
+    ids = [add.apply_async((i, i), confirm=True).id for i in range(children)]
+    _record_execution(f"parent:{label}:{request.id}:{request.attempt}:{request.partition}:"
+                      f"{request.offset}")
+    time.sleep(hold_ms / 1000)
+    return ids
