@@ -268,7 +268,7 @@ kafka_quorum() {  # log_opts... -> prints "cluster_id voters"
     echo "${voters[*]}" >>"$file.tmp"
     mv "$file.tmp" "$file"
   fi
-  echo $(cat "$file")
+  printf '%s %s\n' "$(sed -n 1p "$file")" "$(sed -n 2p "$file")"
 }
 
 kafka_launch() {  # service
