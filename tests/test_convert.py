@@ -335,3 +335,14 @@ def test_keyword_only_arguments_stay_keywords() -> None:
     args, kwargs = bind_arguments(place, [1], {"at": {"x": 2}})
 
     assert (args, kwargs) == ([1], {"at": Point(2)})
+
+
+def test_sent_by_position_or_by_name_a_plain_signature_binds_the_same() -> None:
+    by_position = bind_arguments(total, [[1, 2]], {})
+    by_name = bind_arguments(total, [], {"numbers": [1, 2]})
+    assert by_position == by_name == ([[1, 2]], {})
+    # one argument too many or too few is still refused, naming the problem
+    with pytest.raises(ArgumentError, match="too many positional arguments"):
+        bind_arguments(total, [[1], [2]], {})
+    with pytest.raises(ArgumentError, match="missing a required argument: 'numbers'"):
+        check_arguments(total, [], {})

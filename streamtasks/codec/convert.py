@@ -129,7 +129,9 @@ def check_arguments(fn: Callable[..., Any], args: Sequence[Any], kwargs: Mapping
             'numbers'"``.
 
     """
-    _bind(_plan(fn), args, kwargs)
+    plan = _plan(fn)
+    if not _by_position(plan, args, kwargs):
+        _bind(plan, args, kwargs)
 
 
 def bind_arguments(
@@ -166,6 +168,13 @@ def bind_arguments(
 
     """
     plan = _plan(fn)
+    if _by_position(plan, args, kwargs):
+        out = list(args)
+        for index, name in enumerate(plan.kinds):
+            rule = plan.rules.get(name)
+            if rule is not None:
+                out[index] = _apply_rule(plan, name, rule.apply, out[index])
+        return out, {}
     bound = _bind(plan, args, kwargs)
     if bound is None:
         return list(args), dict(kwargs)
@@ -174,19 +183,33 @@ def bind_arguments(
         if rule is None:
             continue
         kind = plan.kinds[name]
-        try:
-            if kind is inspect.Parameter.VAR_POSITIONAL:
-                bound.arguments[name] = tuple(_apply_each(rule, value))
-            elif kind is inspect.Parameter.VAR_KEYWORD:
-                bound.arguments[name] = _apply_values(rule, value)
-            else:
-                bound.arguments[name] = rule.apply(value)
-        except PathFailure as failure:
-            where = "".join(reversed(failure.segments))
-            raise ArgumentError(
-                f"{plan.name}(): argument {name!r}{where} {failure.problem}"
-            ) from None
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            each = functools.partial(_apply_each, rule)
+            bound.arguments[name] = tuple(_apply_rule(plan, name, each, value))
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            values = functools.partial(_apply_values, rule)
+            bound.arguments[name] = _apply_rule(plan, name, values, value)
+        else:
+            bound.arguments[name] = _apply_rule(plan, name, rule.apply, value)
     return list(bound.args), dict(bound.kwargs)
+
+
+def _by_position(plan: _Plan, args: Sequence[Any], kwargs: Mapping[str, Any]) -> bool:
+    """Whether the arguments bind as they are: every parameter plain, each sent by position.
+
+    Then binding needs no ``inspect`` (about 2 us per task for a task without parameters).
+    """
+    return plan.plain and not kwargs and len(args) == len(plan.kinds)
+
+
+def _apply_rule(plan: _Plan, name: str, apply: Callable[[Any], Any], value: Any) -> Any:
+    try:
+        return apply(value)
+    except PathFailure as failure:
+        where = "".join(reversed(failure.segments))
+        raise ArgumentError(
+            f"{plan.name}(): argument {name!r}{where} {failure.problem}"
+        ) from None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -195,6 +218,8 @@ class _Plan:
     signature: inspect.Signature | None
     rules: dict[str, _Rule]
     kinds: dict[str, inspect._ParameterKind]
+    #: Every parameter is positional-or-keyword without a default (see _by_position).
+    plain: bool = False
 
 
 @functools.lru_cache(maxsize=4096)
@@ -217,7 +242,12 @@ def _plan(fn: Callable[..., Any]) -> _Plan:
             rule = builder.rule(hints[param.name])
             if rule is not None:
                 rules[param.name] = rule
-    return _Plan(name, signature, rules, kinds)
+    plain = all(
+        param.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+        and param.default is inspect.Parameter.empty
+        for param in signature.parameters.values()
+    )
+    return _Plan(name, signature, rules, kinds, plain)
 
 
 def _bind(
