@@ -536,8 +536,11 @@ def _cmd_migrate(ns: argparse.Namespace) -> int:
 
 
 def _cmd_topics_create(ns: argparse.Namespace) -> int:
+    from streamtasks.control import control_topic_spec
+
     app = _app(ns)
     specs = [spec for q in ns.queue for spec in app.topic_specs(q, ns.partitions)]
+    specs.append(control_topic_spec(app))  # revokes (docs/control.md); one per namespace
     created = app.broker.create_topics(specs)
     for spec in specs:
         # What is there, not what was asked: an existing topic keeps its own count.

@@ -44,6 +44,8 @@ log = structlog.get_logger("streamtasks.control")
 
 #: How long a revoke is kept (Celery keeps revokes 3 hours by default, too).
 REVOKE_EXPIRES_S = 3 * 3600
+#: The longest a revoke may be kept: the control topic keeps records this long.
+REVOKE_MAX_EXPIRES_S = 7 * 86400
 #: The longest a worker waits at start to read the revokes made before it.
 CATCH_UP_S = 30.0
 
@@ -81,7 +83,7 @@ def control_topic_spec(app: App) -> TopicSpec:
     config = {
         **topology.topic_config(),
         "cleanup.policy": "compact,delete",
-        "retention.ms": str(REVOKE_EXPIRES_S * 1000 * 8),
+        "retention.ms": str(REVOKE_MAX_EXPIRES_S * 1000),
     }
     return TopicSpec(topology.control_topic(), 1, topology.replication_factor, config)
 
@@ -104,8 +106,10 @@ def revoke(app: App, task_ids: Sequence[str], terminate: bool = False,
     ids = list(dict.fromkeys(str(t) for t in task_ids))
     if not ids:
         raise ConfigError("revoke: give at least one task id")
-    if expires_s <= 0:
-        raise ConfigError(f"revoke: expires_s must be positive, got {expires_s}")
+    if not 0 < expires_s <= REVOKE_MAX_EXPIRES_S:
+        raise ConfigError(f"revoke: expires_s must be above 0 and at most "
+                          f"{REVOKE_MAX_EXPIRES_S} (7 days, the control topic's retention), "
+                          f"got {expires_s}")
     app.backend.store_revoked(ids, terminate, int(expires_s))
     ensure_control_topic(app)
     expires_ms = int((time.time() + expires_s) * 1000)
@@ -129,12 +133,20 @@ def revoke(app: App, task_ids: Sequence[str], terminate: bool = False,
 class RevokedIds:
     """The ids revoked and not yet expired, as a worker knows them (thread-safe reads)."""
 
+    #: Expired revokes are forgotten every this many additions.
+    PURGE_EVERY = 10_000
+
     def __init__(self) -> None:
         self._ids: dict[str, RevokeNotice] = {}
+        self._added = 0
 
     def add(self, notice: RevokeNotice) -> None:
         """Remember a revoke (a later one of the same id replaces it)."""
         self._ids[notice.task_id] = notice
+        self._added += 1
+        if self._added % self.PURGE_EVERY == 0:
+            now_ms = time.time() * 1000
+            self._ids = {k: n for k, n in self._ids.items() if n.expires_ms >= now_ms}
 
     def __len__(self) -> int:
         return len(self._ids)

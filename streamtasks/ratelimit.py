@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -114,6 +114,7 @@ class RateGate(Generic[J]):
         self._waiting: dict[str, deque[tuple[TopicPartition, J]]] = {}
         self._limits: dict[str, Limit] = {}
         self._members: dict[str, int] = {}
+        self._held: Counter[TopicPartition] = Counter()
         self._counting: threading.Thread | None = None
         self._stop = threading.Event()
 
@@ -147,6 +148,7 @@ class RateGate(Generic[J]):
         if not waiting and self._bucket(name, rate).take(self._clock()):
             return True
         waiting.append((tp, job))
+        self._held[tp] += 1
         return False
 
     def release(self) -> list[J]:
@@ -159,12 +161,16 @@ class RateGate(Generic[J]):
                 continue
             bucket = self._bucket(name, rate)
             while waiting and bucket.take(now):
-                ready.append(waiting.popleft()[1])
+                tp, job = waiting.popleft()
+                ready.append(job)
+                self._held[tp] -= 1
+                if not self._held[tp]:
+                    del self._held[tp]
         return ready
 
     def held(self) -> set[TopicPartition]:
         """Partitions with jobs waiting for a token (the worker pauses them)."""
-        return {tp for waiting in self._waiting.values() for tp, _ in waiting}
+        return set(self._held)
 
     def drop(self, partitions: Iterable[TopicPartition]) -> list[J]:
         """Forget and return the kept jobs of ``partitions`` (they left this worker)."""
@@ -174,6 +180,8 @@ class RateGate(Generic[J]):
             kept = deque(item for item in waiting if item[0] not in gone)
             dropped += [job for tp, job in waiting if tp in gone]
             self._waiting[name] = kept
+        for tp in gone:
+            self._held.pop(tp, None)
         return dropped
 
     @property

@@ -294,8 +294,9 @@ def test_terminate_stops_a_running_task(app: App, tmp_path: Path, fn: Any) -> No
 def test_revoke_refuses_bad_input(app: App) -> None:
     with pytest.raises(ConfigError, match="at least one"):
         app.revoke([])
-    with pytest.raises(ConfigError, match="expires_s"):
-        app.revoke("x", expires_s=0)
+    for expires_s in (0, 8 * 86400):
+        with pytest.raises(ConfigError, match="expires_s"):
+            app.revoke("x", expires_s=expires_s)
     with pytest.raises(ConfigError, match="reserved"):
         app.settings.topology.check_queue("_control")
 
@@ -407,3 +408,37 @@ def test_time_limits_a_task_cannot_have_are_refused(
 ) -> None:
     with pytest.raises(ConfigError, match=words):
         app.task(**options)(fn)
+
+
+def test_cli_schedules_lists_next_due_times_and_beat_needs_schedules(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import json
+
+    from streamtasks.cli import main
+
+    app = App("cli", broker="memory://", backend="memory://")
+    app.periodic(every=60, args=(2,), name="sq")(control_tasks.square)
+    empty = App("cli-empty", broker="memory://", backend="memory://")
+    monkeypatch.setattr("streamtasks.cli._import_app",
+                        lambda spec, *_: app if spec == "m:app" else empty)
+    assert main(["schedules", "--app", "m:app", "--json", "--next", "2"]) == 0
+    [row] = json.loads(capsys.readouterr().out)
+    assert row["name"] == "sq" and row["when"] == "every 60s" and len(row["next"]) == 2
+    assert row["next"][0].endswith(":00+00:00")  # due times on the minute
+    assert main(["beat", "--app", "m:empty"]) == 2
+    assert "no periodic task" in capsys.readouterr().err
+
+
+def test_topics_create_makes_the_control_topic_and_no_listing_shows_it_as_a_queue(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from streamtasks.cli import main
+    from streamtasks.ops.inspect import queues_of_topics
+
+    flags = ["--broker", "memory://", "--backend", "memory://"]
+    assert main(["topics", "create", "--queue", "q", *flags]) == 0
+    assert "streamtasks._control: created (1 partitions)" in capsys.readouterr().out
+    settings = Settings(broker="memory://", backend="memory://")
+    topics = ["streamtasks.q", "streamtasks.q.dlq", "streamtasks._control"]
+    assert queues_of_topics(settings, topics) == ["q"]

@@ -272,4 +272,5 @@ def queues_of_topics(settings: Settings, topics: Iterable[str]) -> list[str]:
     for q in names:
         derived.add(f"{q}.dlq")
         derived.update(f"{q}.delay.{tier.name}" for tier in settings.tiers())
-    return sorted(names - derived)
+    # names beginning with "_" are streamtasks' own topics (the control topic), not queues
+    return sorted(q for q in names - derived if not q.startswith("_"))
