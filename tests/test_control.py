@@ -185,10 +185,16 @@ def test_a_scheduler_catches_up_from_the_last_due_time_fired() -> None:
 
 
 def test_a_worker_fires_its_app_s_schedules(app: App) -> None:
+    from streamtasks.metrics import WorkerMetrics
+
     app.periodic(every=1, args=(4,), name="sq1")(control_tasks.square)
-    with running(app.worker()) as worker:
+    metrics = WorkerMetrics()
+    with running(app.worker(observer=metrics)) as worker:
         _wait(lambda: any(_row_state(app, i) == states.SUCCESS
                           for i in worker_fired(worker)), 30)
+    fired = metrics.registry.get_sample_value("streamtasks_schedules_fired_total",
+                                              {"schedule": "sq1"})
+    assert fired is not None and fired >= 1
 
 
 def worker_fired(worker: Worker) -> list[str]:
@@ -442,3 +448,35 @@ def test_topics_create_makes_the_control_topic_and_no_listing_shows_it_as_a_queu
     settings = Settings(broker="memory://", backend="memory://")
     topics = ["streamtasks.q", "streamtasks.q.dlq", "streamtasks._control"]
     assert queues_of_topics(settings, topics) == ["q"]
+
+
+def test_a_task_revoked_while_waiting_for_its_retry_never_runs_again(app: App) -> None:
+    from streamtasks.metrics import WorkerMetrics
+
+    calls: list[int] = []
+
+    @app.task(name="flaky", max_retries=5, backoff="fixed", backoff_s=1.0)
+    def flaky() -> None:
+        calls.append(1)
+        raise ConnectionError("down")
+
+    result = flaky.delay()
+    metrics = WorkerMetrics()
+    with running(app.worker(observer=metrics)):
+        _wait(lambda: result.state == states.RETRY)  # the first attempt failed
+        result.revoke()
+        _wait(lambda: result.state == states.REVOKED)
+    assert calls == [1]  # the retry came back from its delay tier and was not run
+    revoked = metrics.registry.get_sample_value(
+        "streamtasks_revoked_total", {"queue": "default", "name": "flaky"})
+    assert revoked == 1
+
+
+def test_a_time_limited_task_is_retried_by_its_policy_then_fails(app: App) -> None:
+    spin = app.task(name="spin", pool="process", time_limit=1, max_retries=1,
+                    backoff="fixed", backoff_s=0.1)(control_tasks.spin)
+    result = spin.delay()
+    with running(app.worker()):
+        _wait(lambda: result.state == states.FAILURE, 90)
+    meta = result.meta()
+    assert meta is not None and meta.attempts == 2 and meta.error_type == "TimeLimitExceeded"
