@@ -120,6 +120,7 @@ class App:
         self._backend = backend if isinstance(backend, ResultBackend) else None
         self._lock = threading.Lock()
         self._unconfirmed: dict[str, str] = {}
+        self._abandoned = False
         self._failed: dict[str, str] = {}
         self._queues_ready: set[str] = set()
         ref = weakref.ref(self)
@@ -612,6 +613,19 @@ class App:
         if failures:
             raise SendError(failures)
 
+    def abandon_unconfirmed(self) -> list[str]:
+        """Stop waiting for queued sends (Ctrl-C); return the ids Kafka had not confirmed.
+
+        The app then skips its flush at exit. Those tasks may or may not reach Kafka:
+        the caller reports them (e.g. to send them again, which is safe by id).
+        """
+        with self._lock:
+            ids = [*self._unconfirmed, *self._failed]
+            self._unconfirmed.clear()
+            self._failed.clear()
+            self._abandoned = True
+        return ids
+
     def ensure_queue(self, queue: str) -> None:
         """Create the queue's topics (task and dead-letter) once, if allowed."""
         if queue in self._queues_ready or not self.settings.create_topics:
@@ -738,7 +752,7 @@ def _expires_ms(now: int, expires: float | datetime | None) -> int | None:
 
 def _flush_at_exit(ref: weakref.ReferenceType[App]) -> None:
     app = ref()
-    if app is None or app._broker is None:
+    if app is None or app._broker is None or app._abandoned:
         return
     try:
         app.flush()

@@ -31,11 +31,17 @@ if TYPE_CHECKING:
     from streamtasks.ops.replay import ReplayItem
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNKNOWN = 0, 1, 2, 3
+#: Ctrl-C, as shells report a process ended by SIGINT.
+EXIT_INTERRUPTED = 130
 
 #: ``tasks --state any``: list tasks of every state.
 ANY_STATE = "ANY"
 
 _TIME_HELP = "ISO time (UTC unless it names an offset)"
+
+
+#: Commands that run a service (log at INFO unless told otherwise).
+_SERVICE_COMMANDS = frozenset({"worker", "delayer", "beat"})
 
 
 class CliError(Exception):
@@ -63,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"streamtasks {ns.command}: {type(err).__name__}: {err}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -74,7 +80,8 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--namespace", help="topic name prefix (default streamtasks)")
     common.add_argument("--app", help="module:attribute of your App (registers the tasks)")
     common.add_argument("-l", "--log-level", "--loglevel", type=str.lower, choices=LOG_LEVELS,
-                        help="log level (default: setting log_level, info)")
+                        help="log level (default: setting log_level; else info for worker "
+                        "and delayer, warning for other commands)")
     common.add_argument("--log-format", choices=("json", "console", "auto"),
                         help="log lines as JSON or for a console (default: setting "
                         "log_format; auto: JSON when stdout is not a terminal)")
@@ -349,7 +356,10 @@ def _app(ns: argparse.Namespace) -> App:
             app.settings = app.settings.replace(**flags)
     else:
         app = App.from_env(config_file=ns.config, **flags)
-    configure_logging(app.settings, log_format=ns.log_format, log_level=ns.log_level)
+    # A worker or forwarder reports at INFO; every other command is a client: WARNING.
+    default = "info" if ns.command in _SERVICE_COMMANDS else "warning"
+    configure_logging(app.settings, log_format=ns.log_format, log_level=ns.log_level,
+                      default_level=default)
     return app
 
 
@@ -459,9 +469,16 @@ def _cmd_send(ns: argparse.Namespace) -> int:
         print(f"streamtasks send: no --app and no --queue: sent {ns.name} to queue "
               f"{queue!r} (give --queue or --app to send it to the task's own queue)",
               file=sys.stderr)
-    result = app.send(ns.name, args=args, kwargs=kwargs, queue=queue, key=ns.key,
-                      task_id=ns.task_id, countdown_s=ns.countdown, expires_s=ns.expires,
-                      confirm=True)
+    try:
+        result = app.send(ns.name, args=args, kwargs=kwargs, queue=queue, key=ns.key,
+                          task_id=ns.task_id, countdown_s=ns.countdown, expires_s=ns.expires,
+                          confirm=True)
+    except KeyboardInterrupt:
+        unconfirmed = app.abandon_unconfirmed()
+        print(f"streamtasks send: interrupted: {1 - len(unconfirmed)} of 1 send(s) confirmed"
+              + (f"; not confirmed (may or may not be in Kafka): {', '.join(unconfirmed)}"
+                 if unconfirmed else ""), file=sys.stderr)
+        return EXIT_INTERRUPTED
     print(result.id, flush=True)
     if ns.wait is None:
         return EXIT_OK

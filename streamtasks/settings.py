@@ -87,7 +87,10 @@ class Settings(BaseSettings):
             cost none (0: never).
         track_pending: write PENDING when a task is sent (one more write per send).
         log_format: ``json``, ``console``, or ``auto`` (JSON when stdout is not a terminal).
-        log_level: ``debug``, ``info``, ``warning``, ``error``, ``critical``.
+        log_level: ``debug``, ``info``, ``warning``, ``error``, ``critical`` (when not
+            set: INFO for a worker, WARNING for a client program or command).
+        log_repeat_interval_s: a warning or error repeated within this many seconds is
+            counted, not printed again (a client retrying a service that is down; 0: off).
         metrics_port: port of the worker's /metrics, /healthz, /readyz (0 disables).
         delay_tiers: the delay tiers, comma-separated (``1s,5s,30s,2m,10m,1h``).
         run_delayer: a worker also forwards its queues' delayed records when due.
@@ -125,6 +128,7 @@ class Settings(BaseSettings):
     track_pending: bool = False
     log_format: LogFormat = "auto"
     log_level: LogLevel = "info"
+    log_repeat_interval_s: NotNegativeFloat = 30.0
     metrics_port: Annotated[int, Field(ge=0, le=65535)] = 0
     delay_tiers: str = "1s,5s,30s,2m,10m,1h"
     run_delayer: bool = True
@@ -215,7 +219,9 @@ class Settings(BaseSettings):
         Raises:
             ConfigError: an unknown setting or a bad value.
         """
-        current = {name: getattr(self, name) for name in type(self).model_fields}
+        # Only what was set is carried, so what was left to its default stays so (a
+        # level not asked for is still "not asked for").
+        current = {name: getattr(self, name) for name in self.model_fields_set}
         return type(self)._checked({**current, **values}, dict.fromkeys(values, "argument"))
 
     @model_validator(mode="after")

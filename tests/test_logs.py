@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 import textwrap
@@ -16,6 +17,9 @@ import structlog
 
 from streamtasks import App, Settings
 from streamtasks.logs import (
+    _CLIENT_LOGGERS,
+    RepeatGate,
+    _GateFilter,
     configure_logging,
     redact_secrets,
     redact_text,
@@ -34,6 +38,9 @@ def restore_logging() -> Iterator[None]:
     root.handlers[:] = handlers
     root.setLevel(level)
     logging.captureWarnings(False)
+    for name in _CLIENT_LOGGERS:
+        gates = logging.getLogger(name).filters
+        gates[:] = [f for f in gates if not isinstance(f, _GateFilter)]
 
 
 def _json_lines(text: str) -> list[dict[str, Any]]:
@@ -213,8 +220,7 @@ def test_a_client_program_that_sends_prints_nothing(tmp_path: Path) -> None:
         app.flush()
     """))
     # When it runs, Then it prints nothing: no debug line, no config dict
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                         timeout=60, cwd=tmp_path)
+    out = run_client(script, tmp_path)
     assert out.returncode == 0, out.stderr
     assert out.stdout == ""
     assert "configured" not in out.stderr and "pw" not in out.stderr
@@ -233,3 +239,147 @@ def test_a_program_that_configured_structlog_keeps_its_configuration(
     App("mine", broker="memory://", backend="memory://")
     structlog.get_logger().info("mine")
     assert seen and seen[0]["event"] == "mine"
+
+
+
+# -- levels: clients quiet unless asked, workers at INFO ---------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_client(script: Path, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run a client program against this tree's streamtasks (not whatever is installed)."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("STREAMTASKS_")}
+    return subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=90, cwd=cwd, env={**clean, "PYTHONPATH": str(REPO), **env})
+
+
+def test_a_client_logs_nothing_below_warning_unless_asked(tmp_path: Path) -> None:
+    script = tmp_path / "client.py"
+    script.write_text(textwrap.dedent("""
+        import structlog
+        from streamtasks import App
+        app = App("c", broker="memory://", backend="memory://")
+        structlog.get_logger("streamtasks.app").info("an info line")
+        structlog.get_logger("streamtasks.app").warning("a warning line")
+    """))
+    quiet = run_client(script, tmp_path)
+    assert quiet.returncode == 0, quiet.stderr
+    assert "a warning line" in quiet.stderr and "an info line" not in quiet.stderr
+    asked = run_client(script, tmp_path, STREAMTASKS_LOG_LEVEL="info")
+    assert "an info line" in asked.stderr and asked.stdout == ""
+
+
+def test_a_level_left_to_its_default_is_not_asked_for() -> None:
+    assert resolve_level(Settings(), env={}, default="warning") == logging.WARNING
+    assert resolve_level(Settings(), env={}) == logging.INFO  # a worker
+    assert resolve_level(Settings(log_level="info"), env={}, default="warning") == logging.INFO
+    from_env = Settings.from_env(env={"STREAMTASKS_LOG_LEVEL": "debug"})
+    assert resolve_level(from_env, env={}, default="warning") == logging.DEBUG
+    changed = Settings().replace(broker="memory://")  # App(broker=...) over settings
+    assert resolve_level(changed, env={}, default="warning") == logging.WARNING
+
+
+def test_cli_commands_are_clients_and_the_worker_logs_at_info(
+    capsys: pytest.CaptureFixture[str], restore_logging: None
+) -> None:
+    from streamtasks.cli import main
+
+    assert main(["send", "t", "--broker", "memory://", "--backend", "memory://"]) == 0
+    assert logging.getLogger().level == logging.WARNING
+    assert main(["send", "t", "--broker", "memory://", "--backend", "memory://",
+                 "-l", "info"]) == 0
+    assert logging.getLogger().level == logging.INFO
+
+
+def test_one_info_line_per_finished_task(
+    app: App, capsys: pytest.CaptureFixture[str], restore_logging: None
+) -> None:
+    configure_logging(app.settings, log_format="json", default_level="info")
+
+    @app.task(name="fine")
+    def fine() -> int:
+        return 1
+
+    @app.task(name="broken")
+    def broken() -> None:
+        raise KeyError("gone")
+
+    ok, bad = fine.delay(), broken.delay()
+    with pytest.raises(KeyError):
+        app.drain()
+    lines = [line for line in _json_lines(capsys.readouterr().err)
+             if line["event"] == "task finished"]
+    by_id = {line["id"]: line for line in lines}
+    assert len(lines) == 2 and set(by_id) == {ok.id, bad.id}
+    assert by_id[ok.id]["state"] == "SUCCESS" and by_id[ok.id]["task"] == "fine"
+    assert by_id[bad.id]["state"] == "FAILURE" and "KeyError" in by_id[bad.id]["error"]
+    for line in lines:
+        assert line["level"] == "info" and line["duration_s"] >= 0
+        assert line["queue"] == "default" and line["attempt"] == 1
+
+
+# -- repeated client errors are collapsed ------------------------------------------------
+
+
+def test_the_gate_shows_a_message_once_per_interval_and_counts_the_rest() -> None:
+    now = [0.0]
+    gate = RepeatGate(10.0, clock=lambda: now[0])
+    assert gate.admit("refused") == 0
+    assert [gate.admit("refused") for _ in range(77)] == [None] * 77
+    assert gate.admit("other") == 0  # a distinct message is shown at once
+    now[0] = 10.5
+    assert gate.admit("refused") == 77  # shown again, with the count of the suppressed
+    assert gate.admit("refused") is None
+    assert RepeatGate(0).admit("x") == 0 and RepeatGate(0).admit("x") == 0  # 0: off
+
+
+def test_repeated_warnings_are_collapsed_stdlib_and_structlog_alike(
+    capsys: pytest.CaptureFixture[str], restore_logging: None
+) -> None:
+    configure_logging(Settings(log_format="json"), default_level="info")
+    for attempt in range(50):
+        structlog.get_logger("streamtasks.broker.kafka").warning(
+            "kafka client error", error="Connection refused")
+        logging.getLogger("cassandra.pool").warning(
+            "Error attempting to reconnect to 10.0.0.1 (after %dms)", attempt)
+        logging.getLogger("streamtasks.broker.librdkafka").error("FAIL: connect refused")
+        logging.getLogger("other.library").warning("disk almost full")
+        structlog.get_logger("streamtasks.worker").info("task finished", n=1)
+    lines = _json_lines(capsys.readouterr().err)
+    events = [line["event"] for line in lines]
+    assert events.count("kafka client error") == 1
+    assert len([e for e in events if e.startswith("Error attempting to reconnect")]) == 1
+    assert events.count("FAIL: connect refused") == 1
+    assert events.count("disk almost full") == 1  # any library, through the handler
+    assert events.count("task finished") == 50  # INFO is never collapsed
+
+
+def test_an_unreachable_broker_prints_a_line_per_distinct_error_not_a_stream(
+    tmp_path: Path
+) -> None:
+    # Given a client sending to a port nothing listens on, topics not created (so the
+    # producer retries the connection for as long as it waits)
+    script = tmp_path / "client.py"
+    script.write_text(textwrap.dedent("""
+        from streamtasks import App, SendError
+        app = App("c", broker="kafka://127.0.0.1:1", backend="memory://")
+
+        @app.task(name="add")
+        def add(a: int, b: int) -> int:
+            return a + b
+
+        add.delay(1, 1)
+        try:
+            app.flush(4)
+        except SendError:
+            print("not confirmed")
+        import os
+        os._exit(0)  # skip the exit flush: its wait is not what this test is about
+    """))
+    out = run_client(script, tmp_path, STREAMTASKS_CREATE_TOPICS="false")
+    # Then the program's output is its own and the errors are a handful of lines, not
+    # one per reconnection (librdkafka retries every ~50 ms: about 80 lines in 4 s)
+    assert out.stdout == "not confirmed\n"
+    refused = [line for line in out.stderr.splitlines() if "Connection refused" in line]
+    assert 1 <= len(refused) <= 2, out.stderr  # the librdkafka log line, the error callback

@@ -8,7 +8,9 @@ client, so SASL and TLS need nothing more. Options that the delivery promise dep
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -100,6 +102,29 @@ def _retriable(err: BaseException) -> bool:
 
 def _log_client_error(err: ck.KafkaError) -> None:
     log.warning("kafka client error", error=err.str(), code=err.name(), fatal=err.fatal())
+
+
+@contextlib.contextmanager
+def _interrupt_between_calls() -> Iterator[list[int]]:
+    """Within the block, SIGINT is noted (the list gets an item) instead of raised.
+
+    Only in the main thread and when SIGINT has Python's default handler; elsewhere
+    the block changes nothing (the list stays empty).
+    """
+    noted: list[int] = []
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield noted
+        return
+
+    def note(signum: int, _frame: object) -> None:
+        noted.append(signum)
+
+    previous = signal.signal(signal.SIGINT, note)
+    try:
+        yield noted
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class KafkaBroker(Broker):
@@ -274,10 +299,24 @@ class KafkaBroker(Broker):
         return self._producer.poll(timeout_s)
 
     def flush(self, timeout_s: float) -> int:
-        """Wait until every queued record is confirmed or failed; return how many remain."""
+        """Wait until every queued record is confirmed or failed; return how many remain.
+
+        Ctrl-C ends the wait within 0.2 s with ``KeyboardInterrupt``: the wait is sliced
+        (librdkafka's flush holds signals until it returns), and in the main thread
+        SIGINT only sets a flag while a slice runs: raised inside one of the client's
+        callbacks, it was lost and the flush failed with a ``SystemError``.
+        """
         if self._producer is None:
             return 0
-        return self._producer.flush(timeout_s)
+        deadline = time.monotonic() + timeout_s
+        with _interrupt_between_calls() as interrupted:
+            while True:
+                left = deadline - time.monotonic()
+                remaining = int(self._producer.flush(max(0.0, min(0.2, left))))
+                if interrupted:
+                    raise KeyboardInterrupt
+                if remaining == 0 or left <= 0.2:
+                    return remaining
 
     # -- consuming -----------------------------------------------------------------------
 

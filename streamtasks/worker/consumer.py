@@ -595,7 +595,7 @@ class Worker:
         if decision.kind == RETRY:
             assert decision.delay_s is not None
             self.stats["retried"] += 1
-            self._finished(job, outcome, states.RETRY)
+            self._finished(job, outcome, states.RETRY, error)
             hooks.retrying(job.running, error, outcome.traceback)
             self._effects(job, self._retry_steps(job, outcome, decision.delay_s),
                           f"retry of {msg.name} {msg.id}")
@@ -606,19 +606,27 @@ class Worker:
             outcome = dataclasses.replace(outcome, error=error)
         self._fail(job, outcome, error, decision.reason)
 
-    def _finished(self, job: _Job, outcome: Outcome, state: str) -> None:
+    def _finished(
+        self, job: _Job, outcome: Outcome, state: str, error: BaseException | None = None
+    ) -> None:
         job.effects_started = time.monotonic()
         duration_s = max(0, outcome.finished_ms - outcome.started_ms) / 1000
         self.observer.task_finished(job.msg.queue, job.msg.name, state, duration_s)
+        msg = job.msg  # one line per outcome: what an operator greps for first
+        if error is None:
+            log.info("task finished", task=msg.name, id=msg.id, queue=msg.queue,
+                     attempt=msg.attempt, state=state, duration_s=duration_s)
+        else:
+            log.info("task finished", task=msg.name, id=msg.id, queue=msg.queue,
+                     attempt=msg.attempt, state=state, duration_s=duration_s,
+                     error=f"{type(error).__name__}: {error_text(error)}")
 
     def _fail(self, job: _Job, outcome: Outcome, error: BaseException, reason: str) -> None:
         self.stats["failed"] += 1
-        self._finished(job, outcome, states.FAILURE)
+        self._finished(job, outcome, states.FAILURE, error)
         if len(self.task_errors) < _MAX_KEPT_ERRORS:
             self.task_errors.append(error)
         msg = job.msg
-        log.info("task failed", task=msg.name, id=msg.id, attempt=msg.attempt,
-                 error=f"{type(error).__name__}: {error_text(error)}")
         hooks.failed(job.running, error, outcome.traceback, self.app.failure_handlers)
         self._effects(
             job,
