@@ -213,3 +213,14 @@ def test_request_is_frozen() -> None:
     request = Request(id="x", name="n", queue="q")
     with pytest.raises(dataclasses.FrozenInstanceError):
         request.id = "y"  # type: ignore[misc]
+
+
+def test_an_async_bound_task_reads_its_request(app: App) -> None:
+    @app.task(name="aself", bind=True)
+    async def aself(self: Any, x: int) -> str:
+        await asyncio.sleep(0)
+        return f"{self.request.id}:{self.request.attempt}:{x}"
+
+    result = aself.delay(5)
+    app.drain()
+    assert result.get(timeout=1) == f"{result.id}:1:5"

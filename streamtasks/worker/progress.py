@@ -33,12 +33,14 @@ log = structlog.get_logger("streamtasks.worker")
 class RunProgress:
     """What the tracker knows of one run: started, finished, what was written."""
 
-    __slots__ = ("alive", "at_once", "finished", "msg", "started", "written")
+    __slots__ = ("alive", "at_once", "due", "finished", "msg", "started", "written")
 
     def __init__(self, msg: TaskMessage, at_once: bool, alive: Callable[[], bool]) -> None:
         self.msg = msg
         self.at_once = at_once
         self.alive = alive
+        #: When its threshold passes (monotonic s), once it is in the tracker's deque.
+        self.due = 0.0
         self.started = False
         self.finished = False
         self.written: str | None = None
@@ -61,7 +63,7 @@ class ProgressWriter:
         self.worker = worker
         self.after_s = after_s
         self.track_started = track_started
-        self._due: deque[tuple[float, RunProgress]] = deque()
+        self._due: deque[RunProgress] = deque()
 
     def track(
         self, msg: TaskMessage, task_tracks_started: bool,
@@ -80,7 +82,8 @@ class ProgressWriter:
     def waiting(self, run: RunProgress | None) -> None:
         """The record waits behind its key: RECEIVED if it still waits after the threshold."""
         if run is not None and not run.at_once:
-            self._due.append((time.monotonic() + self.after_s, run))
+            run.due = time.monotonic() + self.after_s
+            self._due.append(run)
 
     def started(self, run: RunProgress | None) -> None:
         """The run starts (in the thread that runs it): STARTED now or after the threshold."""
@@ -92,7 +95,8 @@ class ProgressWriter:
         else:
             # appended from the running threads; deadlines rise with the order of appends
             # (to within a thread switch), so the deque stays sorted for write_due
-            self._due.append((time.monotonic() + self.after_s, run))
+            run.due = time.monotonic() + self.after_s
+            self._due.append(run)
 
     def write_due(self) -> None:
         """Write progress of the runs whose threshold passed (the worker's loop thread)."""
@@ -100,8 +104,8 @@ class ProgressWriter:
         if not due:
             return
         now = time.monotonic()
-        while due and due[0][0] <= now:
-            _, run = due.popleft()
+        while due and due[0].due <= now:
+            run = due.popleft()
             if run.finished or not run.alive() or run.written == states.STARTED:
                 continue
             if run.started:
