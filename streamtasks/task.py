@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import time
 import types
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Generic, NoReturn, ParamSpec, TypeVar, ca
 from streamtasks import context
 from streamtasks.errors import ConfigError, Retry, TaskError
 from streamtasks.retry import RetryPolicy
+from streamtasks.timeutil import epoch_ms
 
 if TYPE_CHECKING:
     from streamtasks.app import App
@@ -211,24 +213,40 @@ class Task(Generic[P, R]):
 
     def retry(
         self,
+        *,
         countdown: float | None = None,
+        eta: datetime | None = None,
         exc: BaseException | None = None,
         max_retries: int | None = None,
-        *,
         reason: str = "",
+        **refused: Any,
     ) -> NoReturn:
         """Ask for another attempt later, as Celery's ``self.retry``: raises :class:`Retry`.
 
         Args:
             countdown: seconds before the next attempt (default: the task's backoff).
+            eta: the time of the next attempt instead (naive: UTC).
             exc: the error that caused the retry; when no retry is left the task fails
                 with it (its type, message and traceback), as in Celery.
             max_retries: the retries this task may have, instead of its own.
             reason: why, kept in the RETRY row.
+            **refused: Celery's other arguments (``args``, ``kwargs``, ``throw``, ...):
+                refused, naming the argument.
 
         Raises:
             Retry: always (raise it on: ``raise self.retry(...)`` reads as in Celery).
+            ConfigError: ``countdown`` with ``eta``, or an argument streamtasks refuses.
         """
+        if refused:
+            name = sorted(refused)[0]
+            raise ConfigError(
+                f"{self.name}.retry: unknown argument {name!r}; a retry runs the same "
+                "message again (accepted: countdown, eta, exc, max_retries, reason)"
+            )
+        if eta is not None:
+            if countdown is not None:
+                raise ConfigError(f"{self.name}.retry: give countdown or eta, not both")
+            countdown = max(0.0, (epoch_ms(eta) - time.time() * 1000) / 1000)
         raise Retry(countdown, exc, max_retries, reason=reason) from exc
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:

@@ -224,3 +224,21 @@ def test_an_async_bound_task_reads_its_request(app: App) -> None:
     result = aself.delay(5)
     app.drain()
     assert result.get(timeout=1) == f"{result.id}:1:5"
+
+
+def test_self_retry_takes_eta_and_refuses_what_streamtasks_does_not_do(app: App) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from streamtasks import ConfigError, Retry
+
+    @app.task(name="r", bind=True)
+    def r(self: Any) -> None:
+        return None
+
+    with pytest.raises(Retry) as raised:
+        r.retry(eta=datetime.now(UTC) + timedelta(seconds=30))
+    assert raised.value.countdown_s is not None and 28 <= raised.value.countdown_s <= 30
+    with pytest.raises(ConfigError, match="countdown or eta"):
+        r.retry(countdown=1, eta=datetime.now(UTC))
+    with pytest.raises(ConfigError, match="unknown argument 'args'"):
+        r.retry(args=(1,))
