@@ -108,13 +108,17 @@ def wait_lines(path: Path, lines: int, timeout_s: float) -> None:
     raise AssertionError(f"fewer than {lines} executions within {timeout_s}s")
 
 
+#: NOT_COORDINATOR, COORDINATOR_NOT_AVAILABLE, COORDINATOR_LOAD_IN_PROGRESS.
+_COORDINATOR_BUSY = frozenset({16, 15, 14})
+
+
 def wait_groups_settled(groups: list[str], members: int, timeout_s: float = 120) -> None:
     """Wait until each consumer group is stable with ``members`` members, all assigned.
 
     Workers that start together rebalance their groups (the queue's and the delay
     forwarder's) for a few seconds; a latency measured meanwhile measures that.
     """
-    from confluent_kafka import ConsumerGroupState
+    from confluent_kafka import ConsumerGroupState, KafkaException
     from confluent_kafka.admin import AdminClient
 
     admin = AdminClient({"bootstrap.servers": kafka_bootstrap()})
@@ -123,7 +127,12 @@ def wait_groups_settled(groups: list[str], members: int, timeout_s: float = 120)
         described = admin.describe_consumer_groups(groups, request_timeout=10)
         settled = 0
         for future in described.values():
-            group = future.result()
+            try:
+                group = future.result()
+            except KafkaException as err:  # the coordinator moving or loading: ask again
+                if not (err.args[0].retriable() or err.args[0].code() in _COORDINATOR_BUSY):
+                    raise
+                continue
             assigned = [m for m in group.members if m.assignment.topic_partitions]
             if group.state == ConsumerGroupState.STABLE and len(assigned) == members:
                 settled += 1

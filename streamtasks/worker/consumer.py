@@ -447,6 +447,7 @@ class Worker:
     def _submit(self, job: _Job) -> None:
         if not self.rates.admit(job.task.name, job.record.tp, job):
             self.observer.rate_limited(job.msg.queue, job.msg.name)
+            self.progress.waiting(job.progress)  # RECEIVED if it waits long for a token
             return
         self._run(job)
 
