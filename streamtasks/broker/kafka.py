@@ -649,17 +649,21 @@ class KafkaBroker(Broker):
         return offsets
 
     def cluster_size(self) -> int:
-        """Return how many brokers the cluster metadata lists (the live ones).
+        """Return how many brokers the cluster lists (the live ones; DescribeCluster).
+
+        DescribeCluster carries no topic metadata: on a broker with many thousands of
+        partitions a full metadata request is large (it exhausted a 512 MiB heap here).
 
         Raises:
             BrokerError: no broker answered.
         """
-        admin = self._get_admin()
-        self._check_reachable(admin)
         try:
-            return len(admin.list_topics(timeout=REQUEST_TIMEOUT_S).brokers)
-        except ck.KafkaException as err:
-            raise BrokerError(f"cannot read the cluster metadata: {err}") from err
+            future = self._get_admin().describe_cluster(request_timeout=REQUEST_TIMEOUT_S)
+            return len(future.result(timeout=REQUEST_TIMEOUT_S * 2).nodes)
+        except (ck.KafkaException, TimeoutError) as err:
+            raise BrokerError(
+                f"cannot describe the Kafka cluster at {self._common.get('bootstrap.servers')}"
+                f": {err}") from err
 
     def group_member_count(self, group_id: str) -> int:
         """Return how many consumers are members of ``group_id`` now (DescribeGroups).
