@@ -26,7 +26,8 @@ from typing import Any
 import structlog
 
 from streamtasks import tracing
-from streamtasks.settings import ENV_PREFIX, Settings
+from streamtasks.errors import ConfigError
+from streamtasks.settings import ENV_PREFIX, LOG_LEVELS, Settings
 
 #: Key fragments whose values are secrets, redacted wherever they appear in an event.
 SECRET_KEYS = ("password", "passwd", "secret", "token", "sasl.jaas", "sasl.oauthbearer",
@@ -189,13 +190,19 @@ def resolve_format(
     The first given of: ``log_format`` (``--log-format``), ``$STREAMTASKS_LOG_FORMAT`` (the
     worker's environment wins over settings an app module builds in code), the
     ``log_format`` setting. ``auto`` (or nothing): JSON when stdout is not a terminal.
+
+    Raises:
+        ConfigError: the format is not ``json``, ``console`` or ``auto``.
     """
     env = os.environ if env is None else env
     chosen = log_format or env.get(ENV_PREFIX + "LOG_FORMAT") or settings.log_format or "auto"
     chosen = chosen.strip().lower()
     if chosen == "auto":
         return "console" if _isatty(sys.stdout) else "json"
-    return "json" if chosen == "json" else "console"
+    if chosen not in ("json", "console"):
+        raise ConfigError(f"log format {chosen!r} (from {ENV_PREFIX}LOG_FORMAT, log_format or "
+                          "--log-format) is not one of json, console, auto")
+    return chosen
 
 
 def resolve_level(
@@ -210,12 +217,17 @@ def resolve_level(
     ``log_level`` when it was set (not its default), ``default`` (``info`` for a worker,
     ``warning`` for a client: a program that only sends tasks logs nothing below WARNING
     unless asked).
+
+    Raises:
+        ConfigError: the level is not one of :data:`~streamtasks.settings.LOG_LEVELS`.
     """
     env = os.environ if env is None else env
     chosen = settings.log_level if "log_level" in settings.model_fields_set else None
     name = log_level or env.get(ENV_PREFIX + "LOG_LEVEL") or chosen or default
-    level = logging.getLevelName(name.strip().upper())
-    return level if isinstance(level, int) else logging.INFO
+    if name.strip().lower() not in LOG_LEVELS:  # never a silent INFO for a typo
+        raise ConfigError(f"log level {name!r} (from {ENV_PREFIX}LOG_LEVEL, log_level or -l) "
+                          f"is not one of {', '.join(LOG_LEVELS)}")
+    return int(logging.getLevelName(name.strip().upper()))
 
 
 def _isatty(stream: Any) -> bool:

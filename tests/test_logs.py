@@ -16,6 +16,7 @@ import pytest
 import structlog
 
 from streamtasks import App, Settings
+from streamtasks.errors import ConfigError
 from streamtasks.logs import (
     _CLIENT_LOGGERS,
     RepeatGate,
@@ -278,6 +279,10 @@ def test_a_level_left_to_its_default_is_not_asked_for() -> None:
     assert resolve_level(from_env, env={}, default="warning") == logging.DEBUG
     changed = Settings().replace(broker="memory://")  # App(broker=...) over settings
     assert resolve_level(changed, env={}, default="warning") == logging.WARNING
+    with pytest.raises(ConfigError, match=r"'loud'.*not one of debug, info"):
+        resolve_level(Settings(), env={"STREAMTASKS_LOG_LEVEL": "loud"})
+    with pytest.raises(ConfigError, match=r"'jsn'.*not one of json, console, auto"):
+        resolve_format(Settings(), env={"STREAMTASKS_LOG_FORMAT": "jsn"})
 
 
 def test_cli_commands_are_clients_and_the_worker_logs_at_info(
