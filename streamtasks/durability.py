@@ -11,7 +11,8 @@ starts; a cluster that cannot be seen then is not checked (it may be down for a 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import structlog
@@ -38,10 +39,13 @@ class ClusterView:
     Attributes:
         brokers: Kafka brokers in the cluster metadata (live ones).
         store: how the result store replicates (nodes, keyspace, replication, levels).
+        topic_replicas: the fewest replicas of any partition, per existing topic the
+            worker consumes (a topic created earlier keeps the replication it got then).
     """
 
     brokers: int | None = None
     store: Replication | None = None
+    topic_replicas: Mapping[str, int] = field(default_factory=dict)
 
 
 def check_durability(settings: Settings, view: ClusterView) -> list[str]:
@@ -64,6 +68,7 @@ def check_durability(settings: Settings, view: ClusterView) -> list[str]:
     warnings = _check_producer(settings)
     if view.brokers is not None:
         warnings += _check_topics(settings, view.brokers)
+        warnings += _check_existing_topics(settings, view.brokers, view.topic_replicas)
     if view.store is not None:
         warnings += _check_keyspace(view.store)
     return warnings
@@ -116,6 +121,25 @@ def _check_topics(settings: Settings, brokers: int) -> list[str]:
     return warnings
 
 
+def _check_existing_topics(settings: Settings, brokers: int,
+                           topic_replicas: Mapping[str, int]) -> list[str]:
+    warnings = []
+    for topic, replicas in sorted(topic_replicas.items()):
+        if brokers > 1 and replicas == 1:
+            raise ConfigError(
+                f"topic {topic} has one replica on a Kafka cluster of {brokers} brokers (it "
+                "was created so, whatever setting replication_factor says now): its tasks are"
+                " lost with its broker; add replicas (kafka-reassign-partitions) or use a new "
+                "namespace"
+            )
+        if replicas < settings.replication_factor:
+            warnings.append(
+                f"topic {topic} has {replicas} replicas, fewer than setting "
+                f"replication_factor={settings.replication_factor} (it was created before)"
+            )
+    return warnings
+
+
 def _check_keyspace(store: Replication) -> list[str]:
     from streamtasks.backend.cassandra.consistency import check_group_consistency, replicas
 
@@ -133,23 +157,27 @@ def _check_keyspace(store: Replication) -> list[str]:
                                    store.replication, store.keyspace)
 
 
-def observe(broker: Broker, backend: ResultBackend) -> ClusterView:
-    """Look at the clusters: brokers in the metadata, Cassandra nodes, keyspace replication.
+def observe(broker: Broker, backend: ResultBackend, topics: Sequence[str] = ()) -> ClusterView:
+    """Look at the clusters: brokers, Cassandra nodes, keyspace and ``topics`` replication.
 
-    A cluster that cannot be reached now is left unknown (None).
+    A cluster that cannot be reached now is left unknown (None); a missing topic is left out.
     """
-    return ClusterView(broker.cluster_size(), backend.replication())
+    replicas = {t: n for t in topics if (n := broker.topic_replicas(t)) is not None}
+    return ClusterView(broker.cluster_size(), backend.replication(), replicas)
 
 
-def check_worker_start(settings: Settings, broker: Broker, backend: ResultBackend) -> None:
+def check_worker_start(settings: Settings, broker: Broker, backend: ResultBackend,
+                       topics: Sequence[str] = ()) -> None:
     """Apply :func:`check_durability` to what a starting worker sees; log the warnings.
+
+    ``topics`` are those the worker consumes; the ones that exist are checked too.
 
     Raises:
         ConfigError: a setting that loses work on this cluster (the worker must not start).
 
     """
     try:
-        view = observe(broker, backend)
+        view = observe(broker, backend, topics)
     except StreamTasksError as err:
         log.warning("cannot check durability settings now; starting anyway", error=str(err))
         view = ClusterView()

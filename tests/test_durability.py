@@ -110,3 +110,36 @@ def test_a_worker_starts_when_the_cluster_cannot_be_seen_now(
         assert all(rt.started for rt in worker.runtimes)
     finally:
         worker.close()
+
+
+def test_an_existing_topic_with_one_replica_on_several_brokers_is_refused() -> None:
+    # created with RF 1 earlier: the setting saying 3 now does not protect its tasks
+    view = ClusterView(3, None, {"ns.default": 1})
+    with pytest.raises(ConfigError, match=r"topic ns\.default has one replica on a Kafka "
+                                          "cluster of 3 brokers"):
+        check_durability(production(), view)
+
+
+def test_an_existing_topic_with_fewer_replicas_than_the_setting_is_warned_about() -> None:
+    warnings = check_durability(production(), ClusterView(3, None, {"ns.default": 2}))
+    assert warnings == ["topic ns.default has 2 replicas, fewer than setting "
+                        "replication_factor=3 (it was created before)"]
+    assert check_durability(production(), ClusterView(3, None, {"ns.default": 3})) == []
+
+
+def test_a_worker_checks_the_existing_topics_of_its_queues(
+    app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    asked: list[str] = []
+
+    def replicas(topic: str) -> int:
+        asked.append(topic)
+        return 1
+
+    monkeypatch.setattr(app.broker, "cluster_size", lambda: 3)
+    monkeypatch.setattr(app.broker, "topic_replicas", replicas)
+    app.settings.replication_factor = 3
+    worker = Worker(app, ["default", "emails"])
+    with pytest.raises(ConfigError, match=r"topic streamtasks\.default has one replica"):
+        worker.start()
+    assert asked == [app.settings.topic("default"), app.settings.topic("emails")]

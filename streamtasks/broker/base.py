@@ -283,6 +283,14 @@ class Broker(ABC):
         """
         return None
 
+    def topic_replicas(self, topic: str) -> int | None:
+        """Return the fewest replicas of any partition of ``topic``; None if unknown or missing.
+
+        Raises:
+            BrokerError: the broker did not answer.
+        """
+        return None
+
     def group_member_count(self, group_id: str) -> int:
         """Return how many consumers are members of ``group_id`` now (0: none or unknown).
 

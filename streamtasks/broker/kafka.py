@@ -665,6 +665,20 @@ class KafkaBroker(Broker):
                 f"cannot describe the Kafka cluster at {self._common.get('bootstrap.servers')}"
                 f": {err}") from err
 
+    def topic_replicas(self, topic: str) -> int | None:
+        """Return the fewest replicas of any partition of ``topic``; None if it is missing.
+
+        Raises:
+            BrokerError: Kafka did not answer in time.
+        """
+        try:
+            info = self._get_admin().list_topics(topic, timeout=REQUEST_TIMEOUT_S).topics.get(topic)
+        except ck.KafkaException as err:
+            raise BrokerError(f"cannot read metadata of topic {topic!r}: {err}") from err
+        if info is None or info.error is not None or not info.partitions:
+            return None
+        return min(len(p.replicas) for p in info.partitions.values())
+
     def group_member_count(self, group_id: str) -> int:
         """Return how many consumers are members of ``group_id`` now (DescribeGroups).
 

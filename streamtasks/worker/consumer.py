@@ -207,7 +207,8 @@ class Worker:
                 migrate``): every result write would fail.
         """
         self._check_schema()
-        check_worker_start(self.app.settings, self.app.broker, self.app.backend)
+        check_worker_start(self.app.settings, self.app.broker, self.app.backend,
+                           [self.app.settings.topic(q) for q in self.queues])
         for q in self.queues:
             self.app.ensure_queue(q)
         # revokes made before this worker started are known before its first task
