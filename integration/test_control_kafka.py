@@ -69,9 +69,10 @@ def test_three_workers_fire_each_due_time_once_with_one_killed_halfway(
     # Given three workers firing a schedule every 2 s (they serve no queue of it) and a
     # fourth that runs the fired tasks without firing (so a kill repeats no execution)
     log = tmp_path / "exec.log"
-    env = worker_env(new_namespace("beat"), IT_EXEC_LOG=str(log), IT_SCHEDULE_EVERY="2")
+    namespace = new_namespace("beat")
+    env = worker_env(namespace, IT_EXEC_LOG=str(log), IT_SCHEDULE_EVERY="2")
     app = make_app(env)
-    schedule = Schedule("it.tick", "ctl.tick", "ticks", every_s=2)
+    schedule = Schedule("it.tick", "ctl.tick", "ticks", every_s=2, scope=namespace)
     firing = _workers(env, 3, "other")
     runner = _workers(env, 1, "ticks", "--no-beat")
     procs = firing + runner
@@ -236,3 +237,27 @@ def test_a_sync_task_past_its_time_limits_is_killed_or_cleans_up(tmp_path: Path)
     assert marker.read_text() == "cleaned up"
     assert after == 5
     app.close()
+
+
+def test_schedule_claims_and_revokes_on_cassandra() -> None:
+    app = make_app(worker_env(new_namespace("claims")))
+    backend, schedule = app.backend, f"s-{uuid.uuid4().hex}"
+    try:
+        first = backend.claim_fire(schedule, 2000, "dead", 60)
+        assert first.claimer == "dead" and not first.sent
+        assert backend.claim_fire(schedule, 2000, "late", 60).claimer == "dead"  # LWT lost
+        # an unsent claim is taken over once, from its holder only
+        assert backend.take_over_fire(schedule, 2000, "alive", "dead", 60)
+        assert not backend.take_over_fire(schedule, 2000, "other", "dead", 60)
+        backend.fire_sent(schedule, 2000, 60)
+        assert not backend.take_over_fire(schedule, 2000, "other", "alive", 60)
+        claim = backend.fire_claim(schedule, 2000)
+        assert claim is not None and claim.claimer == "alive" and claim.sent
+        backend.claim_fire(schedule, 4000, "alive", 60)
+        assert backend.last_fire(schedule) == 4000
+        assert backend.fire_claim(schedule, 6000) is None
+        ids = [f"r-{uuid.uuid4().hex}" for _ in range(3)]
+        backend.store_revoked(ids[:2], True, 60)
+        assert backend.revoked(ids) == {ids[0]: True, ids[1]: True}
+    finally:
+        app.close()

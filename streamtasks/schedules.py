@@ -70,6 +70,8 @@ class Schedule:
         args: positional arguments of every firing.
         kwargs: keyword arguments of every firing.
         catch_up: ``latest``, ``all`` or ``none`` (see the module docstring).
+        scope: the namespace it fires in: apps of other namespaces sharing the keyspace
+            have their own claims and task ids (:attr:`key`).
     """
 
     name: str
@@ -81,6 +83,7 @@ class Schedule:
     args: tuple[Any, ...] = ()
     kwargs: Mapping[str, Any] = field(default_factory=dict)
     catch_up: str = "latest"
+    scope: str = ""
 
     def __post_init__(self) -> None:
         where = f"schedule {self.name!r}"
@@ -94,6 +97,11 @@ class Schedule:
         self.zone()  # a bad zone or expression is refused when declared, not when due
         if self.cron is not None:
             self._cron_after(0)
+
+    @property
+    def key(self) -> str:
+        """The schedule's key in the claim rows and task ids: ``{scope}/{name}``."""
+        return f"{self.scope}/{self.name}"
 
     @property
     def spec(self) -> str:
@@ -155,7 +163,7 @@ class Schedule:
 
     def task_id(self, due_ms: int) -> str:
         """Return the id of the task fired for ``due_ms``: the same in every process."""
-        return str(uuid.uuid5(_ID_NAMESPACE, f"{self.name}@{due_ms}"))
+        return str(uuid.uuid5(_ID_NAMESPACE, f"{self.key}@{due_ms}"))
 
     def ttl_s(self) -> int:
         """How long claim rows live: a week, or three periods when that is longer."""
@@ -239,7 +247,7 @@ class Scheduler:
         for schedule in self.schedules:
             cursor = self._cursor.get(schedule.name)
             if cursor is None:
-                last = self.app.backend.last_fire(schedule.name)
+                last = self.app.backend.last_fire(schedule.key)
                 cursor = now if last is None else last
                 self._cursor[schedule.name] = cursor
             for due in schedule.to_fire(cursor, now):
@@ -249,7 +257,7 @@ class Scheduler:
         return sent
 
     def _fire(self, schedule: Schedule, due_ms: int, now_ms: int) -> list[str]:
-        claim = self.app.backend.claim_fire(schedule.name, due_ms, self.claimer,
+        claim = self.app.backend.claim_fire(schedule.key, due_ms, self.claimer,
                                             schedule.ttl_s())
         if claim.sent:
             return []
@@ -266,7 +274,7 @@ class Scheduler:
         try:
             self.app.send(schedule.task, schedule.args, dict(schedule.kwargs),
                           queue=schedule.queue, task_id=task_id, confirm=True)
-            self.app.backend.fire_sent(schedule.name, due_ms, schedule.ttl_s())
+            self.app.backend.fire_sent(schedule.key, due_ms, schedule.ttl_s())
         except StreamTasksError as err:
             log.warning("a schedule's task could not be sent; trying again", error=str(err),
                         schedule=schedule.name, due_ms=due_ms)
@@ -289,7 +297,7 @@ class Scheduler:
             if entry.check_at > now:
                 waiting.append(entry)
                 continue
-            name, due = entry.schedule.name, entry.due_ms
+            name, due = entry.schedule.key, entry.due_ms
             try:
                 claim = self.app.backend.fire_claim(name, due)
                 if claim is None or claim.sent:

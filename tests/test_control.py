@@ -90,6 +90,9 @@ def test_a_due_time_has_one_task_id_everywhere() -> None:
     assert a.task_id(60_000) == b.task_id(60_000)
     assert a.task_id(60_000) != a.task_id(120_000)
     assert a.task_id(60_000) != Schedule("other", "t", "q", every_s=60).task_id(60_000)
+    # another namespace sharing the keyspace has its own ids (and claims)
+    elsewhere = Schedule("report", "t", "q", every_s=60, scope="staging")
+    assert elsewhere.task_id(60_000) != a.task_id(60_000) and elsewhere.key != a.key
 
 
 @pytest.mark.parametrize(("policy", "expected"), [
@@ -166,18 +169,20 @@ def test_a_claim_whose_send_never_came_is_taken_over(monkeypatch: pytest.MonkeyP
     scheduler = Scheduler(app, "alive")
     scheduler.tick(10_000)  # cursor at 10 s
     # a scheduler that died after claiming 12 s and before sending it
-    app.backend.claim_fire("sq", 12_000, "dead", 60)
+    app.backend.claim_fire(schedule.key, 12_000, "dead", 60)
     assert scheduler.tick(12_100) == []
     monkeypatch.setattr("streamtasks.schedules.time.monotonic", lambda: time.time() + 3600)
     assert scheduler.tick(12_600) == [schedule.task_id(12_000)]
-    claim = app.backend.fire_claim("sq", 12_000)
+    claim = app.backend.fire_claim(schedule.key, 12_000)
     assert claim is not None and claim.claimer == "alive" and claim.sent
 
 
 def test_a_scheduler_catches_up_from_the_last_due_time_fired() -> None:
     [app] = _apps(1)
-    app.backend.claim_fire("sq", 10_000, "before", 60)
-    app.backend.fire_sent("sq", 10_000, 60)
+    key = app.schedules["sq"].key
+    assert key == "streamtasks/sq"  # scoped by the app's namespace
+    app.backend.claim_fire(key, 10_000, "before", 60)
+    app.backend.fire_sent(key, 10_000, 60)
     # back at 70 s: 12 s .. 64 s were missed and are skipped ("latest": the newest
     # missed one fires only when none is on time); 66, 68 and 70 s are on time
     fired = Scheduler(app, "new").tick(70_000)

@@ -64,7 +64,7 @@ def schedule_rows(app: App, count: int) -> list[dict[str, Any]]:
     rows = []
     for schedule in sorted(app.schedules.values(), key=lambda s: s.name):
         try:
-            last = app.backend.last_fire(schedule.name)
+            last = app.backend.last_fire(schedule.key)
         except (BackendError, NotImplementedError):
             last = None
         rows.append({
