@@ -360,7 +360,7 @@ class App:
             schedule = Schedule(
                 name=name or task.name, task=task.name, queue=queue or task.options.queue,
                 cron=cron, tz=tz, every_s=every_seconds(every), args=tuple(args),
-                kwargs=dict(kwargs or {}), catch_up=catch_up, scope=self.settings.namespace,
+                kwargs=dict(kwargs or {}), catch_up=catch_up,
             )
             if schedule.name in self.schedules and self.schedules[schedule.name] != schedule:
                 raise ConfigError(f"a schedule named {schedule.name!r} is already declared")

@@ -25,10 +25,11 @@ turn; due times on time always fire.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -182,6 +183,16 @@ class Schedule:
         return on_time
 
 
+def scoped(app: App, schedules: Iterable[Schedule]) -> list[Schedule]:
+    """Return ``schedules`` scoped to the app's namespace as it is now.
+
+    Read when a scheduler starts, not when a schedule is declared: the command line may
+    change the namespace of an imported app (``--namespace``).
+    """
+    namespace = app.settings.namespace
+    return [dataclasses.replace(s, scope=namespace) for s in schedules]
+
+
 def every_seconds(every: timedelta | float | None) -> float | None:
     """Return a period given as a timedelta or seconds, in seconds (None stays None)."""
     if isinstance(every, timedelta):
@@ -216,7 +227,7 @@ class Scheduler:
     ) -> None:
         self.app = app
         self.claimer = claimer
-        self.schedules = list(app.schedules.values() if schedules is None else schedules)
+        self.schedules = scoped(app, app.schedules.values() if schedules is None else schedules)
         self.observer = observer
         #: Due times handled, per schedule name (fired here, or claimed elsewhere).
         self._cursor: dict[str, int] = {}

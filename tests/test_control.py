@@ -20,7 +20,7 @@ from streamtasks.backend.memory import MemoryBackend
 from streamtasks.broker.memory import MemoryBroker
 from streamtasks.errors import ConfigError
 from streamtasks.ratelimit import Limit, RateGate, parse_rate
-from streamtasks.schedules import Schedule, Scheduler
+from streamtasks.schedules import Schedule, Scheduler, scoped
 from streamtasks.worker.consumer import Worker
 from streamtasks.worker.observe import NullObserver
 from tests import control_tasks
@@ -156,7 +156,8 @@ def test_schedulers_racing_for_due_times_send_each_once() -> None:
             sent += scheduler.tick(now)
     dues = apps[0].schedules["sq"].dues(start, start + 29_500)
     assert len(dues) == 14  # every 2 s in (start, start + 29.5 s]
-    assert sorted(sent) == sorted(apps[0].schedules["sq"].task_id(d) for d in dues)
+    [schedule] = scoped(apps[0], apps[0].schedules.values())
+    assert sorted(sent) == sorted(schedule.task_id(d) for d in dues)
     records = apps[0].broker.records(apps[0].settings.topic("default"))  # type: ignore[attr-defined]
     assert len(records) == 14
     assert sum(len(sch.fired) for sch in schedulers) == 14
@@ -165,7 +166,7 @@ def test_schedulers_racing_for_due_times_send_each_once() -> None:
 
 def test_a_claim_whose_send_never_came_is_taken_over(monkeypatch: pytest.MonkeyPatch) -> None:
     [app] = _apps(1)
-    schedule = app.schedules["sq"]
+    [schedule] = scoped(app, app.schedules.values())
     scheduler = Scheduler(app, "alive")
     scheduler.tick(10_000)  # cursor at 10 s
     # a scheduler that died after claiming 12 s and before sending it
@@ -179,14 +180,16 @@ def test_a_claim_whose_send_never_came_is_taken_over(monkeypatch: pytest.MonkeyP
 
 def test_a_scheduler_catches_up_from_the_last_due_time_fired() -> None:
     [app] = _apps(1)
-    key = app.schedules["sq"].key
-    assert key == "streamtasks/sq"  # scoped by the app's namespace
+    app.settings = app.settings.replace(namespace="prod")  # as --namespace does
+    [schedule] = scoped(app, app.schedules.values())
+    key = schedule.key
+    assert key == "prod/sq"  # scoped by the app's namespace when the scheduler starts
     app.backend.claim_fire(key, 10_000, "before", 60)
     app.backend.fire_sent(key, 10_000, 60)
     # back at 70 s: 12 s .. 64 s were missed and are skipped ("latest": the newest
     # missed one fires only when none is on time); 66, 68 and 70 s are on time
     fired = Scheduler(app, "new").tick(70_000)
-    assert fired == [app.schedules["sq"].task_id(due) for due in (66_000, 68_000, 70_000)]
+    assert fired == [schedule.task_id(due) for due in (66_000, 68_000, 70_000)]
 
 
 def test_a_worker_fires_its_app_s_schedules(app: App) -> None:
@@ -204,7 +207,7 @@ def test_a_worker_fires_its_app_s_schedules(app: App) -> None:
 
 def worker_fired(worker: Worker) -> list[str]:
     """Task ids fired by the worker's scheduler (read from the app's result rows)."""
-    schedule = worker.app.schedules["sq1"]
+    [schedule] = scoped(worker.app, [worker.app.schedules["sq1"]])
     now = int(time.time() * 1000)
     return [schedule.task_id(d) for d in schedule.dues(now - 10_000, now)]
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from streamtasks.control import REVOKE_EXPIRES_S
 from streamtasks.errors import BackendError, ConfigError
-from streamtasks.schedules import Scheduler, next_due_times
+from streamtasks.schedules import Scheduler, next_due_times, scoped
 
 if TYPE_CHECKING:
     from streamtasks.app import App
@@ -62,7 +62,7 @@ def _iso(ms: int | None) -> str | None:
 def schedule_rows(app: App, count: int) -> list[dict[str, Any]]:
     """Return one row per schedule: what, when, its next due times and the last one fired."""
     rows = []
-    for schedule in sorted(app.schedules.values(), key=lambda s: s.name):
+    for schedule in sorted(scoped(app, app.schedules.values()), key=lambda s: s.name):
         try:
             last = app.backend.last_fire(schedule.key)
         except (BackendError, NotImplementedError):
