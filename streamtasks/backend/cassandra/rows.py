@@ -258,8 +258,8 @@ class TaskRows:
             groups.setdefault(index_params[:4], []).append(index_params)
         what = f"storing task {metas[0].task_id}" if len(metas) == 1 else (
             f"storing {len(metas)} tasks")
-        batches = sum(-(-len(entries) // LISTING_BATCH) for entries in groups.values())
-        write = FanIn(len(metas) + batches, partial(self._batch_done, future, what))
+        batches = list(_chunks(groups.values(), LISTING_BATCH))
+        write = FanIn(len(metas) + len(batches), partial(self._batch_done, future, what))
 
         def row_done(_rows: object) -> None:
             self._slots.release()
@@ -277,7 +277,7 @@ class TaskRows:
                 row_failed(err)
                 continue
             response.add_callbacks(row_done, row_failed)
-        for entries in _chunks(groups.values(), LISTING_BATCH):
+        for entries in batches:
             if len(entries) == 1:
                 statement, values = statements.insert_index, entries[0]
             else:
