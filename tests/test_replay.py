@@ -157,3 +157,41 @@ def test_children_sent_from_a_task_are_derived(app: App, runs: Counter[str]) -> 
     app.drain()
     assert (report.matched, report.derived) == (1, 1)
     assert runs == {"parent": 2, "child": 2}
+
+
+def test_a_range_holding_an_earlier_replays_copies_replays_each_task_once(
+    app: App, runs: Counter[str]
+) -> None:
+    step, flaky = app.tasks["step"], app.tasks["flaky"]
+    step.delay("a", 1)
+    chain(step.s("b", 1), step.s("c")).delay()
+    flaky.delay("f")
+    app.drain()
+    first = replay(app, "default", since_ms=0)
+    app.drain()
+    assert runs == {"a": 2, "b": 2, "c": 2, "f": 6}
+    # the range now holds the originals and the first replay's copies
+    second = replay(app, "default", since_ms=0)
+    app.drain()
+    assert (first.matched, second.matched, second.repeated) == (3, 3, 3)
+    assert runs == {"a": 3, "b": 3, "c": 3, "f": 9}
+
+
+def test_a_range_holding_only_a_replays_copies_replays_them(
+    app: App, runs: Counter[str]
+) -> None:
+    step = app.tasks["step"]
+    step.delay("a", 1)
+    app.drain()
+    replay(app, "default", since_ms=0)
+    app.drain()
+    (copy,) = [r for r in records(app) if "st-replay-of" in r.headers]
+    replay(app, "default", from_offsets={copy.partition: copy.offset},
+           to_offsets={copy.partition: copy.offset})
+    app.drain()
+    assert runs["a"] == 3
+    # a copy of the copy names the first original
+    (original,) = [r for r in records(app) if "st-replay-of" not in r.headers]
+    copies = [r for r in records(app) if "st-replay-of" in r.headers]
+    assert len(copies) == 2
+    assert {r.headers["st-replay-of"] for r in copies} == {original.headers["st-id"]}

@@ -9,7 +9,9 @@ A topic holds more than the tasks producers started: every retry attempt and eve
 workflow step, callback, chord body or child a task sent is a record too, and the
 replayed task produces those again itself. So by default only *origin* records are
 replayed: attempt 1 (the ``st-attempt`` header) and no parent task (``parent_id``, set on
-everything a worker sends), each task id once. ``include_derived`` replays every record.
+everything a worker sends), each task id once; a copy sent by an earlier replay counts as
+its original (``st-replay-of``), so the first one read of the two is sent and the other
+is not. ``include_derived`` replays every record.
 
 A replayed task gets a new id (its ``options["replay_of"]`` names the original), and so
 does every task and group its workflow will produce (chain steps, callbacks, chord
@@ -152,16 +154,17 @@ def replay(
         if not include_derived and msg.parent_id is not None:
             report.derived += 1
             continue
-        if msg.id in seen:  # a producer's retry or a re-sent task: one run is enough
+        origin = _origin_id(record, msg)
+        if origin in seen:  # a producer's retry, a re-sent task or an earlier replay's copy
             report.repeated += 1
             continue
-        seen.add(msg.id)
+        seen.add(origin)
         report.matched += 1
         report.by_name[msg.name] += 1
         if listing is not None:
             listing(ReplayItem(record.partition, record.offset, msg.id, msg.name))
         if not dry_run:
-            _resend(sender, record, msg, target, rename)
+            _resend(sender, record, msg, origin, target, rename)
     if not dry_run:
         # Confirm before reporting: a replay that Kafka did not take must not look done.
         sender.flush()
@@ -198,6 +201,16 @@ def _decode(app: App, record: Record) -> TaskMessage | None:
         return None
 
 
+def _origin_id(record: Record, msg: TaskMessage) -> str:
+    """Return the id of the task a record runs: the original's, for a replayed copy.
+
+    A range that holds an earlier replay's copies as well as their originals (a window
+    reaching past the first replay) then replays each task once, not once per copy.
+    """
+    replayed = header_text(record.headers, REPLAY_OF)
+    return replayed or msg.id
+
+
 def _identity(task_id: str) -> str:
     return task_id
 
@@ -209,12 +222,11 @@ def _renaming() -> Callable[[str], str]:
 
 
 def _resend(
-    sender: Resender, record: Record, msg: TaskMessage, target: str,
+    sender: Resender, record: Record, msg: TaskMessage, original: str, target: str,
     rename: Callable[[str], str],
 ) -> None:
-    original = msg.id
     if rename is not _identity:
-        msg.id = rename(original)
+        msg.id = rename(msg.id)
         if msg.group_id is not None:
             msg.group_id = rename(msg.group_id)
         msg.chain = renamed_ids(msg.chain, rename)
