@@ -11,7 +11,9 @@ a crash or a redelivery re-sends the same children instead of forking new ones. 
 attempt is not part of the derivation: a retry attempt re-sends the children of the first
 attempt under the same ids (a child that already ran runs again with its id, which is its
 idempotency key). An explicit ``task_id=`` wins. Children carry ``parent_id`` (the running
-task) and ``root_id`` (the running task's root, else its own id).
+task) and ``root_id`` (the running task's root, else its own id). A thread the task
+starts sees none of this unless it runs in a copy of the task's context
+(``contextvars.copy_context().run``): Python threads start with an empty context.
 """
 
 from __future__ import annotations

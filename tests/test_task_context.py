@@ -242,3 +242,47 @@ def test_self_retry_takes_eta_and_refuses_what_streamtasks_does_not_do(app: App)
         r.retry(countdown=1, eta=datetime.now(UTC))
     with pytest.raises(ConfigError, match="unknown argument 'args'"):
         r.retry(args=(1,))
+
+
+def test_a_thread_run_in_the_tasks_context_sends_derived_children(app: App) -> None:
+    import contextvars
+    import threading
+
+    @app.task(name="child", queue="kids")
+    def child(n: int) -> int:
+        return n
+
+    @app.task(name="threads")
+    def threads() -> None:
+        for n in range(2):  # one after the other: the numbering is the order of sends
+            worker = threading.Thread(target=contextvars.copy_context().run,
+                                      args=(child.delay, n))
+            worker.start()
+            worker.join()
+
+    threads.apply_async(task_id="T")
+    threads.apply_async(task_id="T")  # redelivered
+    app.drain(["default"])
+    kids = _sent(app, "kids")
+    assert len(kids) == 4
+    assert {k.id for k in kids} == {derived_task_id("T", f"child-{n}") for n in (1, 2)}
+    assert all(k.parent_id == "T" and k.root_id == "T" for k in kids)
+
+
+def test_a_plain_thread_does_not_see_the_run_as_documented(app: App) -> None:
+    import threading
+
+    @app.task(name="child", queue="kids")
+    def child(n: int) -> int:
+        return n
+
+    @app.task(name="plain_thread")
+    def plain_thread() -> None:
+        worker = threading.Thread(target=child.delay, args=(1,))
+        worker.start()
+        worker.join()
+
+    plain_thread.apply_async(task_id="T")
+    app.drain(["default"])
+    (kid,) = _sent(app, "kids")
+    assert kid.parent_id is None and kid.id != derived_task_id("T", "child-1")
