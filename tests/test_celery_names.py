@@ -1,12 +1,23 @@
 """What a Celery user types, on memory://: Celery's option names do what Celery's do."""
 
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from streamtasks import App, ConfigError, GroupResult, Request, Retry, Settings, TaskFailed, group
+from streamtasks import (
+    App,
+    ConfigError,
+    GroupResult,
+    Request,
+    Retry,
+    Settings,
+    TaskFailed,
+    group,
+    states,
+)
 from streamtasks.message import TaskMessage
 
 
@@ -371,3 +382,36 @@ def test_a_hook_that_raises_is_logged_and_changes_nothing(
     assert after.get(timeout=1) == 1
     err = capsys.readouterr().err
     assert err.count("a task hook raised") == 4 and "hook bug" in err
+
+
+def test_a_slow_hook_does_not_hold_up_the_worker(app: App) -> None:
+    # Given an on_failure hook that pages someone and waits (an HTTP call, say) until
+    # another task's result is stored, and that other task finishing after the hook began
+    hook_began = threading.Event()
+    seen_other: list[bool] = []
+
+    def page_oncall(request: Request, exc: BaseException, tb: str) -> None:
+        hook_began.set()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and other.state != states.SUCCESS:
+            time.sleep(0.02)
+        seen_other.append(other.state == states.SUCCESS)
+
+    @app.task(name="pages", on_failure=page_oncall)
+    def pages() -> None:
+        raise ValueError("down")
+
+    @app.task(name="after_the_page", queue="other")
+    def after_the_page() -> int:
+        hook_began.wait(5)
+        return 1
+
+    failing = pages.delay()
+    other = after_the_page.delay()
+    # When one worker runs both
+    with pytest.raises(ValueError, match="down"):
+        app.drain(["default", "other"], timeout_s=20)
+    # Then the other task's result was stored while the hook still ran, and drain
+    # returned only once the hook was done
+    assert failing.state == states.FAILURE
+    assert seen_other == [True]

@@ -48,12 +48,12 @@ from streamtasks.ratelimit import RateGate, rate_gate
 from streamtasks.schedules import Scheduler, SchedulerThread
 from streamtasks.task import Task
 from streamtasks.tracing import record_traceparent
-from streamtasks.worker import hooks
 from streamtasks.worker.deadletter import dead_letter_headers
 from streamtasks.worker.delayer import DelayForwarder
 from streamtasks.worker.effects import EffectRunner, Step, StepDone, send_step, store_step
 from streamtasks.worker.executor import Executor, Outcome
 from streamtasks.worker.flows import CHORD_BODY, FollowUps, claimer_of
+from streamtasks.worker.hooks import HookRunner
 from streamtasks.worker.observe import NullObserver, WorkerObserver
 from streamtasks.worker.outcomes import (
     FAIL,
@@ -169,6 +169,8 @@ class Worker:
                                        self.settings.track_started)
         self.executor = Executor(self.concurrency,
                                  inline_max_s=self.settings.inline_max_ms / 1000)
+        #: Runs tasks' hooks off this loop (a slow hook holds up no result or commit).
+        self.hooks = HookRunner()
         #: Task ids revoked (read from the control topic by :attr:`control`).
         self.revoked = RevokedIds()
         self.control = ControlListener(app, self.revoked, on_terminate=self.executor.terminate)
@@ -343,6 +345,7 @@ class Worker:
         self.control.close()
         self.rates.close()
         self.executor.shutdown(wait=False)
+        self.hooks.close(self.settings.shutdown_grace_s)
         self.flows.close()
         self.app.broker.flush(5.0)
 
@@ -583,7 +586,7 @@ class Worker:
             else:
                 self.stats["succeeded"] += 1
                 self._finished(job, outcome, states.SUCCESS)
-                hooks.succeeded(job.running, outcome.result)
+                self.hooks.succeeded(job.running, outcome.result)
                 meta = self._meta(msg, outcome)
                 if follow_ups:
                     self._effects(job, [store_step(self.app.backend, meta), *follow_ups],
@@ -598,7 +601,7 @@ class Worker:
             assert decision.delay_s is not None
             self.stats["retried"] += 1
             self._finished(job, outcome, states.RETRY, error)
-            hooks.retrying(job.running, error, outcome.traceback)
+            self.hooks.retrying(job.running, error, outcome.traceback)
             self._effects(job, self._retry_steps(job, outcome, decision.delay_s),
                           f"retry of {msg.name} {msg.id}")
             return
@@ -629,7 +632,7 @@ class Worker:
         if len(self.task_errors) < _MAX_KEPT_ERRORS:
             self.task_errors.append(error)
         msg = job.msg
-        hooks.failed(job.running, error, outcome.traceback, self.app.failure_handlers)
+        self.hooks.failed(job.running, error, outcome.traceback, self.app.failure_handlers)
         self._effects(
             job,
             [store_step(self.app.backend, self._meta(msg, outcome)),
@@ -861,6 +864,6 @@ class Worker:
 
     def _idle(self) -> bool:
         self._service()
-        if self.effects.active:
+        if self.effects.active or not self.hooks.idle():
             return False
         return all(rt.idle() for rt in self.runtimes)
