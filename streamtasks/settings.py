@@ -350,6 +350,12 @@ class ServiceURL:
 
 
 _DEFAULT_PORTS = {"kafka": 9092, "cassandra": 9042}
+#: The URL forms each service takes (a URL of the other service is refused at once).
+_URL_FORMS = {
+    "broker": {"kafka": "kafka://host:9092", "memory": "memory://"},
+    "backend": {"cassandra": "cassandra://host:9042/keyspace", "memory": "memory://"},
+}
+_ANY_FORM = {**_URL_FORMS["broker"], **_URL_FORMS["backend"]}
 
 
 def safe_url(url: str) -> str:
@@ -368,15 +374,19 @@ def safe_url(url: str) -> str:
 def parse_url(url: str, what: str = "url") -> ServiceURL:
     """Parse ``scheme://host:port[,host:port]/path?k=v``.
 
+    ``what`` names the URL in errors; ``broker`` and ``backend`` also limit the schemes to
+    that service's.
+
     Raises:
-        ConfigError: the URL has an unknown scheme or a malformed host list.
+        ConfigError: the URL has a scheme not taken here or a malformed host list.
     """
     parts = urlsplit(url)
     scheme = parts.scheme
-    if scheme not in ("kafka", "cassandra", "memory"):
+    forms = _URL_FORMS.get(what, _ANY_FORM)
+    if scheme not in forms:
         raise ConfigError(
-            f"{what} URL {safe_url(url)!r}: unknown scheme {scheme!r}; use kafka://host:9092, "
-            "cassandra://host:9042/keyspace or memory://"
+            f"{what} URL {safe_url(url)!r}: scheme {scheme!r} is not taken here; use "
+            f"{' or '.join(forms.values())}"
         )
     hosts: list[tuple[str, int]] = []
     if scheme != "memory":

@@ -195,3 +195,17 @@ def test_a_bad_password_value_and_a_bad_yaml_line_hide_the_secret(tmp_path: Path
     with pytest.raises(ConfigError, match="not valid YAML") as bad_yaml:
         Settings.from_env(env={}, config_file=path)
     assert SECRET not in str(bad_yaml.value)
+
+
+@pytest.mark.parametrize(("name", "url"), [
+    ("backend", f"kafka://app:{SECRET}@k:9092"),  # the broker's URL given as the backend
+    ("broker", f"cassandra://app:{SECRET}@db:9042/ks"),  # and the other way round
+])
+def test_a_url_of_the_other_service_is_refused_by_name_without_its_password(
+    name: str, url: str
+) -> None:
+    for build in (lambda: Settings(**{name: url}),
+                  lambda: Settings.from_env(env={f"STREAMTASKS_{name.upper()}": url})):
+        with pytest.raises(ConfigError, match=name) as caught:
+            build()
+        assert SECRET not in str(caught.value)

@@ -13,7 +13,7 @@ from streamtasks.backend.base import ResultBackend, TaskMeta
 from streamtasks.backend.memory import MemoryBackend
 from streamtasks.codec.base import Codec
 from streamtasks.errors import ConfigError
-from streamtasks.settings import Settings, parse_url
+from streamtasks.settings import Settings, parse_url, safe_url
 
 __all__ = ["MemoryBackend", "ResultBackend", "TaskMeta", "backend_from_url"]
 
@@ -44,4 +44,4 @@ def backend_from_url(
         from streamtasks.backend.cassandra import CassandraBackend
 
         return CassandraBackend(url, settings, codec, json_text)
-    raise ConfigError(f"backend URL {url!r}: use cassandra://host:9042/keyspace or memory://")
+    raise ConfigError(f"backend URL {safe_url(url)!r}: use cassandra://host:9042/keyspace or memory://")

@@ -13,7 +13,7 @@ from streamtasks.broker.base import (
 )
 from streamtasks.broker.memory import MemoryBroker, MemoryConsumer
 from streamtasks.errors import ConfigError
-from streamtasks.settings import Settings, parse_url
+from streamtasks.settings import Settings, parse_url, safe_url
 
 __all__ = [
     "Broker",
@@ -45,4 +45,4 @@ def broker_from_url(url: str, settings: Settings) -> Broker:
         from streamtasks.broker.kafka import KafkaBroker
 
         return KafkaBroker(url, settings)
-    raise ConfigError(f"broker URL {url!r}: use kafka://host:9092 or memory://, not {scheme}://")
+    raise ConfigError(f"broker URL {safe_url(url)!r}: use kafka://host:9092 or memory://, not {scheme}://")
