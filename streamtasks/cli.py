@@ -767,6 +767,11 @@ def _cmd_replay(ns: argparse.Namespace) -> int:
           + (f"; left out {' and '.join(left_out)}" if left_out else ""))
     if report.skipped:
         print(f"skipped {report.skipped} undecodable record(s)", file=sys.stderr)
+    if report.partial_chords:
+        print(f"{len(report.partial_chords)} chord(s) only partly in the range: their bodies "
+              "will not run (replay a range holding all their members):", file=sys.stderr)
+        for group, (replayed, size) in sorted(report.partial_chords.items()):
+            print(f"  group {group}: {replayed} of {size} members", file=sys.stderr)
     return EXIT_OK
 
 

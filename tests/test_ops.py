@@ -338,6 +338,23 @@ def test_cli_replay_prints_counts(capsys, app: App, cli_app: str) -> None:
     assert lines[5:] == ["       5  a", "read 5, matched 5, would send 5"]
 
 
+def test_cli_replay_names_a_chord_the_range_cuts(capsys, app: App, cli_app: str) -> None:
+    from streamtasks import chord
+
+    a, b = app.tasks["a"], app.tasks["b"]
+    chord([a.s(i) for i in range(4)], b.s()).apply_async(task_id="cut", confirm=True)
+    members = topic_records(app, "default")
+    by_partition = {r.partition: [m for m in members if m.partition == r.partition]
+                    for r in members}
+    p, on_p = next((p, rs) for p, rs in sorted(by_partition.items()) if len(rs) < 4)
+    group = app.codec.decode_task(on_p[0].value or b"").group_id
+    code, out, err = run(capsys, "replay", "--queue", "default", "--from-offset", f"{p}:0",
+                         "--to-offset", f"{p}:{len(on_p) - 1}", "--dry-run", "--app", cli_app)
+    assert code == 0 and out.splitlines()[-1].startswith(f"read {len(on_p)}, ")
+    assert "1 chord(s) only partly in the range" in err
+    assert f"  group {group}: {len(on_p)} of 4 members" in err
+
+
 def test_cli_replay_reads_a_naive_since_as_utc_in_any_zone(
     capsys, app: App, cli_app: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -195,3 +195,30 @@ def test_a_range_holding_only_a_replays_copies_replays_them(
     copies = [r for r in records(app) if "st-replay-of" in r.headers]
     assert len(copies) == 2
     assert {r.headers["st-replay-of"] for r in copies} == {original.headers["st-id"]}
+
+
+def test_a_chord_cut_by_the_range_is_reported_with_its_missing_members(
+    app: App, runs: Counter[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    step, total = app.tasks["step"], app.tasks["total"]
+    # Given a chord of four whose members (ids derived from a fixed id, so fixed
+    # partitions) are spread over both partitions
+    chord([step.s(f"m{i}", i) for i in range(4)], total.s()).apply_async(task_id="body")
+    app.drain()
+    assert runs["total"] == 1
+    members = [r for r in records(app) if r.headers["st-name"] == b"step"]
+    on_first = [r for r in members if r.partition == 0]
+    assert 0 < len(on_first) < 4  # the premise: a one-partition range cuts the chord
+    group_id = app.codec.decode_task(members[0].value or b"").group_id
+    assert group_id is not None
+    # When one partition is replayed (dry, then for real)
+    last = max(r.offset for r in on_first)
+    dry = replay(app, "default", from_offsets={0: 0}, to_offsets={0: last}, dry_run=True)
+    report = replay(app, "default", from_offsets={0: 0}, to_offsets={0: last})
+    app.drain()
+    # Then both say which chord will not fire, and it did not
+    assert dry.partial_chords == report.partial_chords == {group_id: (len(on_first), 4)}
+    assert runs["total"] == 1
+    assert "chords only partly in the range" in capsys.readouterr().err
+    # and a range holding every member reports none
+    assert replay(app, "default", since_ms=0, dry_run=True).partial_chords == {}

@@ -37,7 +37,7 @@ from streamtasks.errors import MessageError
 from streamtasks.headers import ATTEMPT, TASK_NAME, header_text
 from streamtasks.message import TaskMessage
 from streamtasks.ops._common import Progress, Resender, read_ranges, run_again
-from streamtasks.workflow import renamed_ids
+from streamtasks.workflow import JOIN, renamed_ids
 
 log = structlog.get_logger("streamtasks.ops")
 
@@ -75,6 +75,9 @@ class ReplayReport:
             task: a workflow step, callback or child); 0 with ``include_derived``.
         repeated: records left out because their task id was replayed already.
         by_name: replayed (or would-be) tasks per name.
+        partial_chords: chords only some of whose members were in the range, by group
+            id: (members replayed, members in the chord). Their bodies will not run
+            (the members not replayed never join the new group).
     """
 
     read: int = 0
@@ -84,6 +87,7 @@ class ReplayReport:
     derived: int = 0
     repeated: int = 0
     by_name: Counter[str] = field(default_factory=Counter)
+    partial_chords: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 def replay(
@@ -140,6 +144,7 @@ def replay(
     sender = Resender(app)
     rename = _identity if same_ids else _renaming()
     seen: set[str] = set()
+    chords = _ChordMembers()
     for record in read_ranges(app, ranges, progress):
         report.read += 1
         if not _matches(record, name, since_ms, until_ms):
@@ -161,6 +166,7 @@ def replay(
         seen.add(origin)
         report.matched += 1
         report.by_name[msg.name] += 1
+        chords.add(msg)
         if listing is not None:
             listing(ReplayItem(record.partition, record.offset, msg.id, msg.name))
         if not dry_run:
@@ -171,10 +177,33 @@ def replay(
         report.sent = sender.sent
     if report.skipped:
         log.warning("undecodable records not replayed", topic=topic, skipped=report.skipped)
+    report.partial_chords = chords.partial()
+    if report.partial_chords:
+        log.warning("chords only partly in the range: their bodies will not run",
+                    topic=topic, chords=len(report.partial_chords),
+                    groups=sorted(report.partial_chords)[:10])
     log.info("replayed", topic=topic, into=app.settings.topic(target), read=report.read,
              matched=report.matched, sent=report.sent, derived=report.derived,
              repeated=report.repeated, dry_run=dry_run)
     return report
+
+
+class _ChordMembers:
+    """Which members of each chord a replay sends, to tell chords cut by the range."""
+
+    def __init__(self) -> None:
+        self._members: dict[str, tuple[int, set[int]]] = {}
+
+    def add(self, msg: TaskMessage) -> None:
+        for node in msg.chain:
+            if node.get("kind") == JOIN:
+                _, indices = self._members.setdefault(str(node["group"]),
+                                                      (int(node["size"]), set()))
+                indices.add(int(node["index"]))
+
+    def partial(self) -> dict[str, tuple[int, int]]:
+        return {group: (len(indices), size)
+                for group, (size, indices) in self._members.items() if len(indices) < size}
 
 
 def _matches(record: Record, name: str | None, since_ms: int | None, until_ms: int | None) -> bool:
