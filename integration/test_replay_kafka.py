@@ -90,7 +90,19 @@ def test_replaying_a_chain_and_a_retried_task_runs_each_exactly_once_more(
         assert done.stdout.startswith("read 6, matched 2, sent 2")
         wait_lines(log, 10, timeout_s=120)
         all_done(app)
-    # Then each step ran exactly once more, and the retried task once (it succeeds now)
-    again = executions(log)
-    assert (again["3"], again["6"], again["12"]) == (2, 2, 2)
-    assert sum(n for tag, n in again.items() if tag.startswith("k:")) == 4
+        # Then each step ran exactly once more, and the retried task once (it succeeds now)
+        again = executions(log)
+        assert (again["3"], again["6"], again["12"]) == (2, 2, 2)
+        assert sum(n for tag, n in again.items() if tag.startswith("k:")) == 4
+
+        # When the same window, which now holds the first replay's copies too, is replayed
+        twice = cli(env, "replay", "--queue", "default", "--since", since)
+        assert twice.returncode == 0, twice.stderr
+        assert twice.stdout.startswith("read 10, matched 2, sent 2"), twice.stdout
+        assert "2 repeated id(s)" in twice.stdout
+        wait_lines(log, 14, timeout_s=120)
+        all_done(app)
+    # Then each task ran once more again, not once per copy
+    thrice = executions(log)
+    assert (thrice["3"], thrice["6"], thrice["12"]) == (3, 3, 3)
+    assert sum(n for tag, n in thrice.items() if tag.startswith("k:")) == 5
