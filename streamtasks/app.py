@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import inspect
 import threading
+import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
@@ -119,6 +120,8 @@ class App:
         self._broker = broker if isinstance(broker, Broker) else None
         self._backend = backend if isinstance(backend, ResultBackend) else None
         self._lock = threading.Lock()
+        #: Notified when a send is confirmed or failed (:meth:`confirm` waits on it).
+        self._delivery = threading.Condition(self._lock)
         self._unconfirmed: dict[str, str] = {}
         self._abandoned = False
         self._failed: dict[str, str] = {}
@@ -590,6 +593,7 @@ class App:
             self._unconfirmed.pop(task_id, None)
             if error is not None:
                 self._failed[task_id] = error
+            self._delivery.notify_all()
 
     def flush(self, timeout_s: float = 30.0, only: Sequence[str] | None = None) -> None:
         """Wait until every queued send is confirmed by the broker.
@@ -604,8 +608,32 @@ class App:
         self.broker.flush(timeout_s)
         with self._lock:
             ids = list(self._unconfirmed) + list(self._failed) if only is None else only
+        self._raise_unconfirmed(ids, timeout_s)
+
+    def confirm(self, task_ids: Sequence[str], timeout_s: float = 300.0) -> None:
+        """Wait until the broker confirmed the tasks ``task_ids``, not every queued send.
+
+        A worker waits so for the tasks a run sent before the run counts as done (its
+        offset may then advance: a crash after it must not lose them). The default wait
+        is the Kafka client's own delivery timeout, after which a send has failed.
+
+        Raises:
+            SendError: naming the tasks that failed or were not confirmed in time.
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self._lock:
+                left = deadline - time.monotonic()
+                if left <= 0 or not any(t in self._unconfirmed for t in task_ids):
+                    break
+                self._delivery.wait(min(left, 0.05))
+            self.broker.poll(0)  # serve delivery reports here too (no loop may be polling)
+        self._raise_unconfirmed(task_ids, timeout_s)
+
+    def _raise_unconfirmed(self, task_ids: Sequence[str], timeout_s: float) -> None:
+        with self._lock:
             failures = []
-            for tid in ids:
+            for tid in task_ids:
                 if tid in self._failed:
                     failures.append((tid, self._failed.pop(tid)))
                 elif tid in self._unconfirmed:

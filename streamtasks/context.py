@@ -88,7 +88,8 @@ class Running:
     nothing more than setting the context variable.
     """
 
-    __slots__ = ("_children", "_request", "hostname", "msg", "offset", "partition", "task")
+    __slots__ = ("_children", "_request", "hostname", "msg", "offset", "partition", "sent",
+                 "task")
 
     def __init__(
         self, task: Task[Any, Any], msg: TaskMessage, partition: int | None = None,
@@ -101,6 +102,8 @@ class Running:
         self.hostname = hostname
         self._children = 0
         self._request: Request | None = None
+        #: Ids of the tasks this run sent (confirmed before the run counts as done).
+        self.sent: list[str] = []
 
     @property
     def request(self) -> Request:
@@ -129,6 +132,19 @@ class Running:
     def root_id(self) -> str:
         """The root of this run's tree: its own root, else itself."""
         return self.msg.root_id or self.msg.id
+
+    def confirm_sends(self) -> None:
+        """Wait until the broker confirmed every task this run sent.
+
+        Called when the task returns, before its outcome goes on: once the run is done
+        its offset may advance, and a child still queued in this process would be lost
+        by a crash then (nothing would run the parent again to re-send it).
+
+        Raises:
+            SendError: a child was refused or not confirmed in time.
+        """
+        if self.sent:
+            self.task.app.confirm(self.sent)
 
 
 _current: contextvars.ContextVar[Running | None] = contextvars.ContextVar(
@@ -176,10 +192,14 @@ def child_task_id(task_id: str | None = None) -> str:
 
 
 def link_to_parent(msg: TaskMessage) -> None:
-    """Set ``parent_id`` / ``root_id`` of a message sent from inside a running task."""
+    """Set ``parent_id`` / ``root_id`` of a message sent from inside a running task.
+
+    The run also notes the message's id, to confirm it before the run counts as done.
+    """
     run = _current.get()
     if run is None:
         return
+    run.sent.append(msg.id)
     if msg.parent_id is None:
         msg.parent_id = run.msg.id
     if msg.root_id is None:

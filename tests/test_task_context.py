@@ -286,3 +286,29 @@ def test_a_plain_thread_does_not_see_the_run_as_documented(app: App) -> None:
     app.drain(["default"])
     (kid,) = _sent(app, "kids")
     assert kid.parent_id is None and kid.id != derived_task_id("T", "child-1")
+
+
+def test_a_child_kafka_did_not_take_fails_the_parents_run_instead_of_being_lost(
+    app: App,
+) -> None:
+    ran: list[int] = []
+
+    @app.task(name="child", queue="kids")
+    def child(n: int) -> None:
+        ran.append(n)
+
+    @app.task(name="sends_one", bind=True, max_retries=1, backoff="fixed", backoff_s=0.01)
+    def sends_one(self: Any) -> int:
+        if self.request.attempt == 1:
+            app.broker.fail_next_sends(1)  # type: ignore[attr-defined]
+        child.delay(self.request.attempt)
+        return self.request.attempt
+
+    # Given the first attempt's child is refused by the broker
+    parent = sends_one.delay()
+    app.drain(["default"], timeout_s=15)
+    # Then the run was not done before its child was confirmed: it ran again, and the
+    # child sent then (same id) is there to run
+    assert parent.get(timeout=1) == 2
+    app.drain(["kids"])
+    assert ran == [2]

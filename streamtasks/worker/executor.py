@@ -86,6 +86,17 @@ def _scope(
             yield [run.traceparent]
 
 
+async def _confirmed(outcome: Outcome, running: Running) -> Outcome:
+    """Return ``outcome`` once the tasks the run sent are confirmed, else its failure."""
+    if not running.sent:
+        return outcome
+    try:
+        await asyncio.to_thread(running.confirm_sends)  # the loop runs other tasks meanwhile
+    except Exception as err:
+        return _failure(err, outcome.started_ms)
+    return outcome
+
+
 def _report(future: Future[Outcome | None], done: Callable[[Outcome | None], None]) -> None:
     """Hand a run's outcome on; an error here is logged, never lost in the pool."""
     try:
@@ -233,6 +244,8 @@ class Executor:
             else:
                 try:
                     result = task.fn(*run.args, **run.kwargs)
+                    if run.running is not None:
+                        run.running.confirm_sends()  # before the offset may advance
                 except BaseException as err:
                     outcome = _failure(err, started)
                 else:
@@ -274,6 +287,8 @@ class Executor:
             try:
                 with _scope(task.name, context, running) as trace:
                     outcome = await self._run_coroutine(task, args, kwargs, start)
+                    if outcome is not None and outcome.error is None and running is not None:
+                        outcome = await _confirmed(outcome, running)
             except asyncio.CancelledError as err:
                 terminated = run_id in self._terminating
                 outcome = _terminated(_now_ms()) if terminated else _failure(err, _now_ms())
