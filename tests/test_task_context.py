@@ -312,3 +312,25 @@ def test_a_child_kafka_did_not_take_fails_the_parents_run_instead_of_being_lost(
     assert parent.get(timeout=1) == 2
     app.drain(["kids"])
     assert ran == [2]
+
+
+def test_an_async_task_whose_child_is_refused_fails_and_is_retried(app: App) -> None:
+    ran: list[int] = []
+
+    @app.task(name="child", queue="kids")
+    def child(n: int) -> None:
+        ran.append(n)
+
+    @app.task(name="async_sends", bind=True, max_retries=1, backoff="fixed", backoff_s=0.01)
+    async def async_sends(self: Any) -> int:
+        if self.request.attempt == 1:
+            app.broker.fail_next_sends(1)  # type: ignore[attr-defined]
+        child.delay(self.request.attempt)
+        await asyncio.sleep(0)
+        return self.request.attempt
+
+    parent = async_sends.delay()
+    app.drain(["default"], timeout_s=15)
+    assert parent.get(timeout=1) == 2
+    app.drain(["kids"])
+    assert ran == [2]
