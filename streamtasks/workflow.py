@@ -202,9 +202,6 @@ def on_success(msg: TaskMessage, result: Any, default_queue: str, now_ms: int) -
     return plan
 
 
-#: Tells whether an error callback node takes the old ``(task_id, "Type: message")``
-#: arguments instead of the failure as one dict (see :func:`failure_info`).
-LegacyErrback = Callable[[Node], bool]
 
 
 def failure_info(
@@ -226,37 +223,53 @@ def failure_info(
     }
 
 
+#: The keys of :func:`failure_info`'s dict (a worker recognises one by them).
+_FAILURE_KEYS = frozenset({"task_id", "name", "queue", "args", "kwargs", "attempt",
+                           "error_type", "message", "traceback"})
+
+
+def as_failure_pair(args: Sequence[Any]) -> list[Any] | None:
+    """Return ``args`` with their trailing failure dict as the older pair, or None.
+
+    An error callback whose function takes two arguments (and not one) is the form
+    before the failure was handed over as a dict: the worker that runs it (the only one
+    that surely knows its function) binds it ``(task_id, "Type: message")`` instead.
+    None when the last argument is not a :func:`failure_info` dict.
+    """
+    info = args[-1] if args else None
+    if not isinstance(info, dict) or info.keys() != _FAILURE_KEYS:
+        return None
+    chord_text = info["error_type"] == "ChordError"  # a chord's failure: its text alone
+    text = info["message"] if chord_text else f"{info['error_type']}: {info['message']}"
+    return [*args[:-1], info["task_id"], text]
+
+
 def _errbacks(
     nodes: Sequence[Node], msg: TaskMessage, error: BaseException | str,
     traceback: str | None, parent: TaskMessage, default_queue: str, now_ms: int,
-    legacy: LegacyErrback | None,
 ) -> list[TaskMessage]:
     info = failure_info(msg, error, traceback)
     return [
         callback
         for node in nodes
-        for callback in launch(
-            node,
-            [msg.id, error_text(error)] if legacy is not None and legacy(node) else [info],
-            [], parent, default_queue, now_ms,
-        )
+        for callback in launch(node, [info], [], parent, default_queue, now_ms)
     ]
 
 
 def on_failure(
     msg: TaskMessage, error: BaseException | str, default_queue: str, now_ms: int,
-    traceback: str | None = None, legacy: LegacyErrback | None = None,
+    traceback: str | None = None,
 ) -> list[TaskMessage]:
     """Return the error callbacks of a task that failed for good (or can never run).
 
-    Each gets the failure as one dict appended to its arguments (:func:`failure_info`);
-    a callback for which ``legacy`` answers True gets ``(task_id, "Type: message")``.
+    Each gets the failure as one dict appended to its arguments (:func:`failure_info`;
+    a two-argument callback is bound to the older pair where it runs,
+    :func:`as_failure_pair`).
 
     Raises:
         ConfigError: a malformed error callback node.
     """
-    return _errbacks(msg.link_error, msg, error, traceback, msg, default_queue, now_ms,
-                     legacy)
+    return _errbacks(msg.link_error, msg, error, traceback, msg, default_queue, now_ms)
 
 
 def broken_continuation(msg: TaskMessage) -> Launch:
@@ -347,19 +360,20 @@ def chord_error_callbacks(join: Node, member: TaskMessage) -> list[Node]:
 
 def on_chord_failure(
     join: Node, member: TaskMessage, error: BaseException | str, default_queue: str,
-    now_ms: int, legacy: LegacyErrback | None = None,
+    now_ms: int,
 ) -> list[TaskMessage]:
     """Return the error callbacks of a failed chord (started once, by its claimer).
 
     They get the failed member's failure as one dict (:func:`failure_info`; the old
-    pair for a ``legacy`` callback); the caller also marks the body's tasks
+    pair for a two-argument callback, :func:`as_failure_pair`); the caller also marks the
+    body's tasks
     (:func:`task_nodes`) FAILURE.
 
     Raises:
         ConfigError: a malformed error callback node.
     """
     return _errbacks(list(chord_error_callbacks(join, member)), member, error, None, member,
-                     default_queue, now_ms, legacy)
+                     default_queue, now_ms)
 
 
 def chord_failure_text(join: Node, member: TaskMessage, error: BaseException | str) -> str:

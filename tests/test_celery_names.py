@@ -19,6 +19,7 @@ from streamtasks import (
     states,
 )
 from streamtasks.message import TaskMessage
+from streamtasks.signature import Signature
 
 
 @pytest.fixture
@@ -415,3 +416,34 @@ def test_a_slow_hook_does_not_hold_up_the_worker(app: App) -> None:
     # returned only once the hook was done
     assert failing.state == states.FAILURE
     assert seen_other == [True]
+
+
+def test_a_two_argument_error_callback_served_by_another_worker_gets_the_pair(
+    app: App,
+) -> None:
+    # Given an alerts service (its own app and worker) with an old two-argument error
+    # callback, and a pipeline worker that does not know it
+    alerts = App("alerts", settings=app.settings, broker=app.broker, backend=app.backend)
+    got: list[tuple[str, str]] = []
+
+    @alerts.task(name="notify", queue="alerts")
+    def notify(task_id: str, text: str) -> None:
+        got.append((task_id, text))
+
+    @alerts.task(name="notify_dict", queue="alerts")
+    def notify_dict(failure: dict[str, object]) -> None:
+        got.append((str(failure["task_id"]), str(failure["error_type"])))
+
+    @app.task(name="ingest", queue="ingest")
+    def ingest() -> None:
+        raise ValueError("bad row")
+
+    failed = ingest.apply_async(link_error=[Signature("notify", options={"queue": "alerts"}),
+                                            Signature("notify_dict",
+                                                      options={"queue": "alerts"})])
+    with pytest.raises(ValueError):
+        app.drain(["ingest"])
+    # When the alerts worker runs the callbacks
+    alerts.drain(["alerts"])
+    # Then each got the form it takes
+    assert sorted(got) == [(failed.id, "ValueError"), (failed.id, "ValueError: bad row")]

@@ -34,6 +34,7 @@ from streamtasks.context import Running
 from streamtasks.control import ControlListener, RevokedIds
 from streamtasks.durability import check_worker_start
 from streamtasks.errors import (
+    ArgumentError,
     BackendError,
     ConfigError,
     DecodeError,
@@ -66,6 +67,7 @@ from streamtasks.worker.outcomes import (
 )
 from streamtasks.worker.progress import ProgressWriter, RunProgress
 from streamtasks.worker.runtime import Lease, PartitionRuntime
+from streamtasks.workflow import as_failure_pair
 
 if TYPE_CHECKING:
     from streamtasks.app import App
@@ -82,6 +84,25 @@ _FORWARDER_RESTARTS = 5
 _FORWARDER_HEALTHY_S = 60.0
 
 _Slot = tuple[TopicPartition, str]
+
+
+def _bind(task: Task[Any, Any], msg: TaskMessage) -> tuple[list[Any], dict[str, Any]]:
+    """Bind a record's arguments to its task (an error callback's failure as it takes it).
+
+    Raises:
+        ArgumentError: the arguments fit neither as sent nor, for an error callback
+            taking two arguments, as ``(task_id, "Type: message")``.
+    """
+    try:
+        return bind_arguments(task.fn, msg.args, msg.kwargs)
+    except ArgumentError as err:
+        pair = as_failure_pair(msg.args)
+        if pair is None:
+            raise
+        try:
+            return bind_arguments(task.fn, pair, msg.kwargs)
+        except ArgumentError:
+            raise err from None
 
 
 @dataclass(slots=True)
@@ -418,7 +439,7 @@ class Worker:
             if msg.eta_ms is not None and msg.eta_ms > now:
                 self._postpone(record, lease, msg, now)
                 return
-            args, kwargs = bind_arguments(task.fn, msg.args, msg.kwargs)
+            args, kwargs = _bind(task, msg)
         except MessageError as err:
             self._dead_letter(record, lease, runtime.group_id, msg, err)
             return

@@ -19,7 +19,6 @@ body's row is final (see :data:`CHORD_BODY`).
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -36,7 +35,6 @@ from streamtasks.message import TaskMessage, now_ms
 from streamtasks.worker.effects import Step, StepDone, send_all_step, store_all_step
 from streamtasks.worker.outcomes import FOLLOW_UP_ERRORS
 from streamtasks.workflow import (
-    TASK,
     Node,
     broken_continuation,
     chord_failure_text,
@@ -149,42 +147,12 @@ class FollowUps:
                       error=f"{type(err).__name__}: {err}")
             return []
 
-    def legacy_errback(self, node: Node) -> bool:
-        """Whether an error callback takes the old ``(task_id, "Type: message")`` pair.
-
-        True for a callback registered here whose function binds two more positional
-        arguments but not one (the form before the failure was handed over as a dict).
-        """
-        if node.get("kind") != TASK or node.get("immutable"):
-            return False
-        task = self.app.tasks.get(str(node.get("name")))
-        if task is None:
-            return False
-        args = list(node.get("args") or [])
-        kwargs = dict(node.get("kwargs") or {})
-        try:
-            signature = inspect.signature(task.fn)
-        except (TypeError, ValueError):
-            return False
-        try:
-            signature.bind(*args, {}, **kwargs)
-        except TypeError:
-            pass
-        else:
-            return False
-        try:
-            signature.bind(*args, "", "", **kwargs)
-        except TypeError:
-            return False
-        return True
-
     def _failure_steps(
         self, msg: TaskMessage, error: BaseException, claimer: str, traceback: str | None
     ) -> list[Step]:
         now = now_ms()
         try:
-            callbacks = on_failure(msg, error, self._default_queue, now, traceback,
-                                   self.legacy_errback)
+            callbacks = on_failure(msg, error, self._default_queue, now, traceback)
             steps = self._send_steps(callbacks, now)
         except Exception as err:
             log.error("error callbacks cannot be sent", id=msg.id,
@@ -337,8 +305,7 @@ class FollowUps:
                     error=error_text(error))
         plan = _Plan([], [group_id])
         try:
-            callbacks = on_chord_failure(join, member, error, self._default_queue, now,
-                                         self.legacy_errback)
+            callbacks = on_chord_failure(join, member, error, self._default_queue, now)
             plan.records += [self.app.outgoing(m, now) for m in callbacks]
         except Exception as err:
             log.error("chord error callbacks cannot be sent", group=group_id,
