@@ -20,7 +20,7 @@
 #   STREAMTASKS_BROKER=kafka://host:port            use that Kafka: `up` starts none, only checks it
 #   STREAMTASKS_BACKEND=cassandra://host:port/ks    same for Cassandra
 #   JAVA_HOME (optional; else java on PATH), PYTHON (default python3)
-#   KAFKA_HEAP (512m), CASSANDRA_HEAP (max 1g), CASSANDRA_HEAP_MIN (256m), KAFKA_START_TIMEOUT (60), CASSANDRA_START_TIMEOUT (180)
+#   KAFKA_HEAP (max 1g), KAFKA_HEAP_MIN (256m), CASSANDRA_HEAP (max 1g), CASSANDRA_HEAP_MIN (256m), KAFKA_START_TIMEOUT (60), CASSANDRA_START_TIMEOUT (180)
 #   NODES (1; same as --nodes)
 set -euo pipefail
 
@@ -46,7 +46,9 @@ else
   CASSANDRA_TOKENS=(-9223372036854775808 -3074457345618258603 3074457345618258602)
 fi
 LOGS="$DATA/logs"
-KAFKA_HEAP="${KAFKA_HEAP:-512m}"
+KAFKA_HEAP="${KAFKA_HEAP:-1g}"
+# a broker holding many partitions (a long-lived dev keyspace: ~15,000) ran out of a 512m heap
+KAFKA_HEAP_MIN="${KAFKA_HEAP_MIN:-256m}"
 CASSANDRA_HEAP="${CASSANDRA_HEAP:-1g}"
 # Cassandra mlockall()s its memory at startup, so an initial heap of 1g would be resident at once
 CASSANDRA_HEAP_MIN="${CASSANDRA_HEAP_MIN:-256m}"
@@ -302,7 +304,7 @@ kafka_launch() {  # service
       -t "$cluster_id" -c "$props" >>"$log" 2>&1 || fail_with_log "$svc" "formatting Kafka storage failed"
   fi
   # JVM options as in Kafka's kafka-run-class.sh / kafka-server-start.sh, smaller heap
-  launch "$svc" -Xms"$KAFKA_HEAP" -Xmx"$KAFKA_HEAP" -server \
+  launch "$svc" -Xms"$KAFKA_HEAP_MIN" -Xmx"$KAFKA_HEAP" -server \
     -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:InitiatingHeapOccupancyPercent=35 \
     -XX:+ExplicitGCInvokesConcurrent -XX:MaxInlineLevel=15 -Djava.awt.headless=true \
     -Xlog:gc*:file="$(logdir_of "$svc")/$svc-gc.log":time,tags:filecount=3,filesize=10M \
