@@ -222,3 +222,23 @@ def test_a_chord_cut_by_the_range_is_reported_with_its_missing_members(
     assert "chords only partly in the range" in capsys.readouterr().err
     # and a range holding every member reports none
     assert replay(app, "default", since_ms=0, dry_run=True).partial_chords == {}
+
+
+def test_an_undecodable_record_in_the_range_is_counted_and_the_rest_replayed(
+    app: App, runs: Counter[str]
+) -> None:
+    step = app.tasks["step"]
+    step.apply_async(("a", 1), key="k")
+    app.flush()
+    topic = app.settings.topic("default")
+    (first,) = records(app)
+    app.broker.send(topic, b"not avro", key=first.key,  # a poison record, same partition
+                    headers={"st-name": b"step", "st-attempt": b"1"},
+                    partition=first.partition)
+    step.apply_async(("b", 1), key="k")
+    app.drain()  # the worker dead-letters the poison record and goes on
+    assert runs == {"a": 1, "b": 1}
+    report = replay(app, "default", since_ms=0)
+    app.drain()
+    assert (report.read, report.matched, report.skipped, report.sent) == (3, 2, 1, 2)
+    assert runs == {"a": 2, "b": 2}
