@@ -191,30 +191,38 @@ class ControlListener:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def start(self, catch_up_s: float = CATCH_UP_S) -> None:
-        """Join, read every revoke made so far (up to ``catch_up_s``), then keep reading."""
+    def start(self, catch_up_s: float = CATCH_UP_S) -> bool:
+        """Join, read every revoke made so far (up to ``catch_up_s``), then keep reading.
+
+        Returns:
+            True when the topic was read to its end in time (False: logged as a warning).
+        """
         ensure_control_topic(self.app)
         group = f"{self.app.settings.topology.control_topic()}.{uuid.uuid4().hex}"
         self._consumer = self.app.broker.consumer(group, [self._topic], self, eager=True)
-        self._catch_up(catch_up_s)
+        caught_up = self._catch_up(catch_up_s)
         self._thread = threading.Thread(target=self._run, name="streamtasks-control",
                                         daemon=True)
         self._thread.start()
+        return caught_up
 
-    def _catch_up(self, timeout_s: float) -> None:
+    def _catch_up(self, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
-        ends: dict[TopicPartition, int] | None = None
+        ends: dict[TopicPartition, tuple[int, int]] | None = None
         while time.monotonic() < deadline:
             self.poll(0.1)
             if not self._assigned:
                 continue
             if ends is None:
-                ends = {tp: self.app.broker.watermarks(tp)[1] for tp in self._assigned}
-            if all(self._position.get(tp, 0) >= end for tp, end in ends.items()):
+                ends = {tp: self.app.broker.watermarks(tp) for tp in self._assigned}
+            # nothing read yet counts from the low watermark: once retention deleted
+            # every revoke, the topic is empty although its end is not offset 0
+            if all(self._position.get(tp, low) >= high for tp, (low, high) in ends.items()):
                 log.info("revokes read", revoked=len(self.revoked))
-                return
+                return True
         log.warning("the control topic was not read to its end in time; revokes made "
                     "before this worker started may be missed", timeout_s=timeout_s)
+        return False
 
     def poll(self, timeout_s: float) -> int:
         """Read what came; return how many records."""

@@ -260,12 +260,26 @@ class Scheduler:
             if cursor is None:
                 last = self.app.backend.last_fire(schedule.key)
                 cursor = now if last is None else last
+                if last is not None:
+                    self._resume(schedule, last)
                 self._cursor[schedule.name] = cursor
             for due in schedule.to_fire(cursor, now):
                 sent += self._fire(schedule, due, now)
             self._cursor[schedule.name] = max(cursor, now)
         sent += self._settle(now)
         return sent
+
+    def _resume(self, schedule: Schedule, last_ms: int) -> None:
+        """Check the newest claimed due time when starting from it, as a claim of another.
+
+        Its send may never have been confirmed (its claimer died, or Kafka refused it
+        before a restart): taken over and sent when still unsent after
+        :data:`STALE_CLAIM_S`.
+        """
+        claim = self.app.backend.fire_claim(schedule.key, last_ms)
+        if claim is not None and not claim.sent:
+            self._unsettled.append(_Unsettled(schedule, last_ms,
+                                              time.monotonic() + STALE_CLAIM_S))
 
     def _fire(self, schedule: Schedule, due_ms: int, now_ms: int) -> list[str]:
         claim = self.app.backend.claim_fire(schedule.key, due_ms, self.claimer,

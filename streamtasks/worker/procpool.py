@@ -162,7 +162,8 @@ class ProcessPool:
         self.size = size
         self._context = multiprocessing.get_context("spawn")
         self._idle: list[_Child] = []
-        self._busy: dict[str, _Child] = {}
+        #: Runs under way: their child, or None while one is being taken or started.
+        self._busy: dict[str, _Child | None] = {}
         self._terminated: set[str] = set()
         self._lock = threading.Lock()
         self._closed = False
@@ -182,6 +183,11 @@ class ProcessPool:
                               "the top level of an importable module")
         child = self._take(run_id)
         began = time.monotonic()
+        with self._lock:
+            terminated = run_id in self._terminated
+        if terminated:  # while its child was being started: never sent to it
+            self._give_back(run_id, child)
+            return ChildResult(False, None, None, terminated=True)
         try:
             child.conn.send((module, qualname, args, kwargs, soft_time_limit_s))
             if not child.conn.poll(time_limit_s):
@@ -204,12 +210,18 @@ class ProcessPool:
         return answer
 
     def terminate(self, run_id: str) -> bool:
-        """Kill the child running ``run_id``; True when one was running it."""
+        """Kill the child running ``run_id``; True when the run was under way.
+
+        A run whose child is still being started is stopped before it is sent.
+        """
         with self._lock:
-            child = self._busy.get(run_id)
-            if child is None:
+            if run_id not in self._busy:
                 return False
             self._terminated.add(run_id)
+            child = self._busy[run_id]
+        if child is None:
+            log.info("terminating a task whose process is being started", id=run_id)
+            return True
         log.info("terminating a running task: killing its process", id=run_id,
                  pid=child.process.pid)
         child.signal_kill()
@@ -217,6 +229,7 @@ class ProcessPool:
 
     def _take(self, run_id: str) -> _Child:
         with self._lock:
+            self._busy[run_id] = None
             child = self._idle.pop() if self._idle else None
         while child is not None and not child.process.is_alive():
             child.conn.close()
@@ -243,7 +256,7 @@ class ProcessPool:
         """Kill every child (idle ones at once; running ones too: their records repeat)."""
         with self._lock:
             self._closed = True
-            children = self._idle + list(self._busy.values())
+            children = self._idle + [c for c in self._busy.values() if c is not None]
             self._idle = []
         for child in children:
             child.kill()

@@ -1,0 +1,121 @@
+"""Attacks on the promises of docs/control.md the way production breaks them (memory://).
+
+Each test names the failure it stages: a scheduler restarted between its claim and its
+send, a terminate arriving while a child process is being started, a worker starting on
+a control topic whose old records were deleted, and more. Real-server attacks:
+``integration/test_control_attacks_kafka.py``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from streamtasks.broker.base import TopicPartition
+from streamtasks.control import ControlListener, RevokedIds
+from streamtasks.errors import SendError
+from streamtasks.schedules import Scheduler, scoped
+from streamtasks.worker import procpool
+from tests import control_tasks
+from tests.test_control import _apps
+
+# -- schedules -------------------------------------------------------------------------
+
+
+def test_a_due_time_whose_send_failed_fires_after_its_scheduler_restarts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Kafka refuses the send of a claimed due time, then the worker restarts (deploy,
+    crash): the new scheduler must send it, not resume after it as if it had fired."""
+    before, after = _apps(2)
+    [schedule] = scoped(before, before.schedules.values())
+
+    def refused(*_args: Any, **_kwargs: Any) -> None:
+        raise SendError([("x", "Broker: Not enough in-sync replicas")])
+
+    monkeypatch.setattr(before, "send", refused)
+    first = Scheduler(before, "w-before-restart")
+    first.tick(11_000)  # started: the next due time is 12 s
+    assert first.tick(12_000) == []  # claimed, not sent
+    claim = before.backend.fire_claim(schedule.key, 12_000)
+    assert claim is not None and not claim.sent
+    # the worker restarts under a new name (hostname-pid) half a second later
+    restarted = Scheduler(after, "w-after-restart")
+    assert restarted.tick(12_500) == []  # the claimer might still be sending: wait
+    monkeypatch.setattr("streamtasks.schedules.time.monotonic", lambda: time.time() + 3600)
+    assert restarted.tick(13_000) == [schedule.task_id(12_000)]
+    records = after.broker.records(after.settings.topic("default"))  # type: ignore[attr-defined]
+    assert len(records) == 1
+
+
+def test_a_restarted_scheduler_leaves_a_sent_due_time_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The other side of the restart: a due time sent before it is not sent again."""
+    before, after = _apps(2)
+    [schedule] = scoped(before, before.schedules.values())
+    first = Scheduler(before, "w1")
+    first.tick(11_000)
+    assert first.tick(12_000) == [schedule.task_id(12_000)]
+    restarted = Scheduler(after, "w2")
+    monkeypatch.setattr("streamtasks.schedules.time.monotonic", lambda: time.time() + 3600)
+    assert restarted.tick(12_500) == []
+    assert restarted.tick(13_000) == []
+    records = after.broker.records(after.settings.topic("default"))  # type: ignore[attr-defined]
+    assert len(records) == 1
+
+
+# -- revoke ----------------------------------------------------------------------------
+
+
+def test_a_worker_starting_on_a_control_topic_whose_records_were_deleted_is_not_held(
+) -> None:
+    """Retention deletes every revoke (7 days): the topic is empty but its end offset is
+    not 0. Reading it to its end must not wait for records that will never come."""
+    [app] = _apps(1)
+    app.revoke(["a", "b", "c"])
+    topic = app.settings.topology.control_topic()
+    tp = TopicPartition(topic, 0)
+    app.broker.delete_records({tp: app.broker.watermarks(tp)[1]})
+    listener = ControlListener(app, RevokedIds())
+    try:
+        assert listener.start(catch_up_s=10.0), "the start waited for deleted records"
+    finally:
+        listener.close()
+
+
+# -- process pool ----------------------------------------------------------------------
+
+
+def test_terminate_while_the_task_s_child_process_is_being_started_stops_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A revoke with terminate=True lands while the pool starts (spawns) the child for
+    the task (its first run, or replacing a killed child): the task must not run."""
+    spawning, go_on = threading.Event(), threading.Event()
+    real_child = procpool._Child
+
+    def slow_child(context: Any) -> Any:
+        spawning.set()
+        go_on.wait(30)
+        return real_child(context)
+
+    monkeypatch.setattr(procpool, "_Child", slow_child)
+    pool = procpool.ProcessPool(1)
+    answers: list[procpool.ChildResult] = []
+    runner = threading.Thread(
+        target=lambda: answers.append(pool.run(control_tasks.square, [3], {}, "victim")),
+        daemon=True)
+    runner.start()
+    try:
+        assert spawning.wait(30)
+        assert pool.terminate("victim")
+        go_on.set()
+        runner.join(60)
+    finally:
+        go_on.set()
+        pool.shutdown()
+    assert answers and answers[0].terminated, answers
