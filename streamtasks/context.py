@@ -41,7 +41,8 @@ class Request:
         queue: the queue it was consumed from.
         attempt: 1 for the first run, 2 for the first retry, ...
         retries: retries done before this run (``attempt - 1``, Celery's name).
-        max_retries: the retries this call may have (the task's, or the call's override).
+        max_retries: the retries this call may have (the task's, the call's override, or
+            the limit an earlier ``self.retry(max_retries=N)`` of this task named).
         parent_id: the task that sent this one, or None.
         root_id: the first task of the tree this one belongs to, or None.
         group_id: the group it is a member of, or None.

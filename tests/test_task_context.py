@@ -334,3 +334,20 @@ def test_an_async_task_whose_child_is_refused_fails_and_is_retried(app: App) -> 
     assert parent.get(timeout=1) == 2
     app.drain(["kids"])
     assert ran == [2]
+
+
+def test_retries_left_counts_the_limit_self_retry_gave(app: App) -> None:
+    seen: list[tuple[int, int, int]] = []
+
+    @app.task(name="limited", bind=True)
+    def limited(self: Any) -> int:
+        r = self.request
+        seen.append((r.attempt, r.max_retries, r.retries_left))
+        if r.retries_left or r.attempt == 1:
+            raise self.retry(countdown=0.01, max_retries=2)
+        return r.attempt
+
+    result = limited.delay()
+    app.drain(["default"], timeout_s=15)
+    assert result.get(timeout=1) == 3
+    assert seen[1:] == [(2, 2, 1), (3, 2, 0)]  # what the retry asked for, from then on

@@ -40,6 +40,7 @@ from streamtasks.errors import (
     DecodeError,
     MessageError,
     ResultTimeout,
+    Retry,
     TaskExpired,
     TaskRevoked,
 )
@@ -729,8 +730,14 @@ class Worker:
         meta = self._meta(job.msg, outcome)
         meta.state = states.RETRY
         now = now_ms()
+        options = job.msg.options
+        if isinstance(outcome.error, Retry) and outcome.error.max_retries is not None:
+            # self.retry(max_retries=N): the limit of the attempts after (their request's
+            # max_retries and retries_left read it), as apply_async(max_retries=N) is
+            options = {**options, "max_retries": str(outcome.error.max_retries)}
         again = dataclasses.replace(
-            job.msg, attempt=job.msg.attempt + 1, eta_ms=now + int(delay_s * 1000)
+            job.msg, attempt=job.msg.attempt + 1, eta_ms=now + int(delay_s * 1000),
+            options=options,
         )
         return [
             store_step(self.app.backend, meta),
