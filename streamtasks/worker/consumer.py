@@ -19,7 +19,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -108,6 +108,9 @@ def _bind(task: Task[Any, Any], msg: TaskMessage) -> tuple[list[Any], dict[str, 
 
 @dataclass(slots=True)
 class _Job:
+    """A record taken in to run: the executor's run of it too (:class:`Run`)."""
+
+    worker: Worker
     record: Record
     lease: Lease
     group_id: str
@@ -126,6 +129,21 @@ class _Job:
     progress: RunProgress | None = None
     #: Revoked while it waited to start: not run, ends REVOKED.
     revoked: bool = False
+    #: The run's log fields and the record's traceparent (set when it is submitted).
+    context: Mapping[str, object] | None = None
+
+    @property
+    def inline(self) -> bool:
+        """A chord body never runs inline: its start reads its row first."""
+        return CHORD_BODY not in self.msg.options
+
+    def start(self) -> bool:
+        """In the thread about to run it: may it run (:meth:`Worker._may_start`)?"""
+        return self.worker._may_start(self)
+
+    def done(self, outcome: Outcome | None) -> None:
+        """In the thread that ran it: hand the outcome to the worker (:meth:`Worker._ran`)."""
+        self.worker._ran(self, outcome)
 
     @property
     def slot(self) -> _Slot | None:
@@ -208,6 +226,8 @@ class Worker:
         self._full_since: float | None = None
         self._waiting: dict[_Slot, deque[_Job]] = {}
         self._stop = threading.Event()
+        #: The logger of the outcome lines, bound once per batch (:meth:`_carry_out_outcomes`).
+        self._log: Any = log
         self.stats = {"received": 0, "succeeded": 0, "failed": 0, "retried": 0,
                       "dead_lettered": 0, "dropped": 0}
 
@@ -444,7 +464,7 @@ class Worker:
         except MessageError as err:
             self._dead_letter(record, lease, runtime.group_id, msg, err)
             return
-        job = _Job(record, lease, runtime.group_id, msg, task, args, kwargs)
+        job = _Job(self, record, lease, runtime.group_id, msg, task, args, kwargs)
         job.progress = self.progress.track(msg, task.options.track_started, lease.current)
         slot = job.slot
         if slot is not None:
@@ -479,15 +499,11 @@ class Worker:
 
     def _run(self, job: _Job) -> None:
         record, msg = job.record, job.msg
-        context = {"task_id": msg.id, "queue": msg.queue, "attempt": msg.attempt,
-                   "partition": record.partition, "offset": record.offset,
-                   "traceparent": record_traceparent(record.headers, msg.traceparent)}
+        job.context = {"task_id": msg.id, "queue": msg.queue, "attempt": msg.attempt,
+                       "partition": record.partition, "offset": record.offset,
+                       "traceparent": record_traceparent(record.headers, msg.traceparent)}
         job.running = Running(job.task, msg, record.partition, record.offset, self.name)
-        self.executor.submit(job.task, job.args, job.kwargs,
-                             lambda outcome: self._ran(job, outcome),
-                             start=lambda: self._may_start(job),
-                             inline=CHORD_BODY not in job.msg.options, context=context,
-                             running=job.running)
+        self.executor.submit(job)
 
     def _ran(self, job: _Job, outcome: Outcome | None) -> None:
         """In the thread that ran the task: hand the outcome to the worker's thread."""
@@ -529,11 +545,14 @@ class Worker:
     def _carry_out_outcomes(self) -> None:
         """Carry out the outcomes that came back; plain successes are written as one batch."""
         plain: list[tuple[_Job, TaskMeta]] = []
+        bound = False
         while True:
             try:
                 job, outcome = self._outcomes.get_nowait()
             except queue.Empty:
                 break
+            if not bound:  # one logger for the batch's lines: the proxy binds at each use
+                self._log, bound = log.bind(), True
             try:
                 self._carry_out(job, outcome, plain)
             except Exception as err:
@@ -641,12 +660,12 @@ class Worker:
         self.observer.task_finished(job.msg.queue, job.msg.name, state, duration_s)
         msg = job.msg  # one line per outcome: what an operator greps for first
         if error is None:
-            log.info("task finished", task=msg.name, id=msg.id, queue=msg.queue,
-                     attempt=msg.attempt, state=state, duration_s=duration_s)
+            self._log.info("task finished", task=msg.name, id=msg.id, queue=msg.queue,
+                           attempt=msg.attempt, state=state, duration_s=duration_s)
         else:
-            log.info("task finished", task=msg.name, id=msg.id, queue=msg.queue,
-                     attempt=msg.attempt, state=state, duration_s=duration_s,
-                     error=f"{type(error).__name__}: {error_text(error)}")
+            self._log.info("task finished", task=msg.name, id=msg.id, queue=msg.queue,
+                           attempt=msg.attempt, state=state, duration_s=duration_s,
+                           error=f"{type(error).__name__}: {error_text(error)}")
 
     def _fail(self, job: _Job, outcome: Outcome, error: BaseException, reason: str) -> None:
         self.stats["failed"] += 1

@@ -11,7 +11,7 @@ import traceback
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -22,7 +22,7 @@ from streamtasks.logs import task_context
 from streamtasks.task import Task
 from streamtasks.worker.procpool import ProcessPool, TimeLimitExceeded
 
-__all__ = ["Executor", "Outcome", "TimeLimitExceeded"]
+__all__ = ["Executor", "Outcome", "Run", "TimeLimitExceeded"]
 
 log = structlog.get_logger("streamtasks.worker")
 
@@ -43,15 +43,48 @@ class Outcome:
     traceparent: str | None = None
 
 
-@dataclass(slots=True)
-class _Run:
-    task: Task[Any, Any]
-    args: list[Any]
-    kwargs: dict[str, Any]
-    start: Callable[[], bool]
-    done: Callable[[Outcome | None], None]
-    context: Mapping[str, object] | None = None
-    running: Running | None = None
+class Run(Protocol):
+    """One run handed to :meth:`Executor.submit`: what to call, and whom to ask and tell.
+
+    The worker's job of a record is one (no object or closure per run beside it).
+    """
+
+    @property
+    def task(self) -> Task[Any, Any]:
+        """The task to run."""
+
+    @property
+    def args(self) -> list[Any]:
+        """Its positional arguments."""
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        """Its keyword arguments."""
+
+    @property
+    def inline(self) -> bool:
+        """Whether it may run in the submitting thread when it is cheap."""
+
+    @property
+    def context(self) -> Mapping[str, object] | None:
+        """Its log fields and its record's ``traceparent``, bound while it runs.
+
+        See :func:`streamtasks.logs.task_context` (task_id, queue, attempt, partition,
+        offset).
+        """
+
+    @property
+    def running(self) -> Running | None:
+        """Its request, current while it runs (``self.request``).
+
+        Its task id is what :meth:`Executor.terminate` finds.
+        """
+
+    def start(self) -> bool:
+        """Asked when it is about to begin (it may have waited): False, it is not run."""
+
+    def done(self, outcome: Outcome | None) -> None:
+        """Told its outcome (None when it was not run), in the thread that ran it."""
 
 
 def _now_ms() -> int:
@@ -130,7 +163,7 @@ class Executor:
         self.concurrency = concurrency
         self.inline_max_s = inline_max_s
         self.inline_budget_s = inline_budget_s
-        self._queue: queue.SimpleQueue[_Run | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Run | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._closed = False
         self._cost: dict[str, tuple[int, float]] = {}  # task name -> (runs, average s)
@@ -146,38 +179,22 @@ class Executor:
         """The caller's loop turned: inline runs get a new budget."""
         self._budget_s = self.inline_budget_s
 
-    def submit(
-        self,
-        task: Task[Any, Any],
-        args: list[Any],
-        kwargs: dict[str, Any],
-        done: Callable[[Outcome | None], None],
-        start: Callable[[], bool] = lambda: True,
-        inline: bool = True,
-        context: Mapping[str, object] | None = None,
-        running: Running | None = None,
-    ) -> None:
-        """Queue one run (or run it now, inline); ``done`` is called with its outcome.
+    def submit(self, run: Run) -> None:
+        """Queue one run (or run it now, inline); ``run.done`` is called with its outcome.
 
-        ``start`` is asked when the run is about to begin (it may have waited in the
-        queue): when it answers False the task is not run and ``done`` gets None.
-        ``inline``: the caller allows running it in its own thread when it is cheap.
-        ``context``: the run's log fields (task_id, queue, attempt, partition, offset)
-        and its record's ``traceparent``, bound while it runs (see
-        :func:`streamtasks.logs.task_context`); the outcome carries the run's trace.
-        ``running``: the run's request, current while it runs (``self.request``,
-        :func:`streamtasks.current_task`); its task id is what :meth:`terminate` finds.
+        ``run.start()`` is asked when the run is about to begin (it may have waited in
+        the queue): when it answers False the task is not run and ``done`` gets None.
+        The outcome carries the run's trace (a child of ``run.context``'s traceparent).
         """
+        task = run.task
         if task.is_async:
             future: Future[Outcome | None] = asyncio.run_coroutine_threadsafe(
-                self._run_async(task, args, kwargs, start, context, running),
-                self._event_loop(),
+                self._run_async(run), self._event_loop(),
             )
-            future.add_done_callback(lambda f: _report(f, done))
+            future.add_done_callback(lambda f: _report(f, run.done))
             return
-        run = _Run(task, args, kwargs, start, done, context, running)
         in_process = task.options.pool == "process"
-        if inline and not in_process and self._budget_s > 0 and self._cheap(task.name):
+        if run.inline and not in_process and self._budget_s > 0 and self._cheap(task.name):
             began = time.perf_counter()
             self._execute(run)
             self._budget_s -= time.perf_counter() - began
@@ -217,7 +234,7 @@ class Executor:
         self._loop.call_soon_threadsafe(running.cancel)
         return True
 
-    def _execute(self, run: _Run) -> None:
+    def _execute(self, run: Run) -> None:
         try:
             outcome = self._run_sync(run)
             if outcome is not None and self.inline_max_s:
@@ -232,7 +249,7 @@ class Executor:
         weight = 1 / (runs + 1) if runs < self.INLINE_AFTER_RUNS else 0.1
         self._cost[name] = (runs + 1, average + (took - average) * weight)
 
-    def _run_sync(self, run: _Run) -> Outcome | None:
+    def _run_sync(self, run: Run) -> Outcome | None:
         task = run.task
         with _scope(task.name, run.context, run.running) as trace:
             if not run.start():
@@ -254,7 +271,7 @@ class Executor:
         outcome.traceparent = trace[0] if trace else None
         return outcome
 
-    def _run_in_process(self, run: _Run, started: int) -> Outcome:
+    def _run_in_process(self, run: Run, started: int) -> Outcome:
         if self._processes is None:
             self._processes = ProcessPool(self.concurrency)
         options = run.task.options
@@ -270,11 +287,8 @@ class Executor:
         assert answer.error is not None
         return _failure(answer.error, started, answer.traceback)
 
-    async def _run_async(
-        self, task: Task[Any, Any], args: list[Any], kwargs: dict[str, Any],
-        start: Callable[[], bool], context: Mapping[str, object] | None = None,
-        running: Running | None = None,
-    ) -> Outcome | None:
+    async def _run_async(self, run: Run) -> Outcome | None:
+        task, running = run.task, run.running
         assert self._semaphore is not None
         async with self._semaphore:
             # a coroutine run by run_coroutine_threadsafe is its own asyncio task: what
@@ -285,8 +299,8 @@ class Executor:
             if run_id and current is not None:
                 self._running_async[run_id] = current
             try:
-                with _scope(task.name, context, running) as trace:
-                    outcome = await self._run_coroutine(task, args, kwargs, start)
+                with _scope(task.name, run.context, running) as trace:
+                    outcome = await self._run_coroutine(task, run.args, run.kwargs, run.start)
                     if outcome is not None and outcome.error is None and running is not None:
                         outcome = await _confirmed(outcome, running)
             except asyncio.CancelledError as err:
