@@ -168,6 +168,15 @@ def cassandra_driver(variant: str, rows: list[list[Any]], window: int) -> tuple[
 
 # ------------------------------------------------------------ asyncio drivers
 
+async def _async_timed(window: int, start: Callable[[Any], Any],
+                       rows: list[Any]) -> tuple[float, float]:
+    """Warm up on the first rows, then return (wall, CPU) seconds of the rest."""
+    await _async_window(window, start, rows[:WARMUP])
+    clock = Clock()
+    await _async_window(window, start, rows[WARMUP:])
+    return clock.stop()
+
+
 async def _async_window(window: int, start: Callable[[Any], Any], rows: list[Any]) -> None:
     import asyncio
     slots = asyncio.Semaphore(window)
@@ -205,10 +214,7 @@ async def _acsylla(rows: list[list[Any]], window: int) -> tuple[float, float]:
         statement.bind_list(values)
         await session.execute(statement)
 
-    await _async_window(window, start, rows[:WARMUP])
-    clock = Clock()
-    await _async_window(window, start, rows[WARMUP:])
-    figures = clock.stop()
+    figures = await _async_timed(window, start, rows)
     await session.close()
     return figures
 
@@ -223,10 +229,7 @@ async def _scyllapy(rows: list[list[Any]], window: int) -> tuple[float, float]:
     def start(values: list[Any]) -> Any:
         return scylla.execute(prepared, values)
 
-    await _async_window(window, start, rows[:WARMUP])
-    clock = Clock()
-    await _async_window(window, start, rows[WARMUP:])
-    figures = clock.stop()
+    figures = await _async_timed(window, start, rows)
     await scylla.shutdown()
     return figures
 
