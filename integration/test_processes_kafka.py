@@ -18,6 +18,7 @@ from integration._workers import (
     new_namespace,
     pids_by_label,
     wait_committed_to_high,
+    wait_groups_settled,
     wait_lines,
     worker_env,
 )
@@ -42,13 +43,19 @@ def test_two_processes_share_the_queue_restart_a_killed_child_and_drain_on_sigte
         cwd=REPO, env={**os.environ, **env}, stdout=out, stderr=out,
     )
     try:
+        # Both children hold partitions before the backlog exists: a child joining late
+        # on a slow machine found the 2 s of work done and "both ran tasks" failed.
+        group = app.settings.group_id("default")
+        wait_groups_settled([group], members=2, timeout_s=120)
         ids = [app.send("it.nap", args=[f"t{i}", 20]).id for i in range(400)]
         app.flush(timeout_s=60)
         wait_lines(log, 50, timeout_s=120)
-        # When one child is SIGKILLed mid-backlog
+        # When a child that has run tasks is SIGKILLed mid-backlog
         children = _children(supervisor.pid)
         assert len(children) == 2, children
-        os.kill(children[0], signal.SIGKILL)
+        ran = {pid for pids in pids_by_label(log).values() for pid in pids}
+        victim = min(set(children) & ran)
+        os.kill(victim, signal.SIGKILL)
         counts = rows.wait_states(ids, states.SUCCESS, timeout_s=180)
         # Then it is replaced, both processes ran tasks, and every task ended SUCCESS
         deadline = time.monotonic() + 30
@@ -61,11 +68,10 @@ def test_two_processes_share_the_queue_restart_a_killed_child_and_drain_on_sigte
         assert len({pid for pids in runs.values() for pid in pids}) >= 2
         # repeats may only come from the SIGKILLed child (its uncommitted records)
         repeated = {label: pids for label, pids in runs.items() if len(pids) > 1}
-        assert all(pids[0] == children[0] for pids in repeated.values()), repeated
-        wait_committed_to_high([(app.settings.group_id("default"),
-                                 app.settings.topic("default"))], timeout_s=60)
+        assert all(pids[0] == victim for pids in repeated.values()), repeated
+        wait_committed_to_high([(group, app.settings.topic("default"))], timeout_s=60)
         print(f"\n--processes 2: 400 tasks, {len(repeated)} repeated after a SIGKILL of "
-              f"child {children[0]}")
+              f"child {victim}")
         # and SIGTERM drains both children and exits 0
         supervisor.send_signal(signal.SIGTERM)
         assert supervisor.wait(timeout=60) == 0
