@@ -125,6 +125,8 @@ class App:
         self._unconfirmed: dict[str, str] = {}
         self._abandoned = False
         self._failed: dict[str, str] = {}
+        # Reported by a flush as not confirmed in time, and dropped (see flush).
+        self._dropped: set[str] = set()
         self._queues_ready: set[str] = set()
         ref = weakref.ref(self)
         atexit.register(_flush_at_exit, ref)
@@ -543,6 +545,7 @@ class App:
             with self._lock:
                 self._unconfirmed.pop(msg.id, None)
             raise
+        log.debug("task queued", id=msg.id, name=msg.name, topic=out.topic)
         if self.settings.track_pending:
             self._mark_pending(msg)
 
@@ -591,7 +594,12 @@ class App:
     def _delivered(self, task_id: str, error: str | None) -> None:
         with self._lock:
             self._unconfirmed.pop(task_id, None)
-            if error is not None:
+            if task_id in self._dropped:  # the caller was told already
+                self._dropped.discard(task_id)
+                if error is None:  # it was in flight: the broker has it after all
+                    log.warning("a send reported as not confirmed was confirmed later",
+                                id=task_id)
+            elif error is not None:
                 self._failed[task_id] = error
             self._delivery.notify_all()
 
@@ -601,6 +609,12 @@ class App:
         Args:
             timeout_s: how long to wait at most.
             only: report only these task ids (others stay reported for a later flush).
+
+        A task not confirmed in time is reported once and dropped: every record still
+        queued for sending is dropped with it (each reported as failed by the flush that
+        covers it), so nothing reported is sent later behind the caller's back or waited
+        for again at exit. A record already in flight may still land
+        (``docs/decisions.md``, "A send not confirmed in time").
 
         Raises:
             SendError: naming every task that failed or was not confirmed in time.
@@ -633,11 +647,19 @@ class App:
     def _raise_unconfirmed(self, task_ids: Sequence[str], timeout_s: float) -> None:
         with self._lock:
             failures = []
+            late = [t for t in task_ids if t not in self._failed and t in self._unconfirmed]
             for tid in task_ids:
                 if tid in self._failed:
                     failures.append((tid, self._failed.pop(tid)))
-                elif tid in self._unconfirmed:
-                    failures.append((tid, f"not confirmed within {timeout_s}s"))
+            for tid in late:
+                del self._unconfirmed[tid]
+                self._dropped.add(tid)
+                failures.append(
+                    (tid, f"not confirmed within {timeout_s}s; dropped from the send queue"))
+        if late:
+            self.broker.drop_queued()
+            log.warning("sends not confirmed in time dropped", tasks=len(late),
+                        timeout_s=timeout_s)
         if failures:
             raise SendError(failures)
 

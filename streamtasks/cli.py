@@ -419,6 +419,9 @@ def _supervise_workers(ns: argparse.Namespace, app: App) -> int:
     from streamtasks.worker.supervisor import Supervisor, child_command
 
     port = _metrics_port(ns, app)
+    # A child that cannot reach Kafka exits after its check; the supervisor would start
+    # it again and again: no broker is this command's error, not a child's.
+    app.broker.check_reachable()
     own = ("--processes", "--metrics-port", "--name")
     base = child_command(ns.argv, lambda arg: arg.split("=")[0] in own)
 
@@ -469,6 +472,12 @@ def _cmd_send(ns: argparse.Namespace) -> int:
         print(f"streamtasks send: no --app and no --queue: sent {ns.name} to queue "
               f"{queue!r} (give --queue or --app to send it to the task's own queue)",
               file=sys.stderr)
+    try:
+        app.broker.check_reachable()
+    except KeyboardInterrupt:
+        print("streamtasks send: interrupted while waiting for the broker to answer; "
+              "nothing was sent", file=sys.stderr)
+        return EXIT_INTERRUPTED
     try:
         result = app.send(ns.name, args=args, kwargs=kwargs, queue=queue, key=ns.key,
                           task_id=ns.task_id, countdown_s=ns.countdown, expires_s=ns.expires,
@@ -783,6 +792,7 @@ def _cmd_inspect(ns: argparse.Namespace) -> int:
     from streamtasks.ops.inspect import inspect_queues, list_queues
 
     app = _app(ns)
+    app.broker.check_reachable()  # its admin clients for group members are its own
     if ns.queues:
         queues = [q.strip() for q in ns.queues.split(",") if q.strip()]
     else:

@@ -275,6 +275,24 @@ class Broker(ABC):
         """
         raise NotImplementedError(f"{type(self).__name__} cannot list a group's offsets")
 
+    def check_reachable(self) -> None:
+        """Fail fast when no broker can be reached at all (checked once per broker object).
+
+        A broker that needs no connection (the memory broker) is always reachable.
+
+        Raises:
+            BrokerError: naming the servers and why none answered.
+        """
+        return
+
+    def drop_queued(self) -> None:
+        """Drop the records queued for sending that were not handed to a broker yet.
+
+        Each dropped record's delivery callback reports an error. Records already in
+        flight cannot be recalled. A broker that confirms at once (memory) has none.
+        """
+        return
+
     def cluster_size(self) -> int | None:
         """Return how many brokers serve now, or None when unknown (durability checks).
 

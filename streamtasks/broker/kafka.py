@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import signal
 import threading
 import time
@@ -100,6 +101,28 @@ def _retriable(err: BaseException) -> bool:
     return False
 
 
+#: Client errors that say why a broker cannot be reached ("1/1 brokers are down" does not).
+_CAUSE_CODES = frozenset(
+    {
+        ck.KafkaError._RESOLVE,
+        ck.KafkaError._TRANSPORT,
+        ck.KafkaError._AUTHENTICATION,
+        ck.KafkaError._SSL,
+    }
+)
+#: Errors of the reachability probe that mean no broker answered (any other: one did).
+_UNREACHED_CODES = _CAUSE_CODES | {ck.KafkaError._TIMED_OUT, ck.KafkaError._ALL_BROKERS_DOWN}
+_AFTER_STATE = re.compile(r" \(after \d+ms in state \w+\)$")
+
+
+def _unreachable_hint(codes: set[int]) -> str:
+    if ck.KafkaError._RESOLVE in codes:
+        return "check the host name in the broker URL"
+    if codes & {ck.KafkaError._AUTHENTICATION, ck.KafkaError._SSL}:
+        return "check the SASL / TLS options of the broker URL"
+    return "check that Kafka is running there and the host:port in the broker URL"
+
+
 def _log_client_error(err: ck.KafkaError) -> None:
     log.warning("kafka client error", error=err.str(), code=err.name(), fatal=err.fatal())
 
@@ -160,6 +183,7 @@ class KafkaBroker(Broker):
             self._common["sasl.password"] = settings.broker_password.get_secret_value()
         self._lock = threading.Lock()
         self._reachable = False
+        self._reach_lock = threading.Lock()
         self._producer: ck.Producer | None = None
         self._admin: AdminClient | None = None
         self._lookup: ck.Consumer | None = None
@@ -211,6 +235,8 @@ class KafkaBroker(Broker):
     # -- lazily created clients ----------------------------------------------------------
 
     def _get_producer(self) -> ck.Producer:
+        if self._producer is None:
+            self.check_reachable()
         with self._lock:
             if self._producer is None:
                 try:
@@ -220,6 +246,8 @@ class KafkaBroker(Broker):
             return self._producer
 
     def _get_admin(self) -> AdminClient:
+        if self._admin is None:
+            self.check_reachable()
         with self._lock:
             if self._admin is None:
                 # A metadata request for a missing topic must not create it (the local
@@ -229,6 +257,8 @@ class KafkaBroker(Broker):
 
     def _get_lookup(self) -> ck.Consumer:
         """Return a consumer that never subscribes, for watermark and time look-ups."""
+        if self._lookup is None:
+            self.check_reachable()
         with self._lock:
             if self._lookup is None:
                 config = self.consumer_config(self._topology.lookup_group_id())
@@ -327,7 +357,12 @@ class KafkaBroker(Broker):
         """Join ``group_id`` and subscribe to ``topics`` (the join completes in ``poll``).
 
         See :meth:`Broker.consumer` for ``eager``.
+
+        Raises:
+            BrokerError: no broker answered (first use of this broker object), or the
+                consumer could not be created.
         """
+        self.check_reachable()
         return KafkaConsumer(self.consumer_config(group_id), topics, listener, eager=eager)
 
     # -- topics and offsets --------------------------------------------------------------
@@ -344,7 +379,6 @@ class KafkaBroker(Broker):
         if not specs:
             return []
         admin = self._get_admin()
-        self._check_reachable(admin)
         new = [
             NewTopic(s.name, s.partitions, s.replication_factor, config=dict(s.config))
             for s in specs
@@ -367,24 +401,60 @@ class KafkaBroker(Broker):
             log.info("topics created", topics=created)
         return created
 
-    def _check_reachable(self, admin: AdminClient) -> None:
-        """Fail fast, naming the servers, when no broker answers a metadata request.
+    def check_reachable(self) -> None:
+        """Fail fast, naming the servers and the cause, when no broker answers.
 
-        Without it, an unreachable or unresolvable broker showed as a topic creation
-        timing out after 30 s ("waiting for controller"), naming no host.
+        Runs once per broker object (the first client it creates does it): a worker,
+        a send or a CLI command against a wrong or dead address ends within
+        ``REACHABLE_TIMEOUT_S`` instead of retrying for ever (a consumer) or timing out
+        later naming no host. A broker that answered once is not asked again: an outage
+        after that is retried like any other.
+
+        Raises:
+            BrokerError: no broker answered within ``REACHABLE_TIMEOUT_S``.
         """
         if self._reachable:
             return
-        servers = self._common.get("bootstrap.servers", "?")
+        with self._reach_lock:
+            if not self._reachable:
+                log.debug("checking that a Kafka broker answers",
+                          servers=self._common.get("bootstrap.servers"))
+                self._probe()
+                self._reachable = True
+
+    def _probe(self) -> None:
+        # A throwaway client: its connection errors are collected for the message
+        # instead of being logged (and librdkafka's own log lines are off).
+        errors: list[ck.KafkaError] = []
+        config: dict[str, Any] = {
+            k: v for k, v in self._common.items() if k not in ("logger", "error_cb")
+        }
+        config.update({"error_cb": errors.append, "log_level": 0})
+        probe = AdminClient(config)
         try:
-            admin.list_topics(timeout=REACHABLE_TIMEOUT_S)
+            # DescribeCluster carries no topic metadata (cheap on a broker with many
+            # partitions); an error answer (e.g. not authorized) still proves a broker.
+            probe.describe_cluster(request_timeout=REACHABLE_TIMEOUT_S).result(
+                timeout=REACHABLE_TIMEOUT_S + 2)
+            return
         except ck.KafkaException as err:
-            raise BrokerError(
-                f"no Kafka broker at {servers} answered within {REACHABLE_TIMEOUT_S:.0f}s "
-                f"({err.args[0].str() if err.args else err}); check that Kafka is running "
-                "there and the host:port in the broker URL"
-            ) from err
-        self._reachable = True
+            if _error_code(err) not in _UNREACHED_CODES:
+                return
+            failure: str = err.args[0].str() if err.args else str(err)
+        except TimeoutError:
+            failure = "no answer"
+        probe.poll(0)  # serves the error callbacks collected meanwhile
+        raise BrokerError(self._unreachable_message(errors, failure))
+
+    def _unreachable_message(self, errors: list[ck.KafkaError], failure: str) -> str:
+        causes = [e for e in errors if e.code() in _CAUSE_CODES]
+        shown = list(dict.fromkeys(_AFTER_STATE.sub("", e.str()) for e in causes))[:3]
+        servers = self._common.get("bootstrap.servers", "?")
+        return (
+            f"no Kafka broker at {servers} answered within {REACHABLE_TIMEOUT_S:.0f}s "
+            f"({'; '.join(shown) or failure}); "
+            f"{_unreachable_hint({e.code() for e in causes})}"
+        )
 
     def _wait_visible(self, topic: str) -> None:
         """Wait until ``topic`` shows in the metadata with a leader for every partition."""
@@ -721,6 +791,15 @@ class KafkaBroker(Broker):
         if failed:
             shown = ", ".join(f"{tp.topic}[{tp.partition}]: {tp.error}" for tp in failed)
             raise BrokerError(f"cannot set the offsets of group {group_id!r}: {shown}")
+
+    def drop_queued(self) -> None:
+        """Drop the records not yet handed to a broker (librdkafka purge of its queues).
+
+        Each gets a failed delivery report ("Local: Purged in queue") at the next
+        :meth:`poll` or :meth:`flush`. Records in flight are left to be answered.
+        """
+        if self._producer is not None:
+            self._producer.purge(in_queue=True, in_flight=False, blocking=False)
 
     def close(self) -> None:
         """Flush what can be flushed (up to 30 s) and release connections."""

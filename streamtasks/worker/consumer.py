@@ -247,9 +247,14 @@ class Worker:
         """Check the result schema, create the queues' topics (when allowed), join the groups.
 
         Raises:
+            BrokerError: no Kafka broker answered (a wrong or dead address); a worker
+                waiting for ever would look alive to its supervisor and do nothing.
             ConfigError: the result store lacks schema migrations (run ``streamtasks
                 migrate``): every result write would fail.
         """
+        # First, and whatever create_topics says: a worker with no broker must end.
+        # A result store down is tolerated (_check_schema): writes are retried.
+        self.app.broker.check_reachable()
         self._check_schema()
         check_worker_start(self.app.settings, self.app.broker, self.app.backend,
                            [self.app.settings.topic(q) for q in self.queues])

@@ -19,11 +19,12 @@ URL: ``cassandra://h1:9042[,h2:9042]/keyspace?option=value&...`` with options
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import re
 import ssl
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
@@ -208,10 +209,12 @@ class Connection:
             if self._session is None:
                 cluster = self._make_cluster()
                 try:
-                    self._session = cluster.connect()
+                    with _held_driver_records() as held:
+                        self._session = cluster.connect()
                 except Exception as err:
                     cluster.shutdown()
                     raise self.error(err, "connecting") from err
+                held.release()
                 self._cluster = cluster
                 log.info(
                     "connected to Cassandra at %s (keyspace %s, consistency %s)",
@@ -396,3 +399,59 @@ class Connection:
             self._prepared.clear()
         if cluster is not None:
             cluster.shutdown()
+
+
+class _HeldRecords(logging.Filter):
+    """Holds the driver's records logged by one thread while it connects.
+
+    A failed first connect is reported by the BackendError raised, naming the hosts
+    and the cause in one line; the driver logs the same failure twice more, each time
+    with a traceback. Held records are dropped when the connect fails and passed on
+    (:meth:`release`) when it succeeds.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._local = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        held: list[logging.LogRecord] | None = getattr(self._local, "held", None)
+        if held is None:
+            return True
+        held.append(record)
+        return False
+
+    def hold(self) -> list[logging.LogRecord]:
+        held: list[logging.LogRecord] = []
+        self._local.held = held
+        return held
+
+    def stop(self) -> None:
+        self._local.held = None
+
+
+class _Held:
+    def __init__(self, records: list[logging.LogRecord]) -> None:
+        self.records = records
+
+    def release(self) -> None:
+        """Log the held records after all (the connect succeeded)."""
+        driver = logging.getLogger(_DRIVER_LOGGER)
+        for record in self.records:
+            driver.handle(record)
+
+
+_DRIVER_LOGGER = "cassandra.cluster"
+_HOLD = _HeldRecords()
+
+
+@contextlib.contextmanager
+def _held_driver_records() -> Iterator[_Held]:
+    driver = logging.getLogger(_DRIVER_LOGGER)
+    if _HOLD not in driver.filters:
+        driver.addFilter(_HOLD)
+    held = _Held(_HOLD.hold())
+    try:
+        yield held
+    finally:
+        _HOLD.stop()

@@ -23,6 +23,7 @@ def backend_error(err: BaseException, action: str, opts: CassandraOptions) -> Ba
         OperationTimedOut,
         ReadTimeout,
         Unavailable,
+        UnresolvableContactPoints,
         WriteTimeout,
     )
     from cassandra.cluster import NoHostAvailable
@@ -41,6 +42,9 @@ def backend_error(err: BaseException, action: str, opts: CassandraOptions) -> Ba
             hint += ", and the TLS options (ssl_ca, ssl_cert, ssl_check_hostname)"
         return BackendError(f"{where}: {action} failed, no host available ({detail}); "
                             f"check {hint}")
+    if isinstance(err, UnresolvableContactPoints):
+        return BackendError(f"{where}: {action} failed, no host name of the backend URL "
+                            "resolves to an address; check the host names in the URL")
     if isinstance(err, OperationTimedOut):
         return BackendError(
             f"{where}: {action} timed out after {opts.request_timeout_s}s ({err}); check "

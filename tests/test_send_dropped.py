@@ -1,0 +1,100 @@
+"""A send not confirmed in time: reported once, dropped, never waited for again."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import pytest
+
+from streamtasks import App
+from streamtasks.broker.base import DeliveryCallback
+from streamtasks.broker.memory import MemoryBroker
+from streamtasks.errors import SendError
+
+PURGED = "Local: Purged in queue"
+
+
+class UnconfirmingBroker(MemoryBroker):
+    """Queues records and never confirms them; drop_queued fails them (as librdkafka's
+    purge does: the reports come at the next poll or flush)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.queued: list[DeliveryCallback | None] = []
+        self.purged: list[DeliveryCallback | None] = []
+        self.drops = 0
+
+    def send(self, topic: str, value: bytes, *, key: bytes | None = None,
+             headers: Mapping[str, bytes] | None = None, partition: int | None = None,
+             on_delivery: DeliveryCallback | None = None) -> None:
+        self.queued.append(on_delivery)
+
+    def poll(self, timeout_s: float = 0.0) -> int:
+        served, self.purged = self.purged, []
+        for callback in served:
+            if callback is not None:
+                callback(PURGED)
+        return len(served)
+
+    def flush(self, timeout_s: float) -> int:
+        self.poll()
+        return len(self.queued)  # what a real flush would still be waiting for
+
+    def drop_queued(self) -> None:
+        self.drops += 1
+        self.purged += self.queued
+        self.queued = []
+
+
+def _app() -> tuple[App, UnconfirmingBroker, object]:
+    broker = UnconfirmingBroker()
+    app = App("dropped", broker=broker, backend="memory://")
+
+    @app.task(name="t")
+    def t() -> None:
+        """Nothing."""
+
+    return app, broker, t
+
+
+def test_a_send_not_confirmed_in_time_is_reported_once_and_dropped() -> None:
+    # Given two queued sends the broker does not confirm
+    app, broker, t = _app()
+    first, second = t.delay(), t.delay()  # type: ignore[attr-defined]
+    # When a flush for the first one times out
+    with pytest.raises(SendError) as raised:
+        app.flush(timeout_s=0.01, only=[first.id])
+    # Then the caller is told it was dropped, and every record still queued is dropped
+    assert raised.value.failures == [
+        (first.id, "not confirmed within 0.01s; dropped from the send queue")]
+    assert broker.drops == 1 and broker.queued == []
+    # and the other one is reported failed by the next flush (not lost silently), the
+    # first one not again
+    with pytest.raises(SendError) as again:
+        app.flush(timeout_s=0.01)
+    assert again.value.failures == [(second.id, PURGED)]
+    # and nothing is left for a later flush (the one at exit) to wait for or report
+    assert broker.flush(0.01) == 0
+    app.flush(timeout_s=0.01)
+
+
+def test_a_whole_flush_timing_out_reports_each_send_once_and_leaves_nothing_to_wait_for(
+) -> None:
+    app, broker, t = _app()
+    ids = [t.delay().id for _ in range(3)]  # type: ignore[attr-defined]
+    with pytest.raises(SendError) as raised:
+        app.flush(timeout_s=0.01)
+    assert sorted(tid for tid, _ in raised.value.failures) == sorted(ids)
+    assert broker.drops == 1
+    app.flush(timeout_s=0.01)  # the purge reports of the dropped records: not re-reported
+    assert broker.flush(0.01) == 0
+
+
+def test_a_send_confirmed_on_time_drops_nothing() -> None:
+    app, broker, t = _app()
+    t.delay()  # type: ignore[attr-defined]
+    callback = broker.queued.pop()
+    assert callback is not None
+    callback(None)
+    app.flush(timeout_s=0.01)
+    assert broker.drops == 0
