@@ -14,9 +14,11 @@ from typing import Any
 
 import pytest
 
+from streamtasks import App, states
 from streamtasks.broker.base import TopicPartition
 from streamtasks.control import ControlListener, RevokedIds
 from streamtasks.errors import SendError
+from streamtasks.result import GroupResult
 from streamtasks.schedules import Scheduler, scoped
 from streamtasks.worker import procpool
 from tests import control_tasks
@@ -119,3 +121,73 @@ def test_terminate_while_the_task_s_child_process_is_being_started_stops_it(
         go_on.set()
         pool.shutdown()
     assert answers and answers[0].terminated, answers
+
+
+# -- revoke inside workflows -------------------------------------------------------------
+
+
+def test_revoking_one_chord_member_fails_the_chord_visibly(
+    app: App, calls: list[tuple[str, tuple[object, ...]]]
+) -> None:
+    """docs/control.md: a chord one of whose members is revoked fails (never a body that
+    silently never runs); its error callback runs once; the other members still run."""
+    from streamtasks import chord
+    from streamtasks.errors import TaskFailed
+
+    add, total, on_error = app.tasks["add"], app.tasks["total"], app.tasks["on_error"]
+    result = chord([add.s(i, i) for i in range(4)], total.s()).on_error(
+        on_error.s()).apply_async()
+    assert isinstance(result.parent, GroupResult)
+    victim = result.parent.results[1]
+    victim.revoke()
+    app.drain()
+    assert victim.state == states.REVOKED
+    assert result.state == states.FAILURE
+    with pytest.raises(TaskFailed):
+        result.get(timeout=1)
+    assert not any(c[0] == "total" for c in calls)
+    assert sorted(c[1] for c in calls if c[0] == "add") == [(0, 0), (2, 2), (3, 3)]
+    assert [c[0] for c in calls].count("on_error") == 1
+
+
+def test_revoking_a_chord_member_after_the_others_finished_still_fails_the_chord(
+    app: App, calls: list[tuple[str, tuple[object, ...]]]
+) -> None:
+    """The revoked member is the last to come: the chord's decision is made by it."""
+    from streamtasks import chord
+
+    add, total = app.tasks["add"], app.tasks["total"]
+    result = chord([add.s(i, i) for i in range(3)], total.s()).apply_async()
+    assert isinstance(result.parent, GroupResult)
+    last = result.parent.results[-1]
+    last.revoke()
+    app.drain()
+    assert result.state == states.FAILURE
+    assert not any(c[0] == "total" for c in calls)
+
+
+# -- process pool: children breaking -------------------------------------------------------
+
+
+def test_process_tasks_that_break_their_child_fail_clearly_and_the_worker_goes_on(
+    app: App,
+) -> None:
+    """A child that exits, an error that cannot be read back, a result that cannot be
+    sent back: each run ends FAILURE naming what happened; the next runs are served."""
+    from tests import attack_tasks
+    from tests.test_control import _wait, running
+
+    exits = app.task(name="exits", pool="process")(attack_tasks.exit_hard)
+    unreadable = app.task(name="unreadable", pool="process")(attack_tasks.raise_unreadable)
+    lock = app.task(name="lock", pool="process")(attack_tasks.return_lock)
+    square = app.task(name="square", pool="process")(control_tasks.square)
+    results = [exits.delay(), unreadable.delay(), lock.delay()]
+    with running(app.worker()):
+        _wait(lambda: all(r.state == states.FAILURE for r in results), 120)
+        assert square.delay(6).get(timeout=60) == 36
+    metas = [r.meta() for r in results]
+    assert all(m is not None for m in metas)
+    errors = [(m.error_type, m.error_message) for m in metas if m is not None]
+    assert errors[0][0] == "ChildProcessDied" and "exit code 3" in errors[0][1], errors[0]
+    assert "TwoPartError" in f"{errors[1]}" and "disk: full" in f"{errors[1]}", errors[1]
+    assert "cannot be sent back" in errors[2][1] and "lock" in errors[2][1], errors[2]

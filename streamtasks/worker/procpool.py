@@ -31,6 +31,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 import structlog
@@ -95,12 +96,26 @@ def _child_main(conn: Connection) -> None:
             answer = ChildResult(False, None, err, "".join(traceback.format_exception(err)))
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
-        try:
-            conn.send(answer)
-        except Exception as err:  # an unpicklable result or error: say what it was
-            conn.send(ChildResult(False, None, TaskError(
-                f"the task's {'result' if answer.ok else 'error'} cannot be sent back from "
-                f"its process: {type(err).__name__}: {err}"), answer.traceback))
+        conn.send_bytes(_sendable(answer))
+
+
+def _sendable(answer: ChildResult) -> bytes:
+    """Return ``answer`` pickled as the parent can read it back.
+
+    A result or error that cannot be pickled, or an error the parent could not unpickle
+    (an exception whose ``__init__`` takes other arguments than its ``args``), is
+    replaced by a :class:`TaskError` naming it: never an unrelated ``TypeError``.
+    """
+    try:
+        data = bytes(ForkingPickler.dumps(answer))
+        if answer.error is not None:
+            ForkingPickler.loads(data)
+        return data
+    except Exception as err:
+        what = "result" if answer.ok else f"error ({type(answer.error).__name__}: {answer.error})"
+        return bytes(ForkingPickler.dumps(ChildResult(False, None, TaskError(
+            f"the task's {what} cannot be sent back from its process: "
+            f"{type(err).__name__}: {err}"), answer.traceback)))
 
 
 class _Child:

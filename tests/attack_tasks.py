@@ -1,0 +1,29 @@
+"""Tasks that break their child process in the ways production does (``pool="process"``
+children import them from here)."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+
+class TwoPartError(Exception):
+    """Pickles, but cannot be unpickled (``__init__`` needs two arguments)."""
+
+    def __init__(self, what: str, why: str) -> None:
+        super().__init__(f"{what}: {why}")
+
+
+def exit_hard() -> None:
+    """End the child process at once, as a C extension calling exit() would."""
+    os._exit(3)
+
+
+def raise_unreadable() -> None:
+    """Raise an error the parent cannot unpickle."""
+    raise TwoPartError("disk", "full")
+
+
+def return_lock() -> object:
+    """Return something that cannot be pickled."""
+    return threading.Lock()
