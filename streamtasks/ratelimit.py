@@ -13,6 +13,7 @@ partitions that hold waiting jobs until they are released.
 
 from __future__ import annotations
 
+import math
 import re
 import threading
 import time
@@ -57,8 +58,8 @@ def parse_rate(text: str | float | None, what: str = "rate_limit") -> float | No
             raise ConfigError(f"{what} {text!r} is not a rate such as '100/s', '10/m' or "
                               "'5/h'")
         rate = float(match.group(1)) / _UNITS_S[match.group(2) or "s"]
-    if rate <= 0:
-        raise ConfigError(f"{what} must be above 0, got {text!r}")
+    if not math.isfinite(rate) or rate <= 0:
+        raise ConfigError(f"{what} must be a finite rate above 0, got {text!r}")
     return rate
 
 

@@ -191,3 +191,16 @@ def test_process_tasks_that_break_their_child_fail_clearly_and_the_worker_goes_o
     assert errors[0][0] == "ChildProcessDied" and "exit code 3" in errors[0][1], errors[0]
     assert "TwoPartError" in f"{errors[1]}" and "disk: full" in f"{errors[1]}", errors[1]
     assert "cannot be sent back" in errors[2][1] and "lock" in errors[2][1], errors[2]
+
+
+# -- rate limits -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rate", [float("nan"), float("inf"), "10/x", "0/s", "-5/m", True])
+def test_a_malformed_rate_is_refused_when_the_task_is_declared(app: App, rate: Any) -> None:
+    """Refused at decoration with the option's name, not found out at the first run."""
+    from streamtasks.errors import ConfigError
+
+    for option in ("rate_limit", "group_rate_limit"):
+        with pytest.raises(ConfigError, match=option):
+            app.task(name=f"limited_{option}", **{option: rate})(control_tasks.square)
