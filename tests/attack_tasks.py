@@ -27,3 +27,11 @@ def raise_unreadable() -> None:
 def return_lock() -> object:
     """Return something that cannot be pickled."""
     return threading.Lock()
+
+
+def nap(seconds: float) -> float:
+    """Sleep ``seconds``; return them."""
+    import time
+
+    time.sleep(seconds)
+    return seconds

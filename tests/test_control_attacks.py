@@ -204,3 +204,83 @@ def test_a_malformed_rate_is_refused_when_the_task_is_declared(app: App, rate: A
     for option in ("rate_limit", "group_rate_limit"):
         with pytest.raises(ConfigError, match=option):
             app.task(name=f"limited_{option}", **{option: rate})(control_tasks.square)
+
+
+def test_jobs_held_for_tokens_move_with_their_partition_and_run_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A second worker joins while the first holds rate-limited jobs: the held jobs of
+    the partitions leaving are not run by the old owner once the new owner has them;
+    every task runs, and runs once (counted across both workers)."""
+    from collections import Counter
+
+    from tests.test_control import _wait, running
+
+    first, second = _apps(2)
+    ran: Counter[int] = Counter()
+    lock = threading.Lock()
+
+    def note(i: int) -> int:
+        with lock:
+            ran[i] += 1
+        return i
+
+    tasks = [app.task(name="slowly", rate_limit="4/s")(note) for app in (first, second)]
+    results = [tasks[0].delay(i) for i in range(16)]
+    with running(first.worker(["default"])) as worker:
+        _wait(lambda: worker.rates.waiting > 3, 60)  # jobs held on several partitions
+        with running(second.worker(["default"])) as joined:
+            _wait(lambda: all(r.ready() for r in results), 120)
+    assert joined.stats["received"] > 0  # the rebalance was real: partitions moved
+    assert sorted(ran) == list(range(16))
+    assert [i for i, count in ran.items() if count > 1] == []
+
+
+def test_a_terminate_racing_the_end_of_its_run_never_kills_the_next_task(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The run being terminated ends just as terminate() found its child, and the pool
+    hands that child to the next task: the kill must not land on the next task."""
+    from tests import attack_tasks
+
+    pool = procpool.ProcessPool(1)
+    answers: dict[str, procpool.ChildResult] = {}
+
+    def run(run_id: str, seconds: float) -> threading.Thread:
+        thread = threading.Thread(target=lambda: answers.setdefault(
+            run_id, pool.run(attack_tasks.nap, [seconds], {}, run_id)), daemon=True)
+        thread.start()
+        return thread
+
+    def busy_with(run_id: str) -> bool:
+        return pool._busy.get(run_id) is not None
+
+    class Stalling:
+        """The pool's log: its "terminating" line waits for the race to be staged."""
+
+        def info(self, event: str, **_fields: Any) -> None:
+            if event.startswith("terminating"):
+                first.join(30)  # the terminated run ended by itself meanwhile
+                second = run("next", 1.0)
+                deadline = time.monotonic() + 30
+                while not busy_with("next") and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                time.sleep(0.3)  # its arguments went to the child
+                threads.append(second)
+
+        def __getattr__(self, _name: str) -> Any:
+            return lambda *_a, **_k: None
+
+    threads: list[threading.Thread] = []
+    try:
+        first = run("victim", 1.0)
+        deadline = time.monotonic() + 60
+        while not busy_with("victim") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        monkeypatch.setattr(procpool, "log", Stalling())
+        pool.terminate("victim")
+        for thread in threads:
+            thread.join(60)
+    finally:
+        pool.shutdown()
+    assert "next" in answers and answers["next"].ok, answers.get("next")

@@ -234,12 +234,14 @@ class ProcessPool:
                 return False
             self._terminated.add(run_id)
             child = self._busy[run_id]
+            if child is not None:
+                # under the lock: once the run ends, its child may serve the next task
+                child.signal_kill()
         if child is None:
             log.info("terminating a task whose process is being started", id=run_id)
-            return True
-        log.info("terminating a running task: killing its process", id=run_id,
-                 pid=child.process.pid)
-        child.signal_kill()
+        else:
+            log.info("terminating a running task: its process was killed", id=run_id,
+                     pid=child.process.pid)
         return True
 
     def _take(self, run_id: str) -> _Child:
