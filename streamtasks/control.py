@@ -152,19 +152,21 @@ class RevokedIds:
         return len(self._ids)
 
     def match(self, msg: TaskMessage) -> RevokeNotice | None:
-        """Return the revoke that applies to a task (its id, or its workflow's), or None."""
+        """Return the revoke that applies to a task (its id, or its workflow's), or None.
+
+        An expired revoke of one of them does not hide a live one of another (a step's
+        own short revoke, then its whole chain's). Expired revokes are left for
+        :meth:`add`'s purge: removing one here could remove a newer revoke of the same
+        id the listener thread just added.
+        """
         if not self._ids:
             return None
-        notice = self._ids.get(msg.id)
-        for outer in (msg.root_id, msg.group_id):
-            if notice is None and outer is not None:
-                notice = self._ids.get(outer)
-        if notice is None:
-            return None
-        if notice.expires_ms < time.time() * 1000:
-            self._ids.pop(notice.task_id, None)
-            return None
-        return notice
+        now_ms = time.time() * 1000
+        for key in (msg.id, msg.root_id, msg.group_id):
+            notice = None if key is None else self._ids.get(key)
+            if notice is not None and notice.expires_ms >= now_ms:
+                return notice
+        return None
 
 
 class ControlListener:

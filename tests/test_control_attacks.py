@@ -284,3 +284,19 @@ def test_a_terminate_racing_the_end_of_its_run_never_kills_the_next_task(
     finally:
         pool.shutdown()
     assert "next" in answers and answers["next"].ok, answers.get("next")
+
+
+def test_an_expired_revoke_of_a_step_does_not_hide_the_live_revoke_of_its_chain() -> None:
+    """A step was revoked for a minute (long ago); its chain is revoked now: the step
+    must match the chain's revoke, not stop at its own expired one."""
+    from streamtasks.control import RevokeNotice
+    from streamtasks.message import TaskMessage
+
+    now_ms = int(time.time() * 1000)
+    revoked = RevokedIds()
+    revoked.add(RevokeNotice("step", False, now_ms - 60_000))
+    revoked.add(RevokeNotice("chain", True, now_ms + 3_600_000))
+    step = TaskMessage(id="step", name="t", queue="q", root_id="chain")
+    notice = revoked.match(step)
+    assert notice is not None and notice.task_id == "chain" and notice.terminate
+    assert revoked.match(TaskMessage(id="step", name="t", queue="q")) is None  # expired
