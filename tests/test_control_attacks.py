@@ -300,3 +300,27 @@ def test_an_expired_revoke_of_a_step_does_not_hide_the_live_revoke_of_its_chain(
     notice = revoked.match(step)
     assert notice is not None and notice.task_id == "chain" and notice.terminate
     assert revoked.match(TaskMessage(id="step", name="t", queue="q")) is None  # expired
+
+
+def test_many_process_tasks_at_once_keep_the_children_within_the_concurrency(
+    app: App,
+) -> None:
+    """Twelve pool="process" tasks, some killed by their time limit (children replaced):
+    never more children alive than the worker's concurrency."""
+    import multiprocessing
+
+    from tests import attack_tasks
+    from tests.test_control import running
+
+    nap = app.task(name="nap", pool="process", time_limit=0.6)(attack_tasks.nap)
+    results = [nap.delay(0.1 if i % 3 else 5.0) for i in range(12)]
+    most = 0
+    with running(app.worker(concurrency=2)):
+        deadline = time.monotonic() + 180
+        while not all(r.ready() for r in results) and time.monotonic() < deadline:
+            most = max(most, len(multiprocessing.active_children()))
+            time.sleep(0.02)
+    assert all(r.ready() for r in results)
+    states_seen = sorted({r.state for r in results})
+    assert states_seen == [states.FAILURE, states.SUCCESS]  # some were killed
+    assert 1 <= most <= 2, most
