@@ -232,6 +232,8 @@ class Scheduler:
         #: Due times handled, per schedule name (fired here, or claimed elsewhere).
         self._cursor: dict[str, int] = {}
         self._unsettled: list[_Unsettled] = []
+        #: Due times chosen to fire whose claim failed (backend errors), per schedule.
+        self._owed: dict[str, list[int]] = {}
         #: Task ids this scheduler sent (tests, logs).
         self.fired: list[str] = []
 
@@ -250,23 +252,41 @@ class Scheduler:
         """Fire what is due now; return the ids of the tasks sent by this turn.
 
         Raises:
-            BackendError: the claims cannot be read or written (nothing is skipped:
-                the next turn tries the same due times again).
+            BackendError: the claims cannot be read or written (after every schedule
+                was tried; nothing is skipped: the due times that could not be claimed
+                are owed, and the next turns fire them however late, as they were due
+                while this scheduler lived, not missed in a downtime).
         """
         now = int(time.time() * 1000) if now_ms is None else now_ms
         sent: list[str] = []
+        failed: BackendError | None = None
         for schedule in self.schedules:
-            cursor = self._cursor.get(schedule.name)
-            if cursor is None:
-                last = self.app.backend.last_fire(schedule.key)
-                cursor = now if last is None else last
-                if last is not None:
-                    self._resume(schedule, last)
-                self._cursor[schedule.name] = cursor
-            for due in schedule.to_fire(cursor, now):
-                sent += self._fire(schedule, due, now)
-            self._cursor[schedule.name] = max(cursor, now)
+            try:
+                sent += self._tick_one(schedule, now)
+            except BackendError as err:
+                failed = failed or err
         sent += self._settle(now)
+        if failed is not None:
+            raise failed
+        return sent
+
+    def _tick_one(self, schedule: Schedule, now: int) -> list[str]:
+        cursor = self._cursor.get(schedule.name)
+        if cursor is None:
+            last = self.app.backend.last_fire(schedule.key)
+            cursor = now if last is None else last
+            if last is not None:
+                self._resume(schedule, last)
+            self._cursor[schedule.name] = cursor
+        owed = self._owed.pop(schedule.name, []) + schedule.to_fire(cursor, now)
+        self._cursor[schedule.name] = max(cursor, now)
+        sent: list[str] = []
+        for index, due in enumerate(owed):
+            try:
+                sent += self._fire(schedule, due, now)
+            except BackendError:
+                self._owed[schedule.name] = owed[index:][-CATCH_UP_MAX:]
+                raise
         return sent
 
     def _resume(self, schedule: Schedule, last_ms: int) -> None:

@@ -70,6 +70,40 @@ def test_a_restarted_scheduler_leaves_a_sent_due_time_alone(
     assert len(records) == 1
 
 
+def test_due_times_a_cassandra_outage_delayed_are_fired_when_it_ends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The scheduler lives through 12 s of claim timeouts (Cassandra overloaded): the
+    due times it could not claim were on time when it tried; they must fire when the
+    claims work again, not count as missed by a downtime and be dropped."""
+    from streamtasks.errors import BackendError
+
+    [app] = _apps(1)
+    [schedule] = scoped(app, app.schedules.values())
+    scheduler = Scheduler(app, "w")
+    claim = app.backend.claim_fire
+    down = True
+
+    def timing_out(*args: Any, **kwargs: Any) -> Any:
+        if down:
+            raise BackendError("claim_fire: OperationTimedOut")
+        return claim(*args, **kwargs)
+
+    monkeypatch.setattr(app.backend, "claim_fire", timing_out)
+    scheduler.tick(10_000)
+    failed = 0
+    for now in range(10_500, 22_500, 500):  # turns during the outage
+        try:
+            scheduler.tick(now)
+        except BackendError:
+            failed += 1
+    assert failed >= 12  # every turn with a due time to claim failed
+    down = False
+    sent = scheduler.tick(22_500)
+    expected = [schedule.task_id(due) for due in range(12_000, 22_001, 2000)]
+    assert sent == expected
+
+
 # -- revoke ----------------------------------------------------------------------------
 
 
