@@ -104,6 +104,27 @@ def test_due_times_a_cassandra_outage_delayed_are_fired_when_it_ends(
     assert sent == expected
 
 
+@pytest.mark.parametrize("skew_ms", [3_000, 7_000])
+def test_workers_whose_clocks_disagree_fire_each_due_time_once(skew_ms: int) -> None:
+    """One worker's clock is ahead, another's behind (by less, then more, than the
+    on-time window); the one ahead stops halfway: every due time fires once."""
+    apps = _apps(2)
+    ahead, behind = Scheduler(apps[0], "ahead"), Scheduler(apps[1], "behind")
+    [schedule] = scoped(apps[0], apps[0].schedules.values())
+    start = 1_000_000_000_000
+    sent: list[str] = []
+    for real in range(start, start + 40_000, 500):
+        if real < start + 20_000:
+            sent += ahead.tick(real + skew_ms)
+        sent += behind.tick(real - skew_ms)
+    # every due time the behind clock saw (the ahead one fired some early), no gap
+    # when the ahead one stopped, none twice
+    dues = schedule.dues(start - skew_ms, start + 39_500 - skew_ms)
+    assert len(sent) == len(set(sent))
+    assert sorted(sent) == sorted(schedule.task_id(d) for d in dues)
+    assert ahead.fired and behind.fired
+
+
 # -- revoke ----------------------------------------------------------------------------
 
 
