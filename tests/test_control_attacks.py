@@ -381,3 +381,23 @@ def test_many_process_tasks_at_once_keep_the_children_within_the_concurrency(
     assert all(r.ready() for r in results), seen
     assert {state for state, _ in seen} == {states.FAILURE, states.SUCCESS}, seen
     assert 1 <= most <= 2, most
+
+
+def test_a_task_revoked_while_held_for_a_rate_token_never_runs(app: App) -> None:
+    """Revoked while the rate gate holds it (its partition paused): REVOKED, not run."""
+    from tests.test_control import _wait, running
+
+    ran: list[int] = []
+
+    @app.task(name="trickle", rate_limit="2/s")
+    def trickle(i: int) -> int:
+        ran.append(i)
+        return i
+
+    results = [trickle.apply_async((i,), key="one-partition") for i in range(6)]
+    with running(app.worker()) as worker:
+        _wait(lambda: worker.rates.waiting >= 4, 60)
+        results[-1].revoke()
+        _wait(lambda: all(r.ready() for r in results), 60)
+    assert results[-1].state == states.REVOKED
+    assert 5 not in ran and sorted(ran) == [0, 1, 2, 3, 4]
