@@ -35,3 +35,15 @@ def nap(seconds: float) -> float:
 
     time.sleep(seconds)
     return seconds
+
+
+def hold_once(path: str) -> str:
+    """The first run writes ``path`` and sleeps for ever; a later run returns at once."""
+    import time
+    from pathlib import Path
+
+    if Path(path).exists():
+        return "second run"
+    Path(path).write_text("started")
+    while True:
+        time.sleep(0.05)

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from streamtasks import App, states
+from streamtasks import App, Settings, states
 from streamtasks.broker.base import TopicPartition
 from streamtasks.control import ControlListener, RevokedIds
 from streamtasks.errors import SendError
@@ -401,3 +401,28 @@ def test_a_task_revoked_while_held_for_a_rate_token_never_runs(app: App) -> None
         _wait(lambda: all(r.ready() for r in results), 60)
     assert results[-1].state == states.REVOKED
     assert 5 not in ran and sorted(ran) == [0, 1, 2, 3, 4]
+
+
+def test_a_process_task_killed_by_a_worker_s_shutdown_is_run_again_not_failed(
+    tmp_path: Any,
+) -> None:
+    """SIGTERM drain while a pool="process" task runs past the grace: its child is
+    killed with the worker; the task must not end FAILURE (ChildProcessDied) but run
+    again on the next worker, as any task a stopping worker could not finish."""
+    from tests import attack_tasks
+    from tests.test_control import _wait, running
+
+    settings = Settings(broker="memory://", backend="memory://", partitions=1,
+                        commit_interval_s=0.0, shutdown_grace_s=1.0)
+    app = App("drain", settings=settings)
+    try:
+        task = app.task(name="hold_once", pool="process")(attack_tasks.hold_once)
+        started = tmp_path / "started"
+        result = task.delay(str(started))
+        with running(app.worker()):
+            _wait(started.exists, 60)
+        assert result.state != states.FAILURE, result.meta()
+        with running(app.worker()):
+            assert result.get(timeout=60) == "second run"
+    finally:
+        app.close()
