@@ -426,3 +426,41 @@ def test_a_process_task_killed_by_a_worker_s_shutdown_is_run_again_not_failed(
             assert result.get(timeout=60) == "second run"
     finally:
         app.close()
+
+
+def test_a_task_revoked_before_it_was_even_sent_never_runs(app: App) -> None:
+    """The caller revokes an id it is about to use (or a retry of a known id)."""
+    from tests.test_control import _wait, running
+
+    ran: list[int] = []
+
+    @app.task(name="later")
+    def later(i: int) -> int:
+        ran.append(i)
+        return i
+
+    app.revoke(["chosen-id"])
+    result = later.apply_async((1,), task_id="chosen-id")
+    other = later.delay(2)
+    with running(app.worker()):
+        assert other.get(timeout=60) == 2
+        _wait(lambda: result.state == states.REVOKED, 60)
+    assert ran == [2]
+
+
+def test_rate_limited_chord_members_fire_the_body_once_with_every_result(
+    app: App, calls: list[tuple[str, tuple[object, ...]]]
+) -> None:
+    """Members held for tokens (their partitions paused) still join the chord."""
+    from streamtasks import chord
+    from tests.test_control import running
+
+    @app.task(name="slow_double", rate_limit="5/s")
+    def slow_double(i: int) -> int:
+        return 2 * i
+
+    total = app.tasks["total"]
+    result = chord([slow_double.s(i) for i in range(8)], total.s()).apply_async()
+    with running(app.worker()):
+        assert result.get(timeout=120) == sum(2 * i for i in range(8))
+    assert [c[0] for c in calls].count("total") == 1
