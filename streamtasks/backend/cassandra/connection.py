@@ -435,10 +435,14 @@ class _Held:
         self.records = records
 
     def release(self) -> None:
-        """Log the held records after all (the connect succeeded)."""
+        """Log the held records after all (the connect succeeded).
+
+        They passed the logger's other filters already (the hold is the last one):
+        only the handlers are left.
+        """
         driver = logging.getLogger(_DRIVER_LOGGER)
         for record in self.records:
-            driver.handle(record)
+            driver.callHandlers(record)
 
 
 _DRIVER_LOGGER = "cassandra.cluster"
@@ -448,7 +452,8 @@ _HOLD = _HeldRecords()
 @contextlib.contextmanager
 def _held_driver_records() -> Iterator[_Held]:
     driver = logging.getLogger(_DRIVER_LOGGER)
-    if _HOLD not in driver.filters:
+    if driver.filters[-1:] != [_HOLD]:  # last: what the others drop is not held
+        driver.removeFilter(_HOLD)
         driver.addFilter(_HOLD)
     held = _Held(_HOLD.hold())
     try:
