@@ -49,6 +49,10 @@ CATCH_UP_POLICIES = ("latest", "all", "none")
 ON_TIME_S = 5.0
 #: The most due times one schedule fires when catching up with ``all``.
 CATCH_UP_MAX = 1000
+#: A turn at most this long after the scheduler's previous one is a slow turn of a live
+#: scheduler (a starved thread): every due time since fires. After a longer gap (the
+#: process was suspended) the catch-up policy decides, as after a downtime.
+SLOW_TURN_S = 60.0
 #: A claim not marked sent after this long is taken over by another scheduler.
 STALE_CLAIM_S = 10.0
 #: Claim rows live at least this long (longer for long periods, see :meth:`Schedule.ttl_s`).
@@ -234,6 +238,8 @@ class Scheduler:
         self._unsettled: list[_Unsettled] = []
         #: Due times chosen to fire whose claim failed (backend errors), per schedule.
         self._owed: dict[str, list[int]] = {}
+        #: Schedules whose cursor is this scheduler's own previous turn.
+        self._turned: set[str] = set()
         #: Task ids this scheduler sent (tests, logs).
         self.fired: list[str] = []
 
@@ -278,8 +284,13 @@ class Scheduler:
             if last is not None:
                 self._resume(schedule, last)
             self._cursor[schedule.name] = cursor
-        owed = self._owed.pop(schedule.name, []) + schedule.to_fire(cursor, now)
+        if schedule.name in self._turned and now - cursor <= SLOW_TURN_S * 1000:
+            dues = schedule.dues(cursor, now)  # a slow turn of a live scheduler: not missed
+        else:
+            dues = schedule.to_fire(cursor, now)
+        owed = self._owed.pop(schedule.name, []) + dues
         self._cursor[schedule.name] = max(cursor, now)
+        self._turned.add(schedule.name)
         sent: list[str] = []
         for index, due in enumerate(owed):
             try:

@@ -104,6 +104,18 @@ def test_due_times_a_cassandra_outage_delayed_are_fired_when_it_ends(
     assert sent == expected
 
 
+def test_a_turn_late_by_seconds_under_load_skips_no_due_time_of_a_1s_schedule() -> None:
+    """every=1 s, one scheduler (a beat) whose thread is starved for 8 s: the due times
+    of those 8 s were due while it lived; none may count as missed by a downtime."""
+    [app] = _apps(1)
+    app.periodic(every=1, args=(2,), name="fast")(app.tasks["tests.control_tasks.square"])
+    scheduler = Scheduler(app, "beat", [app.schedules["fast"]])
+    [schedule] = scheduler.schedules
+    sent = scheduler.tick(10_000) + scheduler.tick(10_500) + scheduler.tick(11_000)
+    sent += scheduler.tick(19_000)  # the next turn came 8 s late
+    assert sent == [schedule.task_id(due) for due in range(11_000, 19_001, 1000)]
+
+
 @pytest.mark.parametrize("skew_ms", [3_000, 7_000])
 def test_workers_whose_clocks_disagree_fire_each_due_time_once(skew_ms: int) -> None:
     """One worker's clock is ahead, another's behind (by less, then more, than the
