@@ -476,3 +476,33 @@ def test_rate_limited_chord_members_fire_the_body_once_with_every_result(
     with running(app.worker()):
         assert result.get(timeout=120) == sum(2 * i for i in range(8))
     assert [c[0] for c in calls].count("total") == 1
+
+
+def test_shutting_the_pool_down_leaves_a_running_child_s_pipe_to_its_run(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any,
+) -> None:
+    """The worker stops while a child runs a task: the worker's thread (shutdown) and
+    the task's thread (its run ending) must not both close the child's pipe: a second
+    close of a descriptor number reused meanwhile closes someone else's socket (seen
+    as EBADF in the worker's thread)."""
+    closers: list[str] = []
+    real_kill = procpool._Child.kill
+
+    def kill(child: Any) -> None:
+        closers.append(threading.current_thread().name)
+        real_kill(child)
+
+    monkeypatch.setattr(procpool._Child, "kill", kill)
+    pool = procpool.ProcessPool(1)
+    started = tmp_path / "started"
+    answers: list[procpool.ChildResult] = []
+    runner = threading.Thread(name="task-thread", daemon=True, target=lambda: answers.append(
+        pool.run(control_tasks.hold, [str(started)], {}, "held")))
+    runner.start()
+    deadline = time.monotonic() + 60
+    while not started.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    pool.shutdown()
+    runner.join(30)
+    assert answers and isinstance(answers[0].error, procpool.ChildProcessDied), answers
+    assert set(closers) == {"task-thread"}  # never the thread that shut the pool down

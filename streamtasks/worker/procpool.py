@@ -270,10 +270,16 @@ class ProcessPool:
             child.kill()
 
     def shutdown(self) -> None:
-        """Kill every child (idle ones at once; running ones too: their records repeat)."""
+        """Kill every child (idle ones at once; running ones too: their records repeat).
+
+        A running child is only signalled: the thread running it sees it die and closes
+        its pipe (two threads closing one pipe could close a descriptor reused meanwhile).
+        """
         with self._lock:
             self._closed = True
-            children = self._idle + [c for c in self._busy.values() if c is not None]
-            self._idle = []
-        for child in children:
+            idle, self._idle = self._idle, []
+            for child in self._busy.values():
+                if child is not None:
+                    child.signal_kill()
+        for child in idle:
             child.kill()
