@@ -85,7 +85,8 @@ def control_topic_spec(app: App) -> TopicSpec:
         "cleanup.policy": "compact,delete",
         "retention.ms": str(REVOKE_MAX_EXPIRES_S * 1000),
     }
-    return TopicSpec(topology.control_topic(), 1, topology.replication_factor, config)
+    return TopicSpec(topology.control_topic(), 1, topology.replication_factor, config,
+                     topology.min_insync_replicas)
 
 
 def ensure_control_topic(app: App) -> None:

@@ -19,18 +19,20 @@ import structlog
 
 from streamtasks.backend.base import Replication
 from streamtasks.errors import ConfigError, StreamTasksError
+from streamtasks.replicas import (
+    AUTO,
+    PRODUCTION_REPLICAS,
+    auto_replicas,
+    describe_factor,
+    topic_replication,
+)
 from streamtasks.settings import Settings, parse_url
-from streamtasks.topology import min_insync_replicas
 
 if TYPE_CHECKING:
     from streamtasks.backend.base import ResultBackend
     from streamtasks.broker.base import Broker
 
 log = structlog.get_logger("streamtasks.durability")
-
-#: Replicas the production defaults keep of every topic and of the keyspace.
-PRODUCTION_REPLICAS = 3
-
 
 @dataclass(frozen=True, slots=True)
 class ClusterView:
@@ -93,36 +95,41 @@ def _check_producer(settings: Settings) -> list[str]:
 
 
 def _check_topics(settings: Settings, brokers: int) -> list[str]:
-    replicas = settings.replication_factor
-    if brokers > 1 and replicas == 1:
+    configured = settings.replication_factor
+    if brokers > 1 and configured == 1:
         raise ConfigError(
             f"setting replication_factor is 1 on a Kafka cluster of {brokers} brokers: the "
             "tasks of a partition are lost with its broker; set replication_factor="
-            f"{min(brokers, PRODUCTION_REPLICAS)} (STREAMTASKS_REPLICATION_FACTOR)"
+            f"{min(brokers, PRODUCTION_REPLICAS)} or auto (STREAMTASKS_REPLICATION_FACTOR)"
         )
+    # what a topic created now gets (auto: min(3, brokers), never above the brokers)
+    replicas, insync = topic_replication(configured, settings.min_insync_replicas, brokers)
+    factor = f"replication_factor={describe_factor(configured, brokers)}"
     warnings = []
     if replicas > brokers:
         warnings.append(
-            f"setting replication_factor={replicas} but {brokers} broker(s) are up: new "
-            "topics cannot be created until the others are back"
+            f"setting {factor} but {brokers} broker(s) are up: new topics cannot be created "
+            "until the others are back"
         )
     if brokers >= PRODUCTION_REPLICAS and replicas < PRODUCTION_REPLICAS:
         warnings.append(
-            f"setting replication_factor={replicas} on {brokers} brokers: one broker down "
-            f"stops writes to its partitions; production uses {PRODUCTION_REPLICAS}"
+            f"setting {factor} on {brokers} brokers: one broker down stops writes to its "
+            f"partitions; production uses {PRODUCTION_REPLICAS} (or auto)"
         )
-    insync = min_insync_replicas(replicas, settings.min_insync_replicas)
     if replicas >= 2 and insync < 2:
         warnings.append(
-            f"setting min_insync_replicas={insync} with replication_factor={replicas}: a "
-            "record confirmed by one broker is lost if that broker fails before the others "
-            "copy it; use 2 (or 0, automatic)"
+            f"setting min_insync_replicas={insync} with {factor}: a record confirmed by one "
+            "broker is lost if that broker fails before the others copy it; use 2 (or 0, "
+            "automatic, with 3 replicas)"
         )
     return warnings
 
 
 def _check_existing_topics(settings: Settings, brokers: int,
                            topic_replicas: Mapping[str, int]) -> list[str]:
+    configured = settings.replication_factor
+    # auto: what the topic would get now, so one created while a broker was down is seen
+    wanted = configured if configured != AUTO else auto_replicas(brokers)
     warnings = []
     for topic, replicas in sorted(topic_replicas.items()):
         if brokers > 1 and replicas == 1:
@@ -132,10 +139,12 @@ def _check_existing_topics(settings: Settings, brokers: int,
                 " lost with its broker; add replicas (kafka-reassign-partitions) or use a new "
                 "namespace"
             )
-        if replicas < settings.replication_factor:
+        if replicas < wanted:
             warnings.append(
                 f"topic {topic} has {replicas} replicas, fewer than setting "
-                f"replication_factor={settings.replication_factor} (it was created before)"
+                f"replication_factor={describe_factor(configured, brokers)} (it was created "
+                "before, or while brokers were down; add replicas with "
+                "kafka-reassign-partitions)"
             )
     return warnings
 
@@ -149,8 +158,8 @@ def _check_keyspace(store: Replication) -> list[str]:
             f"keyspace {store.keyspace} keeps one replica on a Cassandra cluster of "
             f"{store.nodes} nodes: results and chord joins are lost or stuck with "
             f"the node that holds them; replicate it {PRODUCTION_REPLICAS} times (ALTER "
-            "KEYSPACE, or backend URL option replication_factor=3 for `streamtasks migrate`"
-            " on a new keyspace)"
+            "KEYSPACE; `streamtasks migrate` gives a new keyspace that many when the backend"
+            " URL option replication_factor is left out)"
         )
     # ONE and the like: a member's join may miss another's write, so the chord never fires
     return check_group_consistency(store.consistency, store.serial_consistency,

@@ -42,12 +42,27 @@ def _uppered(value: Any) -> Any:
     return value.strip().upper() if isinstance(value, str) else value
 
 
+def _replicas(value: Any) -> Any:
+    """A count of replicas, ``auto`` (any case) being 0 (:mod:`streamtasks.replicas`)."""
+    if isinstance(value, str):
+        value = value.strip().lower()
+        if value == "auto":
+            return 0
+        if not value.isdigit():
+            raise ValueError("expected a whole number of replicas, or auto (also 0)")
+    if isinstance(value, int) and not isinstance(value, bool) and value < 0:
+        raise ValueError("expected a whole number of replicas, or auto (also 0)")
+    return value
+
+
 LogLevel = Annotated[Literal["debug", "info", "warning", "error", "critical"],
                      BeforeValidator(_lowered)]
 LogFormat = Annotated[Literal["json", "console", "auto"], BeforeValidator(_lowered)]
 AtLeastOne = Annotated[int, Field(ge=1)]
 NotNegative = Annotated[int, Field(ge=0)]
 NotNegativeFloat = Annotated[float, Field(ge=0)]
+#: A count of replicas, or 0 / ``auto``: chosen from the cluster when a topic is created.
+Replicas = Annotated[int, BeforeValidator(_replicas), Field(ge=0)]
 
 
 class Settings(BaseSettings):
@@ -63,7 +78,9 @@ class Settings(BaseSettings):
         namespace: prefix of every topic name (``{namespace}.{queue}``).
         default_queue: queue of tasks that name none.
         partitions: partitions of topics the library creates.
-        replication_factor: replication factor of topics the library creates.
+        replication_factor: replication factor of topics the library creates (0 or
+            ``auto``, the default: ``min(3, brokers)`` of the brokers serving when a topic
+            is created, so 3 on a production cluster and 1 on a single broker).
         retention_ms: retention of task topics.
         max_message_bytes: largest task record; topics and producer are set to it.
         create_topics: let ``send`` and the worker create missing topics.
@@ -71,7 +88,8 @@ class Settings(BaseSettings):
         group_expires_s: TTL of a group's join and trigger rows (a chord can wait this
             long for its last member; default 7 days, at least ``result_expires_s``).
         min_insync_replicas: ``min.insync.replicas`` of topics the library creates
-            (0: 2 when ``replication_factor`` is 3 or more, else 1).
+            (0 or ``auto``, the default: 2 when the topic's replication factor is 3 or
+            more, else 1).
         concurrency: tasks run at once per worker process.
         inline_max_ms: a sync task whose runs average below this runs in the worker's
             loop thread, not a pool thread (a hop costs more than such a task; 0: never).
@@ -109,13 +127,13 @@ class Settings(BaseSettings):
     namespace: str = "streamtasks"
     default_queue: str = "default"
     partitions: AtLeastOne = 6
-    replication_factor: AtLeastOne = 1
+    replication_factor: Replicas = 0
     retention_ms: AtLeastOne = 7 * 24 * 3600 * 1000
     max_message_bytes: AtLeastOne = 16 * 1024 * 1024
     create_topics: bool = True
     result_expires_s: AtLeastOne = 24 * 3600
     group_expires_s: AtLeastOne = 7 * 24 * 3600
-    min_insync_replicas: NotNegative = 0
+    min_insync_replicas: Replicas = 0
     concurrency: AtLeastOne = 8
     inline_max_ms: NotNegativeFloat = 1.0
     max_in_flight: AtLeastOne = 1000
@@ -236,7 +254,7 @@ class Settings(BaseSettings):
                 f"max_in_flight ({self.max_in_flight}) must be at least concurrency "
                 f"({self.concurrency})"
             )
-        from streamtasks.topology import check_min_insync_replicas
+        from streamtasks.replicas import check_min_insync_replicas
 
         check_min_insync_replicas(self.replication_factor, self.min_insync_replicas)
         from streamtasks.delays import parse_tiers
@@ -336,7 +354,8 @@ def _describe(err: ValidationError, origins: Mapping[str, str]) -> str:
 
 def _expected(message: str) -> str:
     # pydantic says "Input should be a valid integer"; name the setting's expectation
-    return message.replace("Input should be", "expected").replace("Value should be", "expected")
+    return (message.replace("Input should be", "expected").replace("Value should be", "expected")
+            .replace("Value error, ", ""))
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 from streamtasks.broker.base import TopicSpec
 from streamtasks.delays import DelayTier, parse_tiers
 from streamtasks.errors import ConfigError
+from streamtasks.replicas import AUTO, check_min_insync_replicas
 
 if TYPE_CHECKING:
     from streamtasks.settings import Settings
@@ -54,37 +55,6 @@ class TopicRole:
     tier: DelayTier | None = None
 
 
-def min_insync_replicas(replication_factor: int, configured: int) -> int:
-    """Return the ``min.insync.replicas`` topics get.
-
-    Args:
-        replication_factor: the topics' replication factor.
-        configured: the setting; 0 picks 2 when the replication factor is 3 or more, else 1.
-    """
-    if configured > 0:
-        return configured
-    return 2 if replication_factor >= 3 else 1
-
-
-def check_min_insync_replicas(replication_factor: int, configured: int) -> None:
-    """Refuse a ``min_insync_replicas`` setting no topic could be written with.
-
-    Raises:
-        ConfigError: the setting is negative, or above ``replication_factor`` (then no
-            write with ``acks=all`` could ever be acknowledged).
-    """
-    if configured < 0:
-        raise ConfigError(
-            f"setting min_insync_replicas must be 0 (automatic) or at least 1, got {configured}"
-        )
-    if configured > replication_factor:
-        raise ConfigError(
-            f"setting min_insync_replicas ({configured}) is above setting replication_factor "
-            f"({replication_factor}): no write with acks=all could be acknowledged; lower "
-            "min_insync_replicas or raise replication_factor"
-        )
-
-
 @dataclass(frozen=True, slots=True)
 class Topology:
     """The names and topic specs of the queues of one namespace.
@@ -96,8 +66,9 @@ class Topology:
         namespace: prefix of every topic and group name.
         tiers: the delay tiers, shortest first.
         partitions: partitions of created topics.
-        replication_factor: replication factor of created topics.
-        min_insync_replicas: ``min.insync.replicas`` of created topics (resolved, >= 1).
+        replication_factor: replication factor of created topics (0: automatic, chosen
+            from the brokers when a topic is created; see :mod:`streamtasks.replicas`).
+        min_insync_replicas: ``min.insync.replicas`` of created topics (0: automatic).
         retention_ms: ``retention.ms`` of created topics.
         max_message_bytes: the largest task record.
     """
@@ -105,8 +76,8 @@ class Topology:
     namespace: str
     tiers: tuple[DelayTier, ...]
     partitions: int = 6
-    replication_factor: int = 1
-    min_insync_replicas: int = 1
+    replication_factor: int = AUTO
+    min_insync_replicas: int = AUTO
     retention_ms: int = 7 * 24 * 3600 * 1000
     max_message_bytes: int = 16 * 1024 * 1024
 
@@ -122,9 +93,7 @@ class Topology:
             tiers=parse_tiers(settings.delay_tiers),
             partitions=settings.partitions,
             replication_factor=settings.replication_factor,
-            min_insync_replicas=min_insync_replicas(
-                settings.replication_factor, settings.min_insync_replicas
-            ),
+            min_insync_replicas=settings.min_insync_replicas,
             retention_ms=settings.retention_ms,
             max_message_bytes=settings.max_message_bytes,
         )
@@ -249,11 +218,14 @@ class Topology:
             )
 
     def topic_config(self) -> dict[str, str]:
-        """Return the configs every topic of a queue is created with."""
+        """Return the configs every topic of a queue is created with.
+
+        ``min.insync.replicas`` is added when a topic is created, once its replication
+        factor is known (:meth:`~streamtasks.broker.base.TopicSpec.on_cluster`).
+        """
         return {
             "max.message.bytes": str(self.max_message_bytes + TOPIC_OVERHEAD_BYTES),
             "retention.ms": str(self.retention_ms),
-            "min.insync.replicas": str(self.min_insync_replicas),
         }
 
     def topic_specs(self, queue: str, partitions: int | None = None) -> list[TopicSpec]:
@@ -269,6 +241,7 @@ class Topology:
         self.check_queue(queue)
         count = partitions or self.partitions
         return [
-            TopicSpec(name, count, self.replication_factor, self.topic_config())
+            TopicSpec(name, count, self.replication_factor, self.topic_config(),
+                      self.min_insync_replicas)
             for name in self.topics(queue)
         ]

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 import pytest
@@ -102,11 +103,36 @@ def test_cassandra_url_options() -> None:
     assert opts.consistency == "QUORUM"
     assert opts.ssl and opts.local_dc == "dc1" and opts.request_timeout_s == 2.5
     assert "'p'" not in repr(opts)
-    assert opts.replication() == "{'class': 'NetworkTopologyStrategy', 'dc1': 3}"
+    # an explicit factor wins whatever the nodes
+    assert opts.replication(1) == "{'class': 'NetworkTopologyStrategy', 'dc1': 3}"
+    assert opts.replication(5) == "{'class': 'NetworkTopologyStrategy', 'dc1': 3}"
     plain = CassandraOptions.from_url("cassandra://h/ks", Settings(consistency="ONE"))
     assert plain.consistency == "ONE"
     assert plain.hosts == (("h", 9042),)
-    assert plain.replication() == "{'class': 'SimpleStrategy', 'replication_factor': 1}"
+
+
+@pytest.mark.parametrize(("nodes", "expected"), [(1, 1), (2, 2), (3, 3), (5, 3)])
+@pytest.mark.parametrize("option", ["", "?replication_factor=auto", "?replication_factor=AUTO"])
+def test_a_keyspace_without_a_replication_factor_gets_min_3_nodes(
+    nodes: int, expected: int, option: str
+) -> None:
+    from streamtasks.backend.cassandra import CassandraOptions
+
+    plain = CassandraOptions.from_url(f"cassandra://h/ks{option}", Settings())
+    assert plain.replication(nodes) == (
+        f"{{'class': 'SimpleStrategy', 'replication_factor': {expected}}}")
+    in_dc = CassandraOptions.from_url(f"cassandra://h/ks?local_dc=dc1{option and '&'}"
+                                      f"{option[1:]}", Settings())
+    assert in_dc.replication(nodes) == f"{{'class': 'NetworkTopologyStrategy', 'dc1': {expected}}}"
+
+
+@pytest.mark.parametrize("given", ["0", "-1", "three", "2.5"])
+def test_a_bad_keyspace_replication_factor_is_refused(given: str) -> None:
+    from streamtasks.backend.cassandra import CassandraOptions
+
+    with pytest.raises(ConfigError, match=rf"option replication_factor must be a positive "
+                                          rf"number or auto, got '{re.escape(given)}'"):
+        CassandraOptions.from_url(f"cassandra://h/ks?replication_factor={given}", Settings())
 
 
 def test_migrations_are_found_in_order() -> None:

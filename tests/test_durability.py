@@ -54,8 +54,8 @@ def test_idempotence_turned_off_in_the_broker_url_is_refused() -> None:
 
 def test_topics_with_one_replica_on_several_brokers_are_refused() -> None:
     with pytest.raises(ConfigError, match=r"setting replication_factor is 1 on a Kafka "
-                                          r"cluster of 3 brokers.*replication_factor=3"):
-        check_durability(Settings(), cluster(replication=RF3))
+                                          r"cluster of 3 brokers.*replication_factor=3 or auto"):
+        check_durability(Settings(replication_factor=1), cluster(replication=RF3))
 
 
 def test_two_replicas_on_three_brokers_and_a_min_insync_of_one_are_warned_about() -> None:
@@ -92,9 +92,23 @@ def test_a_worker_refuses_to_start_with_one_replica_on_a_cluster(
     app: App, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(app.broker, "cluster_size", lambda: 3)
+    app.settings.replication_factor = 1
     worker = Worker(app, ["default"])
     with pytest.raises(ConfigError, match="setting replication_factor is 1"):
         worker.start()
+
+
+def test_a_worker_with_the_default_settings_starts_on_a_cluster_of_three(
+    app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(app.broker, "cluster_size", lambda: 3)
+    assert app.settings.replication_factor == 0  # auto
+    worker = Worker(app, ["default"])
+    try:
+        worker.start()
+        assert all(rt.started for rt in worker.runtimes)
+    finally:
+        worker.close()
 
 
 def test_a_worker_starts_when_the_cluster_cannot_be_seen_now(
@@ -123,8 +137,18 @@ def test_an_existing_topic_with_one_replica_on_several_brokers_is_refused() -> N
 def test_an_existing_topic_with_fewer_replicas_than_the_setting_is_warned_about() -> None:
     warnings = check_durability(production(), ClusterView(3, None, {"ns.default": 2}))
     assert warnings == ["topic ns.default has 2 replicas, fewer than setting "
-                        "replication_factor=3 (it was created before)"]
+                        "replication_factor=3 (it was created before, or while brokers were "
+                        "down; add replicas with kafka-reassign-partitions)"]
     assert check_durability(production(), ClusterView(3, None, {"ns.default": 3})) == []
+
+
+def test_a_topic_created_automatically_while_a_broker_was_down_is_warned_about() -> None:
+    # auto on 2 live brokers gave 2 replicas; back on 3, the default asks for 3
+    warnings = check_durability(Settings(), ClusterView(3, None, {"ns.default": 2}))
+    assert warnings == ["topic ns.default has 2 replicas, fewer than setting "
+                        "replication_factor=auto (3 on 3 brokers) (it was created before, or "
+                        "while brokers were down; add replicas with kafka-reassign-partitions)"]
+    assert check_durability(Settings(), ClusterView(3, None, {"ns.default": 3})) == []
 
 
 def test_a_worker_checks_the_existing_topics_of_its_queues(

@@ -18,13 +18,15 @@ def test_min_insync_replicas_of_created_topics(replication: int, configured: int
     settings = Settings.build({"replication_factor": replication,
                                "min_insync_replicas": configured})
     for spec in settings.topology.topic_specs("q"):
-        assert spec.config["min.insync.replicas"] == expected
+        created = spec.on_cluster(5)
+        assert created.replication_factor == replication  # explicit: the brokers don't count
+        assert created.config["min.insync.replicas"] == expected
 
 
 def test_min_insync_replicas_above_the_replication_factor_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"min_insync_replicas \(3\).*replication_factor \(2\)"):
         Settings.build({"replication_factor": 2, "min_insync_replicas": 3})
-    env = {"STREAMTASKS_MIN_INSYNC_REPLICAS": "2"}
+    env = {"STREAMTASKS_MIN_INSYNC_REPLICAS": "2", "STREAMTASKS_REPLICATION_FACTOR": "1"}
     with pytest.raises(ConfigError, match=r"min_insync_replicas.*replication_factor"):
         Settings.from_env(env=env)
     with pytest.raises(ConfigError, match="min_insync_replicas"):
@@ -33,8 +35,9 @@ def test_min_insync_replicas_above_the_replication_factor_is_refused() -> None:
 
 def test_settings_built_directly_are_checked_when_built() -> None:
     with pytest.raises(ConfigError, match="replication_factor"):
-        Settings(broker="memory://", backend="memory://", min_insync_replicas=2)
-    settings = Settings(broker="memory://", backend="memory://")
+        Settings(broker="memory://", backend="memory://", replication_factor=1,
+                 min_insync_replicas=2)
+    settings = Settings(broker="memory://", backend="memory://", replication_factor=1)
     settings.min_insync_replicas = 2  # assignment is not checked: topics are
     with pytest.raises(ConfigError, match="replication_factor"):
         Topology.from_settings(settings).topic_specs("q")

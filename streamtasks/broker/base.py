@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from streamtasks.errors import BrokerError
+from streamtasks.replicas import AUTO, topic_replication
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -42,12 +43,37 @@ class Record:
 
 @dataclass(slots=True)
 class TopicSpec:
-    """A topic to create: name, partitions, replication and topic configs."""
+    """A topic to create: name, partitions, replication and topic configs.
+
+    ``replication_factor`` and ``min_insync_replicas`` may be :data:`~streamtasks.replicas.AUTO`
+    (0): a broker chooses them from its cluster when it creates the topic
+    (:meth:`on_cluster`). A ``min.insync.replicas`` given in ``config`` wins.
+    """
 
     name: str
     partitions: int
     replication_factor: int = 1
     config: dict[str, str] = field(default_factory=dict)
+    min_insync_replicas: int = AUTO
+
+    def on_cluster(self, brokers: int) -> TopicSpec:
+        """Return this spec as created on a cluster of ``brokers``: automatic values chosen.
+
+        The result has a replication factor of at least 1 and ``min.insync.replicas`` in
+        its config (:func:`~streamtasks.replicas.topic_replication`).
+
+        Raises:
+            ConfigError: ``min_insync_replicas`` is above the replication factor chosen.
+        """
+        replicas, insync = topic_replication(self.replication_factor,
+                                             self.min_insync_replicas, brokers)
+        return replace(self, replication_factor=replicas, min_insync_replicas=insync,
+                       config={"min.insync.replicas": str(insync), **self.config})
+
+    @property
+    def automatic(self) -> bool:
+        """Whether the replication factor is chosen from the cluster (:meth:`on_cluster`)."""
+        return self.replication_factor == AUTO
 
 
 #: Called once per sent record from :meth:`Broker.poll` / :meth:`Broker.flush`:
@@ -174,7 +200,15 @@ class Broker(ABC):
 
     @abstractmethod
     def create_topics(self, specs: Sequence[TopicSpec]) -> list[str]:
-        """Create the topics that do not exist yet; return the names created."""
+        """Create the topics that do not exist yet; return the names created.
+
+        Automatic replication is chosen from the brokers serving now
+        (:meth:`TopicSpec.on_cluster`).
+
+        Raises:
+            ConfigError: ``min_insync_replicas`` is above the replication chosen.
+            BrokerError: the broker refused or did not answer.
+        """
 
     @abstractmethod
     def partition_count(self, topic: str) -> int:

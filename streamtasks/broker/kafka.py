@@ -370,15 +370,21 @@ class KafkaBroker(Broker):
     def create_topics(self, specs: Sequence[TopicSpec]) -> list[str]:
         """Create the topics that do not exist yet; return the names created.
 
+        An automatic replication factor is ``min(3, brokers)`` of the brokers that serve
+        now (DescribeCluster): a topic created while a broker is down gets fewer
+        replicas, which a worker start then warns about (:mod:`streamtasks.durability`).
         Waits until every topic of ``specs`` shows in the cluster metadata.
 
         Raises:
+            ConfigError: ``min_insync_replicas`` is above the replication factor chosen.
             BrokerError: a topic could not be created or did not show in time.
 
         """
         if not specs:
             return []
         admin = self._get_admin()
+        brokers = self.cluster_size() if any(s.automatic for s in specs) else 1
+        specs = [s.on_cluster(brokers) for s in specs]
         new = [
             NewTopic(s.name, s.partitions, s.replication_factor, config=dict(s.config))
             for s in specs
@@ -398,7 +404,8 @@ class KafkaBroker(Broker):
         for spec in specs:
             self._wait_visible(spec.name)
         if created:
-            log.info("topics created", topics=created)
+            log.info("topics created", topics=created,
+                     replication_factor=sorted({s.replication_factor for s in specs}))
         return created
 
     def check_reachable(self) -> None:

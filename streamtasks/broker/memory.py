@@ -159,12 +159,15 @@ class MemoryBroker(Broker):
         return member
 
     def create_topics(self, specs: Sequence[TopicSpec]) -> list[str]:
-        """Create the topics that do not exist yet; return the names created."""
+        """Create the topics that do not exist yet; return the names created.
+
+        The memory broker is one broker: automatic replication is 1.
+        """
         with self._cond:
-            new = [s for s in specs if s.name not in self._topics]
+            new = [s.on_cluster(1) for s in specs if s.name not in self._topics]
             for spec in new:
                 self._create(spec.name, spec.partitions)
-                self._specs[spec.name] = dataclasses.replace(spec, config=dict(spec.config))
+                self._specs[spec.name] = spec
             return [s.name for s in new]
 
     def topic_spec(self, topic: str) -> TopicSpec | None:

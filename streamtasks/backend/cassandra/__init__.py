@@ -270,7 +270,7 @@ class CassandraBackend(ResultBackend):
             "reading the keyspace's replication", (self.options.keyspace,)).one()
         if row is None:
             return None
-        nodes = len(self._conn.session().cluster.metadata.all_hosts())
+        nodes = self._conn.nodes()
         opts = self.options
         return Replication(nodes, opts.keyspace, dict(row["replication"]), opts.consistency,
                            opts.serial_consistency)

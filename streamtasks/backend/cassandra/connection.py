@@ -4,9 +4,11 @@ URL: ``cassandra://h1:9042[,h2:9042]/keyspace?option=value&...`` with options
 
 - ``username``, ``password``: plain-text authentication (never logged);
 - ``ssl=true``, ``ssl_ca``, ``ssl_cert``, ``ssl_key``, ``ssl_check_hostname=false``: TLS;
-- ``local_dc``: the data center whose nodes are queried first (and, with
-  ``replication_factor``, the keyspace is replicated in by ``migrate``);
-- ``replication_factor``: replicas of the keyspace ``migrate`` creates (default 1);
+- ``local_dc``: the data center whose nodes are queried first (and the one the keyspace
+  ``migrate`` creates is replicated in, with NetworkTopologyStrategy);
+- ``replication_factor``: replicas of the keyspace ``migrate`` creates (default ``auto``:
+  ``min(3, nodes)`` of the nodes the driver sees, in ``local_dc`` when given; so 3 on a
+  production cluster, 1 on a single node);
 - ``consistency``: overrides ``Settings.consistency`` (default ``LOCAL_QUORUM``);
 - ``serial_consistency``: of the chord claims' Paxos phase, ``SERIAL`` or ``LOCAL_SERIAL``
   (default ``LOCAL_SERIAL`` when ``consistency`` is a ``LOCAL_`` level, else ``SERIAL``);
@@ -37,6 +39,7 @@ from streamtasks.backend.cassandra.consistency import (
 )
 from streamtasks.backend.cassandra.errors import backend_error
 from streamtasks.errors import BackendError, ConfigError
+from streamtasks.replicas import AUTO, auto_replicas
 from streamtasks.settings import Settings, parse_url
 
 log = logging.getLogger(__name__)
@@ -65,7 +68,8 @@ class CassandraOptions:
     ssl_key: str | None = None
     ssl_check_hostname: bool = True
     local_dc: str | None = None
-    replication_factor: int = 1
+    #: 0: automatic (:meth:`replication`).
+    replication_factor: int = AUTO
     connect_timeout_s: float = 5.0
     request_timeout_s: float = 10.0
     protocol_version: int = 4
@@ -117,7 +121,7 @@ class CassandraOptions:
             ssl_key=opts.get("ssl_key"),
             ssl_check_hostname=_flag(opts, "ssl_check_hostname", True),
             local_dc=opts.get("local_dc"),
-            replication_factor=_number(opts, "replication_factor", 1, int),
+            replication_factor=_replication_factor(opts),
             connect_timeout_s=_number(opts, "connect_timeout", 5.0, float),
             request_timeout_s=_number(opts, "request_timeout", 10.0, float),
             protocol_version=_number(opts, "protocol_version", 4, int),
@@ -128,14 +132,17 @@ class CassandraOptions:
         """Return the hosts as ``h1:9042,h2:9042``."""
         return ",".join(f"{host}:{port}" for host, port in self.hosts)
 
-    def replication(self) -> str:
-        """Return the CQL replication map of the keyspace ``migrate`` creates."""
+    def replication(self, nodes: int) -> str:
+        """Return the CQL replication map of the keyspace ``migrate`` creates.
+
+        Args:
+            nodes: the nodes the driver sees (in ``local_dc`` when given); an automatic
+                ``replication_factor`` is ``min(3, nodes)`` of them.
+        """
+        count = self.replication_factor or auto_replicas(nodes)
         if self.local_dc:
-            return (
-                f"{{'class': 'NetworkTopologyStrategy', '{self.local_dc}': "
-                f"{self.replication_factor}}}"
-            )
-        return f"{{'class': 'SimpleStrategy', 'replication_factor': {self.replication_factor}}}"
+            return f"{{'class': 'NetworkTopologyStrategy', '{self.local_dc}': {count}}}"
+        return f"{{'class': 'SimpleStrategy', 'replication_factor': {count}}}"
 
 
 def _flag(opts: dict[str, str], name: str, default: bool) -> bool:
@@ -148,6 +155,16 @@ def _flag(opts: dict[str, str], name: str, default: bool) -> bool:
     if lowered in ("0", "false", "no", "off"):
         return False
     raise ConfigError(f"backend URL: option {name} must be true or false, got {raw!r}")
+
+
+def _replication_factor(opts: dict[str, str]) -> int:
+    raw = opts.get("replication_factor", "auto").strip().lower()
+    if raw == "auto":
+        return AUTO
+    if not raw.isdigit() or int(raw) == 0:
+        raise ConfigError(f"backend URL: option replication_factor must be a positive "
+                          f"number or auto, got {opts['replication_factor']!r}")
+    return int(raw)
 
 
 _N = TypeVar("_N", int, float)
@@ -221,6 +238,15 @@ class Connection:
                     self.options.hosts_text, self.options.keyspace, self.options.consistency,
                 )
             return self._session
+
+    def nodes(self, data_center: str | None = None) -> int:
+        """Return the nodes of the cluster the driver sees, up or down (in ``data_center``).
+
+        Raises:
+            BackendError: Cassandra is not reachable.
+        """
+        hosts = self.session().cluster.metadata.all_hosts()
+        return sum(1 for h in hosts if data_center is None or h.datacenter == data_center)
 
     def _name(self) -> str:
         opts = self.options

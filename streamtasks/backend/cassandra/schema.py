@@ -140,12 +140,14 @@ class Migrator:
         session = conn.session()
         applied = self._applied_versions()
         done: list[str] = []
+        replication = ""
         for migration in load_migrations():
             if migration.version in applied:
                 continue
+            replication = replication or self._replication()
             log.info("applying CQL migration %s to keyspace %s", migration.name,
                      conn.options.keyspace)
-            for text in migration.statements(conn.ks, conn.options.replication()):
+            for text in migration.statements(conn.ks, replication):
                 if self._column_exists(added_column(text)):
                     continue
                 try:
@@ -162,6 +164,22 @@ class Migrator:
         if done:
             conn.forget_prepared()  # tables may have changed: prepare again
         return done
+
+    def _replication(self) -> str:
+        """Return the replication of a keyspace created now, from the nodes the driver sees.
+
+        Raises:
+            ConfigError: the backend URL's ``local_dc`` names a data center with no node
+                (the keyspace would keep its rows nowhere).
+        """
+        options = self._conn.options
+        nodes = self._conn.nodes(options.local_dc)
+        if nodes == 0:
+            raise ConfigError(
+                f"backend URL option local_dc={options.local_dc}: the driver sees no "
+                "Cassandra node in that data center; name one of the cluster's data centers"
+            )
+        return options.replication(nodes)
 
     def pending_migrations(self) -> list[str]:
         """Return the names of the migrations not yet applied to the keyspace, in order.
