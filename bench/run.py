@@ -33,11 +33,12 @@ BACKEND = os.environ.get("STREAMTASKS_BACKEND", "cassandra://127.0.0.1:9042/stre
 
 
 def make_env(namespace: str) -> dict[str, str]:
-    # on the 3-node cluster: STREAMTASKS_REPLICATION_FACTOR=3 (the workers refuse 1 there)
+    # replication is left to the defaults (1 on the single node, 3 on the 3-node cluster)
+    # unless chosen in the environment
+    chosen = {k: v for k, v in os.environ.items() if k == "STREAMTASKS_REPLICATION_FACTOR"}
     return {"STREAMTASKS_BROKER": BROKER, "STREAMTASKS_BACKEND": BACKEND,
             "STREAMTASKS_NAMESPACE": namespace, "STREAMTASKS_PARTITIONS": "6",
-            "STREAMTASKS_LOG_LEVEL": "warning",
-            "STREAMTASKS_REPLICATION_FACTOR": os.environ.get("STREAMTASKS_REPLICATION_FACTOR", "1")}
+            "STREAMTASKS_LOG_LEVEL": "warning", **chosen}
 
 
 def send_tasks(app: App, count: int) -> float:

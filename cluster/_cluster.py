@@ -16,21 +16,22 @@ from integration._workers import new_namespace, worker_env
 
 NODES = 3
 BROKER_URL = "kafka://" + ",".join(f"127.0.0.{n}:19092" for n in range(1, NODES + 1))
+#: No replication option: ``migrate`` replicates a new keyspace min(3, nodes) = 3 times.
 BACKEND_URL = (
     "cassandra://" + ",".join(f"127.0.0.{n}:19042" for n in range(1, NODES + 1))
-    + "/streamtasks?replication_factor=3"
+    + "/streamtasks"
 )
 BOOTSTRAP = BROKER_URL.split("://", 1)[1]
 
 
 def cluster_env(prefix: str, **extra: str) -> dict[str, str]:
-    """A fresh namespace's environment with the production durability settings.
+    """A fresh namespace's environment with the library's default durability settings.
 
-    Three replicas of every topic (``min.insync.replicas`` 2 follows); the keyspace is
-    replicated three times (``BACKEND_URL``), written and read at LOCAL_QUORUM (the default).
+    On this cluster the defaults are the production ones: three replicas of every topic
+    (``min.insync.replicas`` 2 follows), the keyspace replicated three times, written and
+    read at LOCAL_QUORUM, claims at LOCAL_SERIAL.
     """
-    return worker_env(new_namespace(prefix),
-                      **{"STREAMTASKS_REPLICATION_FACTOR": str(NODES), **extra})
+    return worker_env(new_namespace(prefix), **extra)
 
 
 def services(*args: str, timeout: float = 300) -> str:
@@ -108,6 +109,15 @@ def keyspace_replication(keyspace: str) -> dict[str, str]:
             "SELECT replication FROM system_schema.keyspaces WHERE keyspace_name = %s",
             (keyspace,)).one()
         return dict(row.replication) if row else {}
+    finally:
+        cluster.shutdown()
+
+
+def drop_keyspace(keyspace: str) -> None:
+    """Drop ``keyspace`` if it exists."""
+    cluster = _cassandra()
+    try:
+        cluster.connect().execute(f'DROP KEYSPACE IF EXISTS "{keyspace}"', timeout=120)
     finally:
         cluster.shutdown()
 

@@ -98,26 +98,17 @@ def test_a_worker_refuses_to_start_with_one_replica_on_a_cluster(
         worker.start()
 
 
-def test_a_worker_with_the_default_settings_starts_on_a_cluster_of_three(
-    app: App, monkeypatch: pytest.MonkeyPatch
+def _down() -> int:
+    raise BrokerError("no Kafka broker at 127.0.0.1:1 answered")
+
+
+@pytest.mark.parametrize("cluster_size", [lambda: 3, _down],
+                         ids=["defaults-on-three-brokers", "cluster-unseen"])
+def test_a_worker_starts_with_the_defaults_on_three_brokers_or_an_unseen_cluster(
+    app: App, monkeypatch: pytest.MonkeyPatch, cluster_size: object
 ) -> None:
-    monkeypatch.setattr(app.broker, "cluster_size", lambda: 3)
+    monkeypatch.setattr(app.broker, "cluster_size", cluster_size)
     assert app.settings.replication_factor == 0  # auto
-    worker = Worker(app, ["default"])
-    try:
-        worker.start()
-        assert all(rt.started for rt in worker.runtimes)
-    finally:
-        worker.close()
-
-
-def test_a_worker_starts_when_the_cluster_cannot_be_seen_now(
-    app: App, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    def down() -> int:
-        raise BrokerError("no Kafka broker at 127.0.0.1:1 answered")
-
-    monkeypatch.setattr(app.broker, "cluster_size", down)
     worker = Worker(app, ["default"])
     try:
         worker.start()
@@ -134,21 +125,19 @@ def test_an_existing_topic_with_one_replica_on_several_brokers_is_refused() -> N
         check_durability(production(), view)
 
 
-def test_an_existing_topic_with_fewer_replicas_than_the_setting_is_warned_about() -> None:
-    warnings = check_durability(production(), ClusterView(3, None, {"ns.default": 2}))
-    assert warnings == ["topic ns.default has 2 replicas, fewer than setting "
-                        "replication_factor=3 (it was created before, or while brokers were "
-                        "down; add replicas with kafka-reassign-partitions)"]
-    assert check_durability(production(), ClusterView(3, None, {"ns.default": 3})) == []
-
-
-def test_a_topic_created_automatically_while_a_broker_was_down_is_warned_about() -> None:
+@pytest.mark.parametrize(("settings", "factor"), [
+    (production(), "3"),
     # auto on 2 live brokers gave 2 replicas; back on 3, the default asks for 3
-    warnings = check_durability(Settings(), ClusterView(3, None, {"ns.default": 2}))
-    assert warnings == ["topic ns.default has 2 replicas, fewer than setting "
-                        "replication_factor=auto (3 on 3 brokers) (it was created before, or "
-                        "while brokers were down; add replicas with kafka-reassign-partitions)"]
-    assert check_durability(Settings(), ClusterView(3, None, {"ns.default": 3})) == []
+    (Settings(), "auto (3 on 3 brokers)"),
+])
+def test_an_existing_topic_with_fewer_replicas_than_the_setting_is_warned_about(
+    settings: Settings, factor: str
+) -> None:
+    warnings = check_durability(settings, ClusterView(3, None, {"ns.default": 2}))
+    assert warnings == [f"topic ns.default has 2 replicas, fewer than setting "
+                        f"replication_factor={factor} (it was created before, or while brokers"
+                        " were down; add replicas with kafka-reassign-partitions)"]
+    assert check_durability(settings, ClusterView(3, None, {"ns.default": 3})) == []
 
 
 def test_a_worker_checks_the_existing_topics_of_its_queues(
