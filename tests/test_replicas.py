@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from streamtasks import App, Settings
+from streamtasks import Settings
 from streamtasks.backend.cassandra.connection import CassandraOptions
 from streamtasks.backend.cassandra.schema import Migrator
 from streamtasks.broker.base import TopicSpec
@@ -52,12 +52,11 @@ def test_a_min_insync_above_the_automatic_factor_is_refused_when_the_topic_is_ma
     with pytest.raises(ConfigError, match=r"min_insync_replicas \(2\) is above the replication "
                                           r"factor auto \(1 on 1 broker\)"):
         spec.on_cluster(1)
-    app = App("t", settings=Settings(broker="memory://", backend="memory://",
-                                     min_insync_replicas=2))
+    settings = Settings(broker="memory://", min_insync_replicas=2)
+    broker = MemoryBroker(settings)
     with pytest.raises(ConfigError, match="min_insync_replicas"):
-        app.ensure_queue("q")
-    assert not app.broker.topic_exists(app.settings.topic("q"))  # nothing half made
-    app.close()
+        broker.create_topics(settings.topology.topic_specs("q"))
+    assert not broker.topic_exists(settings.topic("q"))  # nothing half made
 
 
 def test_a_min_insync_no_automatic_factor_reaches_is_refused_with_the_settings() -> None:
