@@ -351,6 +351,52 @@ def _stderr_logger(*_args: object) -> structlog.PrintLogger:
     return structlog.PrintLogger(sys.stderr)
 
 
+class CachedLogger:
+    """A module's logger that assembles its bound logger once per structlog configuration.
+
+    ``structlog.get_logger()`` returns a lazy proxy that, with
+    ``cache_logger_on_first_use=False`` (kept so that a reconfiguration, e.g. a test's or
+    the CLI's after import, takes effect), builds a fresh logger at every call: a factory
+    call, a context and a wrapper per line, even a line dropped by its level. This one
+    keeps the logger it built until the configuration changes (processors, wrapper class
+    with its level, logger factory, context class), checked by identity at each call.
+    Bound fields from :func:`task_context` still apply: they are merged when a line is
+    processed, not when the logger is built.
+
+    Args:
+        name: the stdlib logger name (``streamtasks.worker``).
+    """
+
+    __slots__ = ("_bound", "_key", "_name")
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._key: tuple[object, ...] = ()
+        self._bound: Any = None
+
+    def _logger(self) -> Any:
+        config = structlog.get_config()
+        key = (config["processors"], config["wrapper_class"], config["logger_factory"],
+               config["context_class"])
+        cached = self._key
+        if len(cached) != len(key) or any(a is not b for a, b in zip(cached, key, strict=True)):
+            self._bound = structlog.get_logger(self._name).bind()
+            self._key = key
+        return self._bound
+
+    def bind(self, **values: Any) -> Any:
+        """Return the current logger with ``values`` bound (structlog's ``bind``)."""
+        return self._logger().bind(**values)
+
+    def __getattr__(self, method: str) -> Any:
+        return getattr(self._logger(), method)
+
+
+def get_logger(name: str) -> CachedLogger:
+    """Return a cheap module-level logger for ``name`` (see :class:`CachedLogger`)."""
+    return CachedLogger(name)
+
+
 @contextlib.contextmanager
 def task_context(name: str, context: Mapping[str, object]) -> Iterator[tracing.TraceContext]:
     """Within the block, a task runs: its trace is current and its fields are on every line.

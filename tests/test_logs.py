@@ -391,3 +391,35 @@ def test_an_unreachable_broker_prints_a_line_per_distinct_error_not_a_stream(
     assert out.stdout == "not confirmed\n"
     refused = [line for line in out.stderr.splitlines() if "Connection refused" in line]
     assert 1 <= len(refused) <= 2, out.stderr  # the librdkafka log line, the error callback
+
+
+# -- module loggers: built once per configuration, reconfiguration still applies ---------
+
+def test_a_module_logger_is_built_once_and_follows_a_reconfiguration(
+    restore_logging: None
+) -> None:
+    from streamtasks.logs import get_logger
+
+    first: list[str] = []
+    second: list[str] = []
+
+    def into(seen: list[str]) -> Any:
+        def keep(_l: object, _m: str, event: dict[str, Any]) -> str:
+            seen.append(event["event"])
+            return ""
+        return keep
+
+    log = get_logger("streamtasks.test")
+    structlog.configure(processors=[into(first)], logger_factory=structlog.ReturnLoggerFactory(),
+                        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
+    log.info("one")
+    built = log._logger()
+    log.debug("dropped by the level")
+    log.info("two")
+    assert log._logger() is built  # not assembled again while the configuration holds
+    structlog.configure(processors=[into(second)],
+                        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
+    log.debug("three")
+    log.bind(extra=1).info("four")
+    assert first == ["one", "two"]
+    assert second == ["three", "four"]

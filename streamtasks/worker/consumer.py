@@ -24,8 +24,6 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-import structlog
-
 from streamtasks import states
 from streamtasks.backend.base import TaskMeta
 from streamtasks.broker.base import Record, TopicPartition
@@ -45,6 +43,7 @@ from streamtasks.errors import (
     TaskRevoked,
 )
 from streamtasks.headers import task_headers
+from streamtasks.logs import get_logger
 from streamtasks.message import TaskMessage, now_ms
 from streamtasks.ratelimit import RateGate, rate_gate
 from streamtasks.schedules import Scheduler, SchedulerThread
@@ -73,7 +72,7 @@ from streamtasks.workflow import as_failure_pair
 if TYPE_CHECKING:
     from streamtasks.app import App
 
-log = structlog.get_logger("streamtasks.worker")
+log = get_logger("streamtasks.worker")
 
 _SLOW_HEAD_FACTOR = 10
 #: A worker full of records not yet durable for this long pauses every partition.

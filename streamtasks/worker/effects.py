@@ -18,19 +18,18 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import structlog
-
 from streamtasks import states
 from streamtasks.backend.base import ResultBackend, TaskMeta
 from streamtasks.broker.base import Broker
 from streamtasks.errors import BackendError, BrokerError, EncodeError, MessageTooLargeError
 from streamtasks.fanin import FanIn
+from streamtasks.logs import get_logger
 from streamtasks.worker.outcomes import safe_text
 
 if TYPE_CHECKING:
     from streamtasks.app import Outgoing
 
-log = structlog.get_logger("streamtasks.worker")
+log = get_logger("streamtasks.worker")
 
 #: Reports a step's end: None when it is durable, else the error.
 StepDone = Callable[[BaseException | None], None]

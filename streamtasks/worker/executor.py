@@ -13,18 +13,16 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import structlog
-
 from streamtasks import states
 from streamtasks.context import Running, activated
 from streamtasks.errors import TaskRevoked
-from streamtasks.logs import task_context
+from streamtasks.logs import get_logger, task_context
 from streamtasks.task import Task
 from streamtasks.worker.procpool import ProcessPool, TimeLimitExceeded
 
 __all__ = ["Executor", "Outcome", "Run", "TimeLimitExceeded"]
 
-log = structlog.get_logger("streamtasks.worker")
+log = get_logger("streamtasks.worker")
 
 
 @dataclass(slots=True)

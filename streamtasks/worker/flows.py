@@ -24,13 +24,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import structlog
-
 from streamtasks import states
 from streamtasks.backend.base import GROUP_FAILED, GROUP_FIRED, GroupClaim, TaskMeta
 from streamtasks.broker.base import Record
 from streamtasks.errors import BackendError, TaskExpired, TaskRevoked, WorkflowError
 from streamtasks.fanin import FanIn
+from streamtasks.logs import get_logger
 from streamtasks.message import TaskMessage, now_ms
 from streamtasks.worker.effects import Step, StepDone, send_all_step, store_all_step
 from streamtasks.worker.outcomes import FOLLOW_UP_ERRORS
@@ -50,7 +49,7 @@ from streamtasks.workflow import (
 if TYPE_CHECKING:
     from streamtasks.app import App, Outgoing
 
-log = structlog.get_logger("streamtasks.worker")
+log = get_logger("streamtasks.worker")
 
 #: Errors that make follow-ups impossible to send (retrying gives the same).
 

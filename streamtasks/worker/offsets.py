@@ -11,12 +11,11 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Collection, Iterable, Mapping
 
-import structlog
-
 from streamtasks.broker.base import Broker, Consumer, TopicPartition
 from streamtasks.errors import BrokerError
+from streamtasks.logs import get_logger
 
-log = structlog.get_logger("streamtasks.worker")
+log = get_logger("streamtasks.worker")
 
 
 class PartitionOffsets:

@@ -21,13 +21,12 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 
-import structlog
-
 from streamtasks import states
 from streamtasks.backend.base import ResultBackend
+from streamtasks.logs import get_logger
 from streamtasks.message import TaskMessage
 
-log = structlog.get_logger("streamtasks.worker")
+log = get_logger("streamtasks.worker")
 
 
 class RunProgress:

@@ -30,13 +30,12 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
-import structlog
-
 from streamtasks.broker.base import Broker, Consumer, Record, TopicPartition
+from streamtasks.logs import get_logger
 from streamtasks.worker.observe import NullObserver, WorkerObserver
 from streamtasks.worker.offsets import OffsetTracker, caught_up, commit_watermarks
 
-log = structlog.get_logger("streamtasks.worker")
+log = get_logger("streamtasks.worker")
 
 _POLL_BATCH = 500
 
