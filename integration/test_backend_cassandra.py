@@ -53,9 +53,17 @@ def make_backend(url: str, **settings: int) -> CassandraBackend:
     return CassandraBackend(url, Settings(**options), make_codec(), json_text)
 
 
-@pytest.fixture(scope="module")
-def cassandra() -> Iterator[CassandraBackend]:
-    backend = make_backend(backend_url())
+#: The row writers the contract runs on (the backend URL's ``writer`` option).
+WRITERS = ("cassandra-driver", "acsylla")
+
+
+@pytest.fixture(scope="module", params=WRITERS)
+def cassandra(request: pytest.FixtureRequest) -> Iterator[CassandraBackend]:
+    url = backend_url()
+    if request.param != "cassandra-driver":
+        url = url_with_option(url, f"writer={request.param}")
+    backend = make_backend(url)
+    assert backend.options.writer == request.param
     backend.migrate()  # raises BackendError (the tests error, never skip) when unreachable
     yield backend
     backend.close()
@@ -302,3 +310,45 @@ def test_closed_backend_refuses(cassandra: CassandraBackend) -> None:
     backend.close()
     with pytest.raises(BackendError, match="closed"):
         backend.fetch("x")
+
+
+def test_timestamps_round_trip_to_the_millisecond(cassandra: CassandraBackend) -> None:
+    # acsylla binds a number for a timestamp as seconds: every ms value must survive
+    base = int(time.time() * 1000)
+    metas = [TaskMeta(task_id=str(uuid.uuid4()), state=states.SUCCESS, queue="ms", name="t",
+                      created_ms=base + i, started_ms=base + 3 * i + 1,
+                      finished_ms=base + 7 * i + 9, attempts=i, group_index=i,
+                      extra={"k": str(i)}) for i in range(200)]
+    cassandra.store_many(metas).result(timeout=60)
+    got = cassandra.fetch_many([m.task_id for m in metas])
+    assert [(g.created_ms, g.started_ms, g.finished_ms, g.attempts) if g else None
+            for g in got] == [(m.created_ms, m.started_ms, m.finished_ms, m.attempts)
+                              for m in metas]
+
+
+def test_the_acsylla_writer_names_a_missing_table() -> None:
+    from streamtasks.backend.cassandra.connection import CassandraOptions
+    from streamtasks.backend.cassandra.fastwrite import AcsyllaWriter
+    from streamtasks.worker.effects import is_transient
+
+    options = CassandraOptions.from_url(url_with_option(backend_url(), "writer=acsylla"),
+                                        Settings())
+    writer = AcsyllaWriter(options, "INSERT INTO no_such_table (a) VALUES (?)",
+                           "INSERT INTO no_such_table (a) VALUES (?)")
+    outcome: list[BaseException | None] = []
+    done = __import__("threading").Event()
+
+    def finished(error: BaseException | None) -> None:
+        outcome.append(error)
+        done.set()
+
+    try:
+        writer.write([("x",)], [], "storing task x", finished)
+        assert done.wait(60)
+    finally:
+        writer.close()
+    error = outcome[0]
+    assert isinstance(error, BackendError)
+    assert "no_such_table" in str(error) and "storing task x" in str(error)
+    assert "streamtasks migrate" in str(error)
+    assert not is_transient(error)  # a missing table never heals by itself

@@ -282,4 +282,5 @@ class CassandraBackend(ResultBackend):
     def close(self, timeout_s: float | None = None) -> None:
         """Wait for pending writes, then disconnect (:meth:`Connection.close`)."""
         self._conn.close(timeout_s)
+        self._rows.close()
 

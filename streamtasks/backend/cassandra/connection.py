@@ -15,7 +15,10 @@ URL: ``cassandra://h1:9042[,h2:9042]/keyspace?option=value&...`` with options
 - ``connect_timeout``, ``request_timeout``: seconds (default 5 and 10);
 - ``protocol_version``: native protocol version (default 4, which every supported
   Cassandra speaks; 5 adds checksummed frames, which the Python driver computes in
-  Python: about 20% more client CPU per write, measured in ``docs/decisions.md``).
+  Python: about 20% more client CPU per write, measured in ``docs/decisions.md``);
+- ``writer``: what writes task rows and listing entries, ``cassandra-driver`` (default)
+  or ``acsylla`` (the C/C++ driver, opt-in: ``pip install 'streamtasks[fast]'``; see
+  :mod:`.fastwrite`).
 """
 
 from __future__ import annotations
@@ -48,8 +51,10 @@ _KEYSPACE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,47}$")
 _KNOWN_OPTIONS = frozenset({
     "username", "password", "ssl", "ssl_ca", "ssl_cert", "ssl_key", "ssl_check_hostname",
     "local_dc", "replication_factor", "consistency", "serial_consistency",
-    "connect_timeout", "request_timeout", "protocol_version",
+    "connect_timeout", "request_timeout", "protocol_version", "writer",
 })
+#: Values of the ``writer`` option.
+WRITERS = ("cassandra-driver", "acsylla")
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +78,7 @@ class CassandraOptions:
     connect_timeout_s: float = 5.0
     request_timeout_s: float = 10.0
     protocol_version: int = 4
+    writer: str = "cassandra-driver"
 
     @classmethod
     def from_url(cls, url: str, settings: Settings) -> CassandraOptions:
@@ -105,6 +111,13 @@ class CassandraOptions:
         serial = opts.get("serial_consistency", default_serial_consistency(consistency)).upper()
         consistency_level(serial)  # validates
         check_serial_consistency(serial)
+        writer = opts.get("writer", WRITERS[0]).strip().lower()
+        if writer not in WRITERS:
+            raise ConfigError(f"backend URL: writer {writer!r} is not one of {', '.join(WRITERS)}")
+        if writer == "acsylla":
+            from streamtasks.backend.cassandra.fastwrite import require_acsylla
+
+            require_acsylla()
         return cls(
             hosts=parsed.hosts,
             keyspace=keyspace,
@@ -125,6 +138,7 @@ class CassandraOptions:
             connect_timeout_s=_number(opts, "connect_timeout", 5.0, float),
             request_timeout_s=_number(opts, "request_timeout", 10.0, float),
             protocol_version=_number(opts, "protocol_version", 4, int),
+            writer=writer,
         )
 
     @property

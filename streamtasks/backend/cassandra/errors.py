@@ -63,7 +63,7 @@ def backend_error(err: BaseException, action: str, opts: CassandraOptions) -> Ba
         )
     message = str(err)
     if "unconfigured table" in message or "Undefined column name" in message or (
-        "does not exist" in message and "eyspace" in message
+        "does not exist" in message and ("eyspace" in message or "table" in message)
     ):
         return BackendError(
             f"{where}: {action} failed, the tables do not exist or are not up to date "

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 from streamtasks.backend.base import TaskMeta, progress_entry, progress_key, with_progress
 from streamtasks.backend.cassandra.connection import Connection
+from streamtasks.backend.cassandra.fastwrite import AcsyllaWriter
 from streamtasks.backend.cassandra.futures import Gather
 from streamtasks.backend.memory import state_time_ms
 from streamtasks.codec.base import Codec
@@ -85,14 +86,22 @@ class _RowStatements:
     delete_task: Any
 
 
+def _insert_cql(ks: str) -> tuple[str, str]:
+    """Return the CQL of a task row's upsert and of a listing entry's (both writers')."""
+    columns = ", ".join(_TASK_COLUMNS)
+    marks = ", ".join("?" for _ in _TASK_COLUMNS)
+    return (f"INSERT INTO {ks}.tasks ({columns}) VALUES ({marks}) USING TTL ?",
+            f"INSERT INTO {ks}.tasks_by_state (queue, state, bucket, shard, "
+            "updated_at, task_id, name) VALUES (?, ?, ?, ?, ?, ?, ?) USING TTL ?")
+
+
 def _prepare_rows(conn: Connection) -> _RowStatements:
     ks = conn.ks
     columns = ", ".join(_TASK_COLUMNS)
-    marks = ", ".join("?" for _ in _TASK_COLUMNS)
+    insert_task, insert_index = _insert_cql(ks)
     return _RowStatements(**conn.prepare_all({
-        "insert_task": f"INSERT INTO {ks}.tasks ({columns}) VALUES ({marks}) USING TTL ?",
-        "insert_index": f"INSERT INTO {ks}.tasks_by_state (queue, state, bucket, shard, "
-        "updated_at, task_id, name) VALUES (?, ?, ?, ?, ?, ?, ?) USING TTL ?",
+        "insert_task": insert_task,
+        "insert_index": insert_index,
         "select_task": f"SELECT {columns} FROM {ks}.tasks WHERE task_id = ?",
         "select_index": f"SELECT task_id, updated_at FROM {ks}.tasks_by_state WHERE queue = ? "
         "AND state = ? AND bucket = ? AND shard = ? AND updated_at >= ? AND updated_at < ?",
@@ -206,6 +215,15 @@ class TaskRows:
         self._json_text = json_text
         self._ttl_s = ttl_s
         self._slots = threading.BoundedSemaphore(max_in_flight)
+        self._max_in_flight = max_in_flight
+        self._fast: AcsyllaWriter | None = None
+        if connection.options.writer == "acsylla":
+            self._fast = AcsyllaWriter(connection.options, *_insert_cql(connection.ks))
+
+    def close(self) -> None:
+        """Stop the acsylla writer's loop thread, if any (after the pending writes)."""
+        if self._fast is not None:
+            self._fast.close(self._conn.options.request_timeout_s)
 
     def _ready(self) -> tuple[Any, _RowStatements]:
         """Return the session and the prepared task statements, preparing them once."""
@@ -249,9 +267,6 @@ class TaskRows:
         ready = self._conn.begin(future, self._ready)
         if ready is None:
             return future
-        session, statements = ready
-        from cassandra.query import BatchStatement, BatchType
-
         params = [self._write_params(meta) for meta in metas]  # may raise EncodeError
         groups: dict[tuple[Any, ...], list[tuple[Any, ...]]] = {}
         for _, index_params in params:
@@ -259,7 +274,21 @@ class TaskRows:
         what = f"storing task {metas[0].task_id}" if len(metas) == 1 else (
             f"storing {len(metas)} tasks")
         batches = list(_chunks(groups.values(), LISTING_BATCH))
-        write = FanIn(len(metas) + len(batches), partial(self._batch_done, future, what))
+        if self._fast is not None:
+            self._store_fast(future, what, params, batches)
+        else:
+            self._store_driver(future, what, ready, params, batches)
+        return future
+
+    def _store_driver(
+        self, future: Future[None], what: str, ready: tuple[Any, _RowStatements],
+        params: list[tuple[tuple[Any, ...], tuple[Any, ...]]], batches: list[list[Any]],
+    ) -> None:
+        """Write rows and listing entries with cassandra-driver (``execute_async`` each)."""
+        from cassandra.query import BatchStatement, BatchType
+
+        session, statements = ready
+        write = FanIn(len(params) + len(batches), partial(self._batch_done, future, what))
 
         def row_done(_rows: object) -> None:
             self._slots.release()
@@ -290,7 +319,32 @@ class TaskRows:
                 write.failed(err)
                 continue
             response.add_callbacks(write.succeeded, write.failed)
-        return future
+
+    def _store_fast(
+        self, future: Future[None], what: str,
+        params: list[tuple[tuple[Any, ...], tuple[Any, ...]]], batches: list[list[Any]],
+    ) -> None:
+        """Hand the whole batch to the acsylla writer (one hop to its loop thread).
+
+        The batch holds one in-flight slot per row until it is done, at most all of them.
+        """
+        assert self._fast is not None
+        count = min(len(params), self._max_in_flight)
+        for _ in range(count):
+            self._slots.acquire()
+
+        def done(error: BaseException | None) -> None:
+            for _ in range(count):
+                self._slots.release()
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(error)
+
+        try:
+            self._fast.write([task for task, _ in params], batches, what, done)
+        except BackendError as err:
+            done(err)
 
     def mark_progress(
         self, task_id: str, state: str, attempt: int, name: str, queue: str,

@@ -1,0 +1,47 @@
+"""A worker whose backend URL says ``writer=acsylla`` drains tasks on real Kafka + Cassandra.
+
+Every result is in Cassandra as SUCCESS (read with cassandra-driver, as an operator
+would) and the group's committed offsets reach the high watermark.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from integration._rows import Rows
+from integration._services import backend_url
+from integration._workers import (
+    make_app,
+    new_namespace,
+    wait_committed_to_high,
+    worker_env,
+    workers,
+)
+from streamtasks import states
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.mark.timeout(300)
+def test_a_worker_with_the_acsylla_writer_drains_every_task() -> None:
+    url = backend_url()
+    env = worker_env(new_namespace("fastw"),
+                     STREAMTASKS_BACKEND=url + ("&" if "?" in url else "?") + "writer=acsylla")
+    app = make_app(env)
+    assert app.backend.options.writer == "acsylla"  # type: ignore[attr-defined]
+    app.ensure_queue("default")
+    sent = [app.send("it.add", args=[i, i]) for i in range(600)]
+    app.flush()
+    with workers(env, 1):
+        # results read back through the app (its backend writes with acsylla too)
+        assert [r.get(timeout=180) for r in sent[:5]] == [0, 2, 4, 6, 8]
+        wait_committed_to_high(
+            [(app.settings.group_id("default"), app.settings.topic("default"))], timeout_s=180)
+    rows = Rows()
+    try:
+        counts = rows.wait_states([r.id for r in sent], states.SUCCESS, timeout_s=60)
+    finally:
+        rows.cluster.shutdown()
+    assert (counts[states.SUCCESS], counts["missing-or-other"]) == (len(sent), 0)
+    assert [r.get(timeout=30) for r in sent] == [2 * i for i in range(len(sent))]
+    app.close()
