@@ -1,6 +1,7 @@
 """A/B of the worker's drain between source trees, alternated in one run; prints figures.
 
-    python bench/ab_drain.py TREE [TREE ...] [--tasks 20000] [--rounds 3] [--pyspy PREFIX]
+    python bench/ab_drain.py TREE[?OPTIONS] [TREE[?OPTIONS] ...] [--tasks 20000] [--rounds 3]
+                             [--pyspy PREFIX]
 
 Each round, for each tree in turn: N no-op tasks are sent to a fresh queue (6
 partitions), then one ``streamtasks worker`` (concurrency 8) started from that tree (its
@@ -9,7 +10,9 @@ commit to its last, and the worker's CPU time per task over the same span (utime
 from /proc) — CPU per task moves far less than the rate on a shared machine. With
 ``--pyspy``, ``py-spy record --gil`` (raw collapsed stacks) samples each worker over the
 drain into ``PREFIX-<tree>-<round>.txt``. Trees are plain exports, e.g.
-``git archive COMMIT | tar -x -C /tmp/old``.
+``git archive COMMIT | tar -x -C /tmp/old``. A tree given as ``TREE?writer=acsylla``
+runs its worker with those options appended to the backend URL (the same tree may be
+given twice, with and without, to compare backend options in one run).
 """
 
 from __future__ import annotations
@@ -36,14 +39,25 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def drain(tree: Path, tasks: int, pyspy: str | None) -> tuple[float, float]:
-    """Return (tasks/s, worker CPU us per task) of one drain by a worker from ``tree``."""
+def with_options(url: str, options: str) -> str:
+    """Return the backend ``url`` with the query ``options`` appended (none: as is)."""
+    if not options:
+        return url
+    return url + ("&" if "?" in url else "?") + options
+
+
+def drain(tree: Path, tasks: int, pyspy: str | None, options: str = "") -> tuple[float, float]:
+    """Return (tasks/s, worker CPU us per task) of one drain by a worker from ``tree``.
+
+    ``options`` (``writer=acsylla``) are appended to the worker's backend URL.
+    """
     namespace = f"ab-{uuid.uuid4().hex[:8]}"
     app = App("bench", settings=Settings.from_env(env=make_env(namespace)))
     app.ensure_queue("default")
     send_tasks(app, tasks)
     app.close()
     env = {**os.environ, **make_env(namespace), "PYTHONPATH": str(tree)}
+    env["STREAMTASKS_BACKEND"] = with_options(env["STREAMTASKS_BACKEND"], options)
     worker = subprocess.Popen(
         [sys.executable, "-m", "streamtasks.cli", "worker", "--app", "bench.bench_app:app",
          "--queues", "default", "--concurrency", "8"], cwd=tree, env=env)
@@ -81,16 +95,18 @@ def drain(tree: Path, tasks: int, pyspy: str | None) -> tuple[float, float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("trees", nargs="+", type=Path)
+    parser.add_argument("trees", nargs="+", help="source trees, each as TREE or TREE?OPTIONS")
     parser.add_argument("--tasks", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--pyspy", metavar="PREFIX")
     ns = parser.parse_args()
-    results: dict[Path, list[tuple[float, float]]] = {tree: [] for tree in ns.trees}
+    results: dict[str, list[tuple[float, float]]] = {tree: [] for tree in ns.trees}
     for round_ in range(ns.rounds):
         for tree in ns.trees:
-            out = f"{ns.pyspy}-{tree.name}-{round_}.txt" if ns.pyspy else None
-            rate, cpu = drain(tree.resolve(), ns.tasks, out)
+            path, _, options = tree.partition("?")
+            label = Path(path).name + (f"-{options.replace('=', '-')}" if options else "")
+            out = f"{ns.pyspy}-{label}-{round_}.txt" if ns.pyspy else None
+            rate, cpu = drain(Path(path).resolve(), ns.tasks, out, options)
             results[tree].append((rate, cpu))
             print(f"round {round_} {tree}: {rate:,.0f} tasks/s, {cpu:.0f} us CPU/task",
                   flush=True)
