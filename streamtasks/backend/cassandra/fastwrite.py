@@ -21,7 +21,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from streamtasks.backend.cassandra.errors import backend_error
@@ -105,6 +106,16 @@ def as_backend_error(err: BaseException, action: str, opts: CassandraOptions) ->
     return error
 
 
+@dataclass(frozen=True, slots=True)
+class _Job:
+    """One batch handed to the loop thread: rows, listing batches, what, the callback."""
+
+    rows: Sequence[Sequence[Any]]
+    batches: Sequence[Sequence[Sequence[Any]]]
+    what: str
+    done: Callable[[BaseException | None], None]
+
+
 class AcsyllaWriter:
     """Writes task rows and listing entries with acsylla on a loop thread of its own.
 
@@ -143,7 +154,7 @@ class AcsyllaWriter:
             BackendError: the writer is closed.
         """
         loop = self._running_loop()
-        loop.call_soon_threadsafe(self._start, rows, batches, what, done)
+        loop.call_soon_threadsafe(self._start, _Job(rows, batches, what, done))
 
     def _running_loop(self) -> asyncio.AbstractEventLoop:
         loop = self._loop
@@ -178,14 +189,8 @@ class AcsyllaWriter:
 
     # ------------------------------------------------------------------ loop side
 
-    def _start(
-        self,
-        rows: Sequence[Sequence[Any]],
-        batches: Sequence[Sequence[Sequence[Any]]],
-        what: str,
-        done: Callable[[BaseException | None], None],
-    ) -> None:
-        task = asyncio.ensure_future(self._write_all(rows, batches, what, done))
+    def _start(self, job: _Job) -> None:
+        task = asyncio.ensure_future(self._write_all(job))
         self._tasks.add(task)  # the loop keeps only a weak reference
         task.add_done_callback(self._tasks.discard)
 
@@ -228,52 +233,53 @@ class AcsyllaWriter:
         self._ready = (session, task, index)
         return self._ready
 
-    async def _write_all(
-        self,
-        rows: Sequence[Sequence[Any]],
-        batches: Sequence[Sequence[Sequence[Any]]],
-        what: str,
-        done: Callable[[BaseException | None], None],
-    ) -> None:
+    async def _write_all(self, job: _Job) -> None:
         try:
             session, task, index = await self._connect()
-            writes = [self._row(session, task, row) for row in rows]
-            writes += [self._batch(session, index, entries) for entries in batches]
+            writes = [self._row(session, task, row) for row in job.rows]
+            writes += [self._batch(session, index, entries) for entries in job.batches]
             outcomes = await asyncio.gather(*writes, return_exceptions=True)
             failed = next((e for e in outcomes if isinstance(e, BaseException)), None)
         except Exception as err:  # connecting or preparing failed
             failed = err
-        done(None if failed is None else as_backend_error(failed, what, self.options))
+        job.done(None if failed is None else as_backend_error(failed, job.what, self.options))
 
     async def _row(self, session: Any, prepared: Any, params: Sequence[Any]) -> None:
         values = _seconds(params, _TASK_TIMES)
-        for attempt in (0, 1):
-            statement = prepared.bind()
-            statement.set_is_idempotent(True)
-            statement.bind_list(values)
-            try:
-                await session.execute(statement)
-                return
-            except Exception as err:
-                if attempt or type(err).__name__ != _SERVER_TIMEOUT:
-                    raise
+
+        def statement() -> Any:
+            bound = prepared.bind()
+            bound.set_is_idempotent(True)
+            bound.bind_list(values)
+            return bound
+
+        await _retried(lambda: session.execute(statement()))
 
     async def _batch(self, session: Any, prepared: Any, entries: Sequence[Sequence[Any]]) -> None:
         import acsylla
 
-        for attempt in (0, 1):
-            batch = acsylla.create_batch_unlogged()
-            batch.set_is_idempotent(True)
-            for entry in entries:
-                statement = prepared.bind()
-                statement.bind_list(_seconds(entry, _INDEX_TIMES))
-                batch.add_statement(statement)
-            try:
-                await session.execute_batch(batch)
-                return
-            except Exception as err:
-                if attempt or type(err).__name__ != _SERVER_TIMEOUT:
-                    raise
+        values = [_seconds(entry, _INDEX_TIMES) for entry in entries]
+
+        def batch() -> Any:
+            unlogged = acsylla.create_batch_unlogged()
+            unlogged.set_is_idempotent(True)
+            for entry in values:
+                bound = prepared.bind()
+                bound.bind_list(entry)
+                unlogged.add_statement(bound)
+            return unlogged
+
+        await _retried(lambda: session.execute_batch(batch()))
+
+
+async def _retried(send: Callable[[], Awaitable[Any]]) -> None:
+    """Send an idempotent upsert; once more if it timed out on the server (see the module)."""
+    try:
+        await send()
+    except Exception as err:
+        if type(err).__name__ != _SERVER_TIMEOUT:
+            raise
+        await send()
 
 
 def _read(path: str | None) -> str | None:
