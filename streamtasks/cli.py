@@ -469,7 +469,7 @@ def _cmd_send(ns: argparse.Namespace) -> int:
     if queue is None and not ns.app:
         # Without the app, the task's own queue is unknown here: say where it went.
         queue = app.settings.default_queue
-        print(f"streamtasks send: no --app and no --queue: sent {ns.name} to queue "
+        print(f"streamtasks send: no --app and no --queue: sending {ns.name} to queue "
               f"{queue!r} (give --queue or --app to send it to the task's own queue)",
               file=sys.stderr)
     try:
