@@ -220,6 +220,11 @@ class App:
         on_failure: ErrorHook | None = None,
         on_retry: ErrorHook | None = None,
         on_success: SuccessHook | None = None,
+        time_limit: float | None = None,
+        soft_time_limit: float | None = None,
+        pool: str = "thread",
+        rate_limit: str | float | None = None,
+        group_rate_limit: str | float | None = None,
     ) -> Callable[[Callable[Concatenate[Any, P], R]], Task[P, R]]: ...
 
     def task(

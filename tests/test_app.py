@@ -356,3 +356,20 @@ def test_a_naive_eta_is_utc_whatever_the_local_zone(monkeypatch: pytest.MonkeyPa
     expected = int(eta.replace(tzinfo=UTC).timestamp() * 1000)
     assert int(record.headers[ETA_MS]) == expected == epoch_ms(eta)
     app.close()
+
+
+def test_every_task_overload_takes_every_option_of_the_decorator() -> None:
+    """A typed caller of ``@app.task(bind=True, rate_limit=...)`` must match an overload."""
+    import inspect
+    import typing
+
+    from streamtasks.app import App as AppClass
+
+    options = set(inspect.signature(AppClass.task).parameters) - {"self", "fn"}
+    # the bare ``@app.task`` form takes no option; the bind=False and bind=True forms take all
+    with_options = [set(inspect.signature(v).parameters) - {"self", "fn"}
+                    for v in typing.get_overloads(AppClass.task)]
+    with_options = [taken for taken in with_options if taken]
+    assert len(with_options) == 2
+    for taken in with_options:
+        assert taken == options, sorted(options ^ taken)
