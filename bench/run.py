@@ -93,7 +93,7 @@ def naive_baseline(app: App, count: int) -> float:
 
     namespace = app.settings.namespace
     host, _, port = BACKEND.split("://", 1)[1].split("/", 1)[0].partition(":")
-    keyspace = BACKEND.rsplit("/", 1)[-1]
+    keyspace = BACKEND.rsplit("/", 1)[-1].split("?", 1)[0]  # options (writer=...) off
     cluster = Cluster([host], port=int(port or 9042))
     session = cluster.connect(keyspace)
     insert = session.prepare("INSERT INTO tasks (task_id, name, queue, state) VALUES (?, ?, ?, ?)")
