@@ -15,7 +15,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import confluent_kafka as ck
 import structlog
@@ -150,6 +150,21 @@ def _interrupt_between_calls() -> Iterator[list[int]]:
         signal.signal(signal.SIGINT, previous)
 
 
+_C = TypeVar("_C")
+
+def _client(factory: Callable[[dict[str, Any]], _C], config: Mapping[str, Any]) -> _C:
+    """``factory(config)`` with a Ctrl-C during it raised after it, as ``KeyboardInterrupt``.
+
+    A SIGINT handled while confluent-kafka's C constructor walks the config turned into
+    ``TypeError: expected configuration property name as type unicode string``.
+    """
+    with _interrupt_between_calls() as interrupted:
+        client = factory(dict(config))
+    if interrupted:
+        raise KeyboardInterrupt
+    return client
+
+
 class KafkaBroker(Broker):
     """A broker on an Apache Kafka cluster.
 
@@ -240,7 +255,7 @@ class KafkaBroker(Broker):
         with self._lock:
             if self._producer is None:
                 try:
-                    self._producer = ck.Producer(self.producer_config())
+                    self._producer = _client(ck.Producer, self.producer_config())
                 except ck.KafkaException as err:
                     raise BrokerError(f"cannot create the Kafka producer: {err}") from err
             return self._producer
@@ -252,7 +267,8 @@ class KafkaBroker(Broker):
             if self._admin is None:
                 # A metadata request for a missing topic must not create it (the local
                 # broker has auto.create.topics.enable=true).
-                self._admin = AdminClient({**self._common, "allow.auto.create.topics": False})
+                self._admin = _client(
+                    AdminClient, {**self._common, "allow.auto.create.topics": False})
             return self._admin
 
     def _get_lookup(self) -> ck.Consumer:
@@ -263,7 +279,7 @@ class KafkaBroker(Broker):
             if self._lookup is None:
                 config = self.consumer_config(self._topology.lookup_group_id())
                 config["allow.auto.create.topics"] = False
-                self._lookup = ck.Consumer(config)
+                self._lookup = _client(ck.Consumer, config)
             return self._lookup
 
     # -- producing -----------------------------------------------------------------------
@@ -437,7 +453,7 @@ class KafkaBroker(Broker):
             k: v for k, v in self._common.items() if k not in ("logger", "error_cb")
         }
         config.update({"error_cb": errors.append, "log_level": 0})
-        probe = AdminClient(config)
+        probe = _client(AdminClient, config)
         try:
             # DescribeCluster carries no topic metadata (cheap on a broker with many
             # partitions); an error answer (e.g. not authorized) still proves a broker.
@@ -590,7 +606,7 @@ class KafkaBroker(Broker):
         config = self.consumer_config(self._topology.read_group_id())
         config.update({"enable.partition.eof": True, "allow.auto.create.topics": False})
         try:
-            consumer = ck.Consumer(config)
+            consumer = _client(ck.Consumer, config)
             consumer.assign([ck.TopicPartition(tp.topic, tp.partition, start)])
         except ck.KafkaException as err:
             raise BrokerError(f"cannot read {tp}: {err}") from err
@@ -868,7 +884,7 @@ class KafkaConsumer(Consumer):
         conf = dict(config)
         conf["on_commit"] = self._on_commit
         try:
-            self._consumer = ck.Consumer(conf)
+            self._consumer = _client(ck.Consumer, conf)
             self._consumer.subscribe(
                 list(topics),
                 on_assign=self._on_assign,
