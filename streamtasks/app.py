@@ -60,6 +60,11 @@ if TYPE_CHECKING:
 P = ParamSpec("P")
 R = TypeVar("R")
 
+# How long App.confirm waits on its condition between polls of the producer: its own poll
+# serves the delivery reports when no other thread does (50 ms made a parent sending
+# children wait ~70 ms median for acknowledgements that take a few; bench/children_confirm.py).
+CONFIRM_SLICE_S = 0.002
+
 log = structlog.get_logger("streamtasks.app")
 
 
@@ -645,7 +650,7 @@ class App:
                 left = deadline - time.monotonic()
                 if left <= 0 or not any(t in self._unconfirmed for t in task_ids):
                     break
-                self._delivery.wait(min(left, 0.05))
+                self._delivery.wait(min(left, CONFIRM_SLICE_S))
             self.broker.poll(0)  # serve delivery reports here too (no loop may be polling)
         self._raise_unconfirmed(task_ids, timeout_s)
 
