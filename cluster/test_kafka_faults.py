@@ -25,7 +25,7 @@ from cluster._cluster import (
     wait_in_sync,
 )
 from cluster._load import queue_app, tagged_load
-from integration._workers import exec_lines, wait_lines, workers_for
+from integration._workers import exec_lines, wait_labels, workers_for
 
 pytestmark = pytest.mark.integration
 
@@ -107,7 +107,7 @@ def test_countdowns_while_a_broker_is_killed_run_none_early_none_lost(tmp_path: 
         time.sleep(max(0.0, 20 - (time.monotonic() - killed_at)))
         start("kafka", victim)
         # Then every countdown runs, none before it was due
-        wait_lines(log, total, timeout_s=300)
+        wait_labels(log, total, timeout_s=300)
         time.sleep(3)  # a repeat would have shown by now
     app.close()
     started: dict[int, list[int]] = {}

@@ -108,6 +108,22 @@ def wait_lines(path: Path, lines: int, timeout_s: float) -> None:
     raise AssertionError(f"fewer than {lines} executions within {timeout_s}s")
 
 
+def wait_labels(path: Path, labels: int, timeout_s: float) -> None:
+    """Wait until the execution log at ``path`` names ``labels`` distinct labels.
+
+    A line is ``label:value``; repeats of a label count once, so a run that repeats
+    tasks cannot make the wait end before every task ran.
+    """
+    deadline = time.monotonic() + timeout_s
+    seen = 0
+    while time.monotonic() < deadline:
+        seen = len({line.partition(":")[0] for line in exec_lines(path)})
+        if seen >= labels:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{seen} of {labels} distinct tasks ran within {timeout_s}s")
+
+
 #: NOT_COORDINATOR, COORDINATOR_NOT_AVAILABLE, COORDINATOR_LOAD_IN_PROGRESS.
 _COORDINATOR_BUSY = frozenset({16, 15, 14})
 
