@@ -59,10 +59,7 @@ WRITERS = ("cassandra-driver", "acsylla")
 
 @pytest.fixture(scope="module", params=WRITERS)
 def cassandra(request: pytest.FixtureRequest) -> Iterator[CassandraBackend]:
-    url = backend_url()
-    if request.param != "cassandra-driver":
-        url = url_with_option(url, f"writer={request.param}")
-    backend = make_backend(url)
+    backend = make_backend(url_with_option(backend_url(), f"writer={request.param}"))
     assert backend.options.writer == request.param
     backend.migrate()  # raises BackendError (the tests error, never skip) when unreachable
     yield backend

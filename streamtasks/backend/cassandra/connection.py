@@ -16,9 +16,10 @@ URL: ``cassandra://h1:9042[,h2:9042]/keyspace?option=value&...`` with options
 - ``protocol_version``: native protocol version (default 4, which every supported
   Cassandra speaks; 5 adds checksummed frames, which the Python driver computes in
   Python: about 20% more client CPU per write, measured in ``docs/decisions.md``);
-- ``writer``: what writes task rows and listing entries, ``cassandra-driver`` (default)
-  or ``acsylla`` (the C/C++ driver, opt-in: ``pip install 'streamtasks[fast]'``; see
-  :mod:`.fastwrite`).
+- ``writer``: what writes task rows and listing entries: ``acsylla`` (the DataStax C/C++
+  driver, :mod:`.fastwrite`; the default wherever acsylla is installed, which the package
+  does on Linux x86_64 and macOS) or ``cassandra-driver`` (the default where acsylla is
+  missing, and the choice to make to keep one driver for everything).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ _KNOWN_OPTIONS = frozenset({
     "connect_timeout", "request_timeout", "protocol_version", "writer",
 })
 #: Values of the ``writer`` option.
-WRITERS = ("cassandra-driver", "acsylla")
+WRITERS = ("acsylla", "cassandra-driver")
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +79,7 @@ class CassandraOptions:
     connect_timeout_s: float = 5.0
     request_timeout_s: float = 10.0
     protocol_version: int = 4
+    #: ``acsylla`` or ``cassandra-driver`` (the URL's, else :func:`default_writer`).
     writer: str = "cassandra-driver"
 
     @classmethod
@@ -111,13 +113,7 @@ class CassandraOptions:
         serial = opts.get("serial_consistency", default_serial_consistency(consistency)).upper()
         consistency_level(serial)  # validates
         check_serial_consistency(serial)
-        writer = opts.get("writer", WRITERS[0]).strip().lower()
-        if writer not in WRITERS:
-            raise ConfigError(f"backend URL: writer {writer!r} is not one of {', '.join(WRITERS)}")
-        if writer == "acsylla":
-            from streamtasks.backend.cassandra.fastwrite import require_acsylla
-
-            require_acsylla()
+        writer = _writer(opts)
         return cls(
             hosts=parsed.hosts,
             keyspace=keyspace,
@@ -157,6 +153,31 @@ class CassandraOptions:
         if self.local_dc:
             return f"{{'class': 'NetworkTopologyStrategy', '{self.local_dc}': {count}}}"
         return f"{{'class': 'SimpleStrategy', 'replication_factor': {count}}}"
+
+
+def default_writer() -> str:
+    """Return ``acsylla`` when it can be imported, else ``cassandra-driver``."""
+    from streamtasks.backend.cassandra.fastwrite import acsylla_installed
+
+    return "acsylla" if acsylla_installed() else "cassandra-driver"
+
+
+def _writer(opts: dict[str, str]) -> str:
+    """Return the ``writer`` option's value, or the default (see :func:`default_writer`).
+
+    Raises:
+        ConfigError: an unknown writer, or ``acsylla`` asked for but not installed.
+    """
+    if "writer" not in opts:
+        return default_writer()
+    writer = opts["writer"].strip().lower()
+    if writer not in WRITERS:
+        raise ConfigError(f"backend URL: writer {writer!r} is not one of {', '.join(WRITERS)}")
+    if writer == "acsylla":
+        from streamtasks.backend.cassandra.fastwrite import require_acsylla
+
+        require_acsylla()
+    return writer
 
 
 def _flag(opts: dict[str, str], name: str, default: bool) -> bool:

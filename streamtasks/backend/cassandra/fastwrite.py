@@ -1,4 +1,4 @@
-"""An opt-in row writer on acsylla (the DataStax C/C++ driver): ``?writer=acsylla``.
+"""The row writer on acsylla (the DataStax C/C++ driver), the default where installed.
 
 Only the hot writes of :meth:`TaskRows.store_many` go through it — the task rows as
 concurrent single-row INSERTs and the listing entries as single-partition UNLOGGED
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -31,11 +32,41 @@ from streamtasks.errors import BackendError, ConfigError
 if TYPE_CHECKING:
     from streamtasks.backend.cassandra.connection import CassandraOptions
 
+log = logging.getLogger("streamtasks.backend.acsylla")
+
+#: The C/C++ driver's levels (as acsylla names them) and the level its lines are logged at.
+_LEVELS = {"CRITICAL": logging.ERROR, "ERROR": logging.ERROR, "WARN": logging.WARNING}
+#: Lines the C/C++ driver logs as errors that are not: it looks for ScyllaDB's shards on
+#: every connection and says so, once per connection, when the node is Cassandra.
+_BENIGN = ("Could not retrieve sharding info",)
+
 #: Positions of timestamp columns in a task row's parameters and a listing entry's.
 _TASK_TIMES = (11, 12, 13, 14)
 _INDEX_TIMES = (2, 4)
 #: acsylla's error types (by name) and the cassandra-driver exception of the same meaning.
 _SERVER_TIMEOUT = "CassErrorServerWriteTimeout"
+
+
+def acsylla_installed() -> bool:
+    """Return True when acsylla can be imported (the default writer then, see the URL)."""
+    try:
+        import acsylla  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def driver_log(message: Any) -> None:
+    """Log one line of the C/C++ driver (an ``acsylla.LogMessage``) through ``logging``.
+
+    Its errors and warnings keep their level, except the benign lines of ``_BENIGN``
+    (debug); anything quieter is debug.
+    """
+    text = str(getattr(message, "message", message)).strip()
+    level = _LEVELS.get(str(getattr(message, "log_level", "")).upper(), logging.DEBUG)
+    if text.startswith(_BENIGN):
+        level = logging.DEBUG
+    log.log(level, "cassandra C/C++ driver: %s", text)
 
 
 def require_acsylla() -> None:
@@ -133,6 +164,8 @@ class AcsyllaWriter:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._ready: tuple[Any, Any, Any] | None = None  # session, task, index statements
+        #: Held while connecting, so batches arriving meanwhile share one session.
+        self._connecting: asyncio.Lock | None = None
         self._closed = False
         self._tasks: set[asyncio.Future[None]] = set()
 
@@ -195,8 +228,17 @@ class AcsyllaWriter:
         task.add_done_callback(self._tasks.discard)
 
     async def _connect(self) -> tuple[Any, Any, Any]:
+        """Return the session and prepared statements, connecting once for all batches."""
         if self._ready is not None:
             return self._ready
+        if self._connecting is None:
+            self._connecting = asyncio.Lock()
+        async with self._connecting:
+            if self._ready is None:
+                self._ready = await self._open()
+            return self._ready
+
+    async def _open(self) -> tuple[Any, Any, Any]:
         import acsylla
 
         opts = self.options
@@ -206,7 +248,8 @@ class AcsyllaWriter:
             "consistency": getattr(acsylla.Consistency, opts.consistency),
             "connect_timeout": opts.connect_timeout_s,
             "request_timeout": opts.request_timeout_s,
-            "log_level": "error",
+            "log_level": "warn",
+            "logging_callback": driver_log,
             "exponential_reconnect_base_delay_ms": 500,
             "exponential_reconnect_max_delay_ms": 10_000,
         }
@@ -230,8 +273,7 @@ class AcsyllaWriter:
         except BaseException:
             await session.close()
             raise
-        self._ready = (session, task, index)
-        return self._ready
+        return session, task, index
 
     async def _write_all(self, job: _Job) -> None:
         try:
