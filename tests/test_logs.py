@@ -227,6 +227,30 @@ def test_a_client_program_that_sends_prints_nothing(tmp_path: Path) -> None:
     assert "configured" not in out.stderr and "pw" not in out.stderr
 
 
+def test_librdkafkas_load_in_progress_retries_print_nothing_in_a_client_program(
+    tmp_path: Path,
+) -> None:
+    # Given a program that never configures logging and gets librdkafka's lines, as right
+    # after Kafka started: a transient "load in progress: retrying" and a real warning
+    script = tmp_path / "client.py"
+    script.write_text(textwrap.dedent("""
+        import logging
+        from streamtasks.broker.kafka import librdkafka_logger
+
+        logger = librdkafka_logger()
+        logger.log(logging.WARNING, "%s [%s] %s", "GETPID", "rdkafka#producer-1",
+                   "Failed to acquire idempotence PID from broker 127.0.0.1:9092/1: "
+                   "Broker: Coordinator load in progress: retrying")
+        logger.log(logging.WARNING, "%s [%s] %s", "FAIL", "rdkafka#producer-1",
+                   "127.0.0.1:9092/1: Connect to ipv4#127.0.0.1:9092 failed")
+    """))
+    # When it runs, Then only the real warning reaches stderr (Python's last resort)
+    out = run_client(script, tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "load in progress" not in out.stderr
+    assert "Connect to ipv4#127.0.0.1:9092 failed" in out.stderr
+
+
 def test_a_program_that_configured_structlog_keeps_its_configuration(
     restore_logging: None
 ) -> None:

@@ -123,6 +123,32 @@ def _unreachable_hint(codes: set[int]) -> str:
     return "check that Kafka is running there and the host:port in the broker URL"
 
 
+#: librdkafka warnings that only say it waits for a broker still loading its state (the
+#: group or transaction coordinator right after a broker starts): it retries by itself.
+_TRANSIENT_NOTICES = ("load in progress",)
+
+
+def _demote_transient(record: logging.LogRecord) -> bool:
+    """A filter: log librdkafka's "…load in progress: retrying" warnings at INFO."""
+    if record.levelno == logging.WARNING and any(
+            notice in record.getMessage() for notice in _TRANSIENT_NOTICES):
+        record.levelno, record.levelname = logging.INFO, "INFO"
+    return True
+
+
+def librdkafka_logger() -> logging.Logger:
+    """Return the stdlib logger librdkafka's lines go to (instead of stderr).
+
+    Its transient "coordinator load in progress: retrying" warnings are INFO, so a
+    program sending tasks right after Kafka started prints nothing for them (Python's
+    last-resort handler shows only warnings and above).
+    """
+    logger = logging.getLogger("streamtasks.broker.librdkafka")
+    if _demote_transient not in logger.filters:
+        logger.addFilter(_demote_transient)
+    return logger
+
+
 def _log_client_error(err: ck.KafkaError) -> None:
     log.warning("kafka client error", error=err.str(), code=err.name(), fatal=err.fatal())
 
@@ -191,7 +217,7 @@ class KafkaBroker(Broker):
             "client.id": "streamtasks",
             "error_cb": _log_client_error,
             # librdkafka's own log lines go to stdlib logging instead of stderr.
-            "logger": logging.getLogger("streamtasks.broker.librdkafka"),
+            "logger": librdkafka_logger(),
             **parsed.options,
         }
         if settings.broker_password is not None:  # kept out of the URL (and its logs)

@@ -15,7 +15,6 @@ is built from the broker URL like the broker's own (SASL / TLS options pass thro
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from streamtasks.broker.base import Broker, TopicPartition
+from streamtasks.broker.kafka import librdkafka_logger
 from streamtasks.errors import BrokerError
 from streamtasks.settings import Settings, parse_url
 
@@ -190,7 +190,7 @@ def kafka_admin_config(settings: Settings) -> dict[str, Any]:
         "client.id": "streamtasks-inspect",
         # librdkafka's lines go to logging, not stderr (an unreachable broker is the
         # BrokerError of the request that times out).
-        "logger": logging.getLogger("streamtasks.broker.librdkafka"),
+        "logger": librdkafka_logger(),
         "error_cb": lambda err: log.debug("kafka client error", error=str(err)),
         **parsed.options,
     }
