@@ -22,6 +22,7 @@ from typing import Any
 import fastavro
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
+from streamtasks.codec._binary import NotCovered, compile_record
 from streamtasks.codec._paths import PathFailure
 from streamtasks.codec._values import (
     LONG_MAX,
@@ -93,9 +94,19 @@ class _SchemaFamily:
         self.current = found[-1]
         self.header = MARKER + self.current.fingerprint
         self.by_fingerprint = {s.fingerprint: s for s in found}
+        self._write_body = compile_record(self.current.parsed)
 
     def frame(self, record: dict[str, Any]) -> bytes:
-        """Return header + body of ``record`` written with the current schema."""
+        """Return header + body of ``record`` written with the current schema.
+
+        The body is written by the writer compiled from the schema (``_binary``), or
+        by fastavro for a value that writer leaves to it.
+        """
+        if self._write_body is not None:
+            try:
+                return self.header + self._write_body(record)
+            except NotCovered:
+                pass
         buf = io.BytesIO()
         buf.write(self.header)
         fastavro.schemaless_writer(buf, self.current.parsed, record)
