@@ -13,7 +13,9 @@ from __future__ import annotations
 import io
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
@@ -96,17 +98,21 @@ class _SchemaFamily:
         self.by_fingerprint = {s.fingerprint: s for s in found}
         self._write_body = compile_record(self.current.parsed)
 
-    def frame(self, record: dict[str, Any]) -> bytes:
+    def frame(self, record: dict[str, Any], check: Callable[[], None] | None = None) -> bytes:
         """Return header + body of ``record`` written with the current schema.
 
         The body is written by the writer compiled from the schema (``_binary``), or
-        by fastavro for a value that writer leaves to it.
+        by fastavro for a value that writer leaves to it; ``check`` runs first then (it
+        raises the clear error that fastavro would not: a value the compiled writer
+        takes is one ``check`` accepts).
         """
         if self._write_body is not None:
             try:
                 return self.header + self._write_body(record)
             except NotCovered:
                 pass
+        if check is not None:
+            check()
         buf = io.BytesIO()
         buf.write(self.header)
         fastavro.schemaless_writer(buf, self.current.parsed, record)
@@ -204,7 +210,6 @@ class AvroCodec(Codec):
                 message names the path, e.g. ``args[0]['x']``.
 
         """
-        _check_scalars(msg)
         record = {
             "id": msg.id,
             "name": msg.name,
@@ -227,7 +232,7 @@ class AvroCodec(Codec):
             "options": msg.options,
             "traceparent": msg.traceparent,
         }
-        return self._tasks.frame(record)
+        return self._tasks.frame(record, partial(_check_scalars, msg))
 
     def decode_task(self, data: bytes) -> TaskMessage:
         """Decode a message written with any known task schema version.
@@ -340,7 +345,12 @@ _OPTIONAL_INT_FIELDS = ("eta_ms", "expires_ms", "group_index", "group_size")
 
 
 def _check_scalars(msg: TaskMessage) -> None:
-    """Raise EncodeError naming a header field of the wrong type (fastavro would not say)."""
+    """Raise EncodeError naming a header field of the wrong type (fastavro would not say).
+
+    Run only for a message the compiled writer did not take: it takes exact ``str`` and
+    ``int`` (in 64 bits, not ``bool``) where these checks ask for them, and a dict of
+    ``str`` to ``str`` as options, so it never writes what they would refuse.
+    """
     for name in _STR_FIELDS + _OPTIONAL_STR_FIELDS:
         value = getattr(msg, name)
         if not isinstance(value, str) and not (value is None and name in _OPTIONAL_STR_FIELDS):
