@@ -98,7 +98,13 @@ def traceparent_for_send() -> str:
     Elsewhere: the root span of a new trace.
     """
     ctx = _current.get()
-    return (ctx or new_trace()).traceparent
+    if ctx is not None:
+        return ctx.traceparent
+    # A new trace's root, formatted at once (a TraceContext costs more than the text).
+    trace, span = _random_bits(128), _random_bits(64)
+    if trace and span:
+        return f"00-{trace:032x}-{span:016x}-{SAMPLED}"
+    return new_trace().traceparent  # pragma: no cover - an all-zero id: one in 2**64
 
 
 def record_traceparent(headers: Mapping[str, bytes], fallback: str | None) -> str | None:

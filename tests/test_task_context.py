@@ -2,13 +2,14 @@
 
 import asyncio
 import dataclasses
+import uuid
 from typing import Any
 
 import pytest
 
 from streamtasks import App, TaskError, current_task, group, states
 from streamtasks.context import Request
-from streamtasks.message import derived_task_id
+from streamtasks.message import derived_task_id, new_task_id
 from tests import test_celery_names
 from tests.test_celery_names import _queued as _sent
 
@@ -207,6 +208,18 @@ def test_outside_a_task_ids_are_fresh(app: App) -> None:
     assert a.id != b.id
     msgs = _sent(app)
     assert all(m.parent_id is None and m.root_id is None for m in msgs)
+
+
+def test_fresh_ids_are_uuid4_text_and_unique() -> None:
+    ids = [new_task_id() for _ in range(20_000)]
+
+    assert len(set(ids)) == len(ids)
+    for text in ids[:2_000]:
+        parsed = uuid.UUID(text)
+        assert str(parsed) == text  # lower-case hex, dashes where uuid4 puts them
+        assert parsed.version == 4 and parsed.variant == uuid.RFC_4122
+    # every variant digit comes up: the random bits next to the variant are used
+    assert {text[19] for text in ids} == set("89ab")
 
 
 def test_request_is_frozen() -> None:

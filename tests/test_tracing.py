@@ -76,6 +76,15 @@ def test_a_send_outside_a_task_starts_a_new_trace(app: App, mode: str) -> None:
     assert first.trace_id != second.trace_id
 
 
+def test_a_send_outside_a_task_gets_a_valid_sampled_root_span() -> None:
+    texts = {tracing.traceparent_for_send() for _ in range(1_000)}
+
+    assert len(texts) == 1_000
+    for text in texts:
+        ctx = parse(text)
+        assert ctx is not None and ctx.traceparent == text and ctx.flags == tracing.SAMPLED
+
+
 def test_a_workflow_sent_at_once_is_one_trace(app: App, mode: str) -> None:
     @app.task(name="noop")
     def noop(*args: object) -> None:
