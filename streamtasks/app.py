@@ -15,8 +15,6 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, TypeVar, overload
 
-import structlog
-
 from streamtasks import states, tracing
 from streamtasks.backend.base import ResultBackend
 from streamtasks.broker.base import Broker, TopicSpec
@@ -32,7 +30,7 @@ from streamtasks.errors import (
     UnknownTaskError,
 )
 from streamtasks.headers import task_headers
-from streamtasks.logs import ensure_configured
+from streamtasks.logs import ensure_configured, get_logger
 from streamtasks.message import TaskMessage, now_ms
 from streamtasks.ratelimit import parse_rate
 from streamtasks.result import AsyncResult, GroupResult
@@ -55,6 +53,7 @@ from streamtasks.worker.procpool import check_pool
 
 if TYPE_CHECKING:
     from streamtasks.signature import Canvas
+    from streamtasks.topology import Topology
     from streamtasks.worker.consumer import Worker
 
 P = ParamSpec("P")
@@ -65,7 +64,7 @@ R = TypeVar("R")
 # children wait ~70 ms median for acknowledgements that take a few; bench/children_confirm.py).
 CONFIRM_SLICE_S = 0.002
 
-log = structlog.get_logger("streamtasks.app")
+log = get_logger("streamtasks.app")
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,12 +126,17 @@ class App:
         self._lock = threading.Lock()
         #: Notified when a send is confirmed or failed (:meth:`confirm` waits on it).
         self._delivery = threading.Condition(self._lock)
+        #: Threads waiting on ``_delivery`` (a report with none waiting notifies no one).
+        self._confirming = 0
         self._unconfirmed: dict[str, str] = {}
         self._abandoned = False
         self._failed: dict[str, str] = {}
         # Reported by a flush as not confirmed in time, and dropped (see flush).
         self._dropped: set[str] = set()
         self._queues_ready: set[str] = set()
+        # What topic names were last built from (see _topology).
+        self._topology_from: tuple[Settings, str, str] | None = None
+        self._topology_cache: Topology | None = None
         ref = weakref.ref(self)
         atexit.register(_flush_at_exit, ref)
 
@@ -450,9 +454,10 @@ class App:
             MessageTooLargeError: the task is larger than ``max_message_bytes``.
             SendError: with ``confirm``, Kafka did not confirm it.
         """
-        aliases = take_aliases(f"send {name}", legacy, CALL_OPTIONS)
-        countdown = one_of(f"send {name}", "countdown", countdown, aliases)
-        expires = one_of(f"send {name}", "expires", expires, aliases)
+        if legacy:
+            aliases = take_aliases(f"send {name}", legacy, CALL_OPTIONS)
+            countdown = one_of(f"send {name}", "countdown", countdown, aliases)
+            expires = one_of(f"send {name}", "expires", expires, aliases)
         task = _task or self.tasks.get(name)
         args = list(args or ())
         kwargs = dict(kwargs or {})
@@ -595,11 +600,26 @@ class App:
 
     def topic_for(self, msg: TaskMessage, now: int) -> str:
         """Return the topic a task goes to now: its queue's, or the delay tier that fits."""
-        topology = self.settings.topology
+        topology = self._topology()
         tier = None if msg.eta_ms is None else next_hop(topology.tiers, msg.eta_ms - now)
         if tier is None:
             return topology.topic(msg.queue)
         return topology.tier_topic(msg.queue, tier)
+
+    def _topology(self) -> Topology:
+        """The settings' topology, built again only when what topic names depend on changed.
+
+        Building it costs ~2 us, a tenth of a send; the settings may be replaced or
+        assigned to (tests, the CLI), so the namespace and the delay tiers are compared.
+        """
+        settings = self.settings
+        source = (settings, settings.namespace, settings.delay_tiers)
+        last = self._topology_from
+        if (self._topology_cache is None or last is None or last[0] is not settings
+                or last[1] != source[1] or last[2] != source[2]):
+            self._topology_cache = settings.topology
+            self._topology_from = source
+        return self._topology_cache
 
     def _delivered(self, task_id: str, error: str | None) -> None:
         with self._lock:
@@ -611,7 +631,8 @@ class App:
                                 id=task_id)
             elif error is not None:
                 self._failed[task_id] = error
-            self._delivery.notify_all()
+            if self._confirming:
+                self._delivery.notify_all()
 
     def flush(self, timeout_s: float = 30.0, only: Sequence[str] | None = None) -> None:
         """Wait until every queued send is confirmed by the broker.
@@ -650,7 +671,11 @@ class App:
                 left = deadline - time.monotonic()
                 if left <= 0 or not any(t in self._unconfirmed for t in task_ids):
                     break
-                self._delivery.wait(min(left, CONFIRM_SLICE_S))
+                self._confirming += 1
+                try:
+                    self._delivery.wait(min(left, CONFIRM_SLICE_S))
+                finally:
+                    self._confirming -= 1
             self.broker.poll(0)  # serve delivery reports here too (no loop may be polling)
         self._raise_unconfirmed(task_ids, timeout_s)
 

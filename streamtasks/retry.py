@@ -101,6 +101,8 @@ def call_options(
     Raises:
         ConfigError: an unknown backoff or a negative number.
     """
+    if max_retries is None and backoff is None and backoff_s is None and deadline_ms is None:
+        return {}  # the common call: no override
     if backoff is not None and backoff not in BACKOFFS:
         raise ConfigError(f"backoff must be one of {', '.join(BACKOFFS)}, got {backoff!r}")
     pairs = {"max_retries": max_retries, "backoff": backoff, "backoff_s": backoff_s,

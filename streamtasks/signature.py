@@ -437,6 +437,8 @@ def freeze_callbacks(
     Raises:
         ConfigError: a callback is not a signature or workflow.
     """
+    if callbacks is None:
+        return []  # the common call: nothing to freeze
     ids = Ids(task_id)
     return [_check_part(c, option)._freeze(ids, False) for c in _as_list(callbacks)]
 

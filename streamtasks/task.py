@@ -278,7 +278,8 @@ class Task(Generic[P, R]):
             ArgumentError: the arguments do not fit the function's signature.
             EncodeError: an argument has a type that cannot be sent.
         """
-        return self.apply_async(args, kwargs)
+        # apply_async with no option, without its layer of keyword arguments
+        return self.app.send(self.name, args, kwargs, queue=self.options.queue, _task=self)
 
     def apply_async(
         self,

@@ -17,6 +17,7 @@ from streamtasks import (
     UnknownTaskError,
     states,
 )
+from streamtasks.broker.memory import MemoryBroker
 
 
 def test_delay_runs_on_a_worker_and_get_returns_the_result(app: App) -> None:
@@ -182,6 +183,28 @@ def test_too_large_task_is_refused_at_send_time() -> None:
 
     with pytest.raises(MessageTooLargeError, match="1024"):
         big.delay(b"x" * 4096)
+
+
+def test_sends_follow_the_namespace_and_tiers_the_settings_have_now(app: App) -> None:
+    @app.task(name="noop")
+    def noop() -> None:
+        return None
+
+    broker = app.broker
+    assert isinstance(broker, MemoryBroker)
+    noop.delay()
+    assert len(broker.records("streamtasks.default")) == 1
+    # assigned to (tests do), then replaced (the CLI does): each send names its topic anew
+    app.settings.namespace = "moved"
+    noop.delay()
+    assert len(broker.records("moved.default")) == 1
+    app.settings = app.settings.replace(namespace="again")
+    noop.apply_async(countdown=3)
+    assert len(broker.records("again.default.delay.1s")) == 1
+    app.settings.delay_tiers = "2s,1h"
+    noop.apply_async(countdown=3)
+    assert len(broker.records("again.default.delay.2s")) == 1
+    assert len(broker.records("again.default.delay.1s")) == 1
 
 
 def test_flush_names_sends_that_failed(app: App) -> None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Mapping
 
 import pytest
 
 from streamtasks import App
+from streamtasks import app as app_module
 from streamtasks.broker.base import DeliveryCallback
 from streamtasks.broker.memory import MemoryBroker
 from streamtasks.errors import SendError
@@ -98,3 +101,39 @@ def test_a_send_confirmed_on_time_drops_nothing() -> None:
     callback(None)
     app.flush(timeout_s=0.01)
     assert broker.drops == 0
+
+
+def test_a_confirm_waiting_is_woken_by_a_report_served_in_another_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given a confirm waiting on a send, its own polls an hour apart (a report served
+    # elsewhere must wake it: reports notify only when someone waits, so this pins it)
+    monkeypatch.setattr(app_module, "CONFIRM_SLICE_S", 3600.0)
+    app, broker, t = _app()
+    sent = t.delay()  # type: ignore[attr-defined]
+    callback = broker.queued.pop()
+    assert callback is not None
+    waiter = threading.Thread(target=app.confirm, args=([sent.id],), kwargs={"timeout_s": 7200},
+                              daemon=True)
+    waiter.start()
+    while not app._confirming:  # the waiter is inside its wait
+        time.sleep(0.001)
+    # When another thread serves the report
+    callback(None)
+    # Then the waiter returns (it would sleep an hour on a missed notification)
+    waiter.join(timeout=60)
+    assert not waiter.is_alive()
+    assert app._confirming == 0
+
+
+def test_reports_with_nobody_waiting_are_still_counted() -> None:
+    app, broker, t = _app()
+    ok, failed = t.delay(), t.delay()  # type: ignore[attr-defined]
+    confirm_failed, confirm_ok = broker.queued.pop(), broker.queued.pop()
+    assert confirm_ok is not None and confirm_failed is not None
+    confirm_ok(None)
+    confirm_failed("broker said no")
+    app.confirm([ok.id], timeout_s=0.01)  # confirmed: returns, nothing raised
+    with pytest.raises(SendError) as raised:
+        app.confirm([failed.id], timeout_s=0.01)
+    assert raised.value.failures == [(failed.id, "broker said no")]
