@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 import threading
+import time
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import pytest
@@ -91,14 +94,24 @@ def test_acsylla_errors_read_and_classify_like_the_drivers(
 
 
 class _FakeSession:
-    def __init__(self) -> None:
+    """acsylla's Session as the writer uses it; ``execute`` waits ``write_s`` per write."""
+
+    def __init__(self, cluster: _FakeCluster) -> None:
+        self.cluster = cluster
         self.rows: list[list[object]] = []
         self.closed = False
 
     async def create_prepared(self, cql: str) -> _FakePrepared:
+        self.cluster.prepares += 1
+        if self.cluster.prepare_error is not None:
+            raise self.cluster.prepare_error
         return _FakePrepared(self, cql)
 
     async def execute(self, bound: _FakeBound) -> None:
+        self.cluster.writing.set()
+        await asyncio.sleep(self.cluster.write_s)
+        if self.cluster.write_error is not None:
+            raise self.cluster.write_error
         self.rows.append(bound.values)
 
     async def close(self) -> None:
@@ -124,38 +137,282 @@ class _FakeBound:
 
 
 class _FakeCluster:
-    def __init__(self, sessions: list[_FakeSession]) -> None:
-        self.sessions = sessions
+    """acsylla's Cluster: connecting takes a while; the first ``refuse`` connects fail."""
+
+    def __init__(self, refuse: int = 0) -> None:
+        self.sessions: list[_FakeSession] = []
+        self.connects = 0
+        self.refuse = refuse
+        self.prepares = 0
+        self.prepare_error: BaseException | None = None
+        self.write_s = 0.0
+        self.write_error: BaseException | None = None
+        self.writing = threading.Event()
+        self.destroyed = False
 
     async def create_session(self, keyspace: str) -> _FakeSession:
+        self.connects += 1
         await asyncio.sleep(0.05)  # connecting takes a while: other batches arrive meanwhile
-        session = _FakeSession()
+        if self.connects <= self.refuse:
+            raise _acsylla_error("CassErrorLibNoHostsAvailable", "No hosts available")
+        session = _FakeSession(self)
         self.sessions.append(session)
         return session
 
+    def destroy(self) -> None:
+        self.destroyed = True
+
+
+@pytest.fixture
+def clusters(monkeypatch: pytest.MonkeyPatch) -> list[_FakeCluster]:
+    """The fake clusters the writers of a test create (each a fresh one, refusing none)."""
+    import acsylla
+
+    made: list[_FakeCluster] = []
+
+    def create_cluster(hosts: list[str], **kwargs: object) -> _FakeCluster:
+        made.append(_FakeCluster(refuse=made[0].refuse if made else 0))
+        return made[-1]
+
+    monkeypatch.setattr(acsylla, "create_cluster", create_cluster)
+    return made
+
+
+class _Outcomes:
+    """Collects what ``done`` was called with, per batch, and waits for a number of them."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Condition()
+        self.calls: dict[int, list[BaseException | None]] = {}
+
+    def done(self, batch: int) -> Callable[[BaseException | None], None]:
+        def call(error: BaseException | None) -> None:
+            with self.lock:
+                self.calls.setdefault(batch, []).append(error)
+                self.lock.notify_all()
+        return call
+
+    def wait(self, batches: int, timeout_s: float = 10.0) -> dict[int, list[BaseException | None]]:
+        with self.lock:
+            self.lock.wait_for(lambda: len(self.calls) >= batches, timeout_s)
+            return dict(self.calls)
+
+
+def _writer(url: str = "cassandra://db:9042/ks") -> AcsyllaWriter:
+    return AcsyllaWriter(CassandraOptions.from_url(url, Settings()), "INSERT task", "INSERT index")
+
+
+_ROW = [0] * 21
+
 
 def test_batches_arriving_while_the_writer_connects_share_one_session(
-    monkeypatch: pytest.MonkeyPatch,
+    clusters: list[_FakeCluster],
+) -> None:
+    writer = _writer()
+    outcomes = _Outcomes()
+    for n in range(5):
+        writer.write([_ROW], [], "storing 1 task", outcomes.done(n))
+    calls = outcomes.wait(5)
+    writer.close()
+    assert calls == {n: [None] for n in range(5)}
+    (cluster,) = clusters
+    assert len(cluster.sessions) == 1, f"{len(cluster.sessions)} sessions opened for one writer"
+    assert len(cluster.sessions[0].rows) == 5 and cluster.sessions[0].closed
+
+
+def test_a_batch_pending_at_close_is_waited_for(clusters: list[_FakeCluster]) -> None:
+    writer = _writer()
+    writer.write([_ROW], [], "storing 1 task", lambda _error: None)  # connects
+    assert _wait_for(lambda: bool(clusters) and clusters[0].writing.is_set())
+    outcomes = _Outcomes()
+    clusters[0].write_s = 0.3  # Cassandra takes a while to acknowledge the next batch
+    writer.write([_ROW, _ROW], [], "storing 2 tasks", outcomes.done(0))
+    assert _wait_for(lambda: len(clusters[0].sessions[0].rows) == 1)
+    writer.close(timeout_s=10)
+    assert outcomes.wait(1, timeout_s=0) == {0: [None]}, "close dropped a pending batch"
+    assert clusters[0].sessions[0].closed and clusters[0].destroyed
+
+
+def test_a_batch_still_pending_when_close_gives_up_fails_as_transient(
+    clusters: list[_FakeCluster],
+) -> None:
+    writer = _writer()
+    outcomes = _Outcomes()
+    writer.write([_ROW], [], "storing 1 task", outcomes.done(0))
+    assert _wait_for(lambda: bool(clusters) and clusters[0].writing.is_set())
+    clusters[0].write_s = 3600.0  # a node that never answers the next write
+    clusters[0].writing.clear()
+    writer.write([_ROW], [], "storing task t2", outcomes.done(1))
+    assert clusters[0].writing.wait(10)
+    writer.close(timeout_s=0.2)
+    calls = outcomes.wait(2)
+    assert calls[0] == [None]
+    (error,) = calls[1]
+    assert isinstance(error, BackendError), calls
+    assert "storing task t2" in str(error) and "closed" in str(error)
+    assert is_transient(error), "the worker must retry (or leave the offset), not dead-letter"
+
+
+def test_every_write_racing_close_ends_once_or_is_refused() -> None:
+    """Writes from another thread while the writer closes: none is left hanging."""
+    import acsylla
+
+    cluster = _FakeCluster()
+    cluster.write_s = 0.002
+    outcomes = _Outcomes()
+    refused: list[int] = []
+    started = threading.Event()
+
+    def keep_writing(writer: AcsyllaWriter) -> None:
+        for n in range(2000):
+            try:
+                writer.write([_ROW], [], f"storing task {n}", outcomes.done(n))
+            except BackendError:
+                refused.append(n)
+                return
+            if n == 50:
+                started.set()
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(acsylla, "create_cluster", lambda hosts, **kw: cluster)
+        writer = _writer()
+        thread = threading.Thread(target=keep_writing, args=(writer,))
+        thread.start()
+        assert started.wait(10)
+        writer.close(timeout_s=0.05)
+        thread.join(10)
+    assert refused, "a write after close must be refused"
+    calls = outcomes.wait(refused[0], timeout_s=10)
+    assert sorted(calls) == list(range(refused[0])), "writes whose batch never ended"
+    assert all(len(each) == 1 for each in calls.values()), "a batch ended twice"
+
+
+def test_connect_attempts_share_one_cluster_and_batches_waiting_share_a_failure(
+    clusters: list[_FakeCluster],
 ) -> None:
     import acsylla
 
-    sessions: list[_FakeSession] = []
-    monkeypatch.setattr(acsylla, "create_cluster", lambda hosts, **kw: _FakeCluster(sessions))
-    options = CassandraOptions.from_url("cassandra://db:9042/ks", Settings())
-    writer = AcsyllaWriter(options, "INSERT task", "INSERT index")
-    outcomes: list[BaseException | None] = []
-    finished = threading.Event()
+    cluster = _FakeCluster(refuse=2)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(acsylla, "create_cluster", lambda hosts, **kw: clusters.append(cluster)
+                      or cluster)
+        writer = _writer()
+        outcomes = _Outcomes()
+        for n in range(5):  # all arrive while the first attempt connects
+            writer.write([_ROW], [], f"storing task {n}", outcomes.done(n))
+        calls = outcomes.wait(5)
+        assert cluster.connects == 1, "batches waiting for a connect that failed retried it"
+        for (error,) in calls.values():
+            assert isinstance(error, BackendError) and is_transient(error)
+            assert "no host available" in str(error)
+        writer.write([_ROW], [], "storing task 5", outcomes.done(5))
+        writer.write([_ROW], [], "storing task 6", outcomes.done(6))
+        assert outcomes.wait(7)[5][0] is not None  # Cassandra still down at the second try
+        writer.write([_ROW], [], "storing task 7", outcomes.done(7))  # back
+        assert outcomes.wait(8)[7] == [None]
+        writer.close()
+    assert cluster.connects == 3 and len(cluster.sessions) == 1
+    assert len(clusters) == 1, f"{len(clusters)} clusters built for one writer"
+    assert cluster.destroyed and cluster.sessions[0].closed
 
-    def done(error: BaseException | None) -> None:
-        outcomes.append(error)
-        if len(outcomes) == 5:
-            finished.set()
 
-    row = [0] * 21
-    for _ in range(5):
-        writer.write([row], [], "storing 1 task", done)
-    assert finished.wait(10), outcomes
+def test_failed_connects_leave_no_file_descriptor_open() -> None:
+    """A closed local port refuses at once: each failed connect must free what it opened."""
+    writer = _writer("cassandra://127.0.0.1:9/ks")  # nothing listens on port 9
+    outcomes = _Outcomes()
+    writer.write([_ROW], [], "storing 1 task", outcomes.done(0))
+    assert outcomes.wait(1)[0][0] is not None
+    before = _open_fds()
+    for n in range(1, 9):
+        writer.write([_ROW], [], "storing 1 task", outcomes.done(n))
+        assert outcomes.wait(n + 1)[n][0] is not None
+    grown = _open_fds() - before
     writer.close()
-    assert outcomes == [None] * 5
-    assert len(sessions) == 1, f"{len(sessions)} sessions opened for one writer"
-    assert len(sessions[0].rows) == 5 and sessions[0].closed
+    assert grown <= 2, f"{grown} file descriptors more after 8 failed connects"
+
+
+def test_a_missing_table_fails_each_batch_for_good_on_one_session(
+    clusters: list[_FakeCluster],
+) -> None:
+    import acsylla
+
+    cluster = _FakeCluster()
+    cluster.prepare_error = _acsylla_error("CassErrorServerInvalidQuery",
+                                           "unconfigured table tasks")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(acsylla, "create_cluster", lambda hosts, **kw: cluster)
+        writer = _writer()
+        outcomes = _Outcomes()
+        for n in range(3):
+            writer.write([_ROW], [], f"storing task {n}", outcomes.done(n))
+            outcomes.wait(n + 1)
+        cluster.prepare_error = None  # `streamtasks migrate` ran
+        writer.write([_ROW], [], "storing task 3", outcomes.done(3))
+        calls = outcomes.wait(4)
+        writer.close()
+    for n in range(3):
+        (error,) = calls[n]
+        assert isinstance(error, BackendError) and not is_transient(error)
+        assert "streamtasks migrate" in str(error) and f"storing task {n}" in str(error)
+    assert calls[3] == [None]
+    assert len(cluster.sessions) == 1, "a session per failed prepare"
+
+
+class _Unprintable(Exception):
+    def __str__(self) -> str:
+        raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+
+
+def test_an_error_that_cannot_be_described_still_ends_its_batch(
+    clusters: list[_FakeCluster],
+) -> None:
+    writer = _writer()
+    writer.write([_ROW], [], "storing 1 task", lambda _error: None)  # connects
+    assert _wait_for(lambda: bool(clusters) and clusters[0].writing.is_set())
+    clusters[0].write_error = _Unprintable()
+    outcomes = _Outcomes()
+    writer.write([_ROW], [], "storing task t1", outcomes.done(0))
+    calls = outcomes.wait(1)
+    writer.close()
+    (error,) = calls.get(0, [None])
+    assert isinstance(error, BackendError) and "storing task t1" in str(error)
+    assert "_Unprintable" in str(error)
+
+
+def _wait_for(condition: Callable[[], bool], timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd"))
+
+
+def _interrupt() -> None:
+    raise KeyboardInterrupt  # as a callback's SystemExit would, it ends run_forever
+
+
+def test_a_loop_thread_that_dies_fails_its_batches_and_the_next_batch_restarts_it(
+    clusters: list[_FakeCluster], caplog: pytest.LogCaptureFixture,
+) -> None:
+    writer = _writer()
+    writer.write([_ROW], [], "storing 1 task", lambda _error: None)  # connects
+    assert _wait_for(lambda: bool(clusters) and clusters[0].writing.is_set())
+    clusters[0].write_s, clusters[0].writing = 3600.0, threading.Event()
+    outcomes = _Outcomes()
+    writer.write([_ROW], [], "storing task t1", outcomes.done(0))
+    assert clusters[0].writing.wait(10)
+    with caplog.at_level(logging.ERROR, logger="streamtasks.backend.acsylla"):
+        writer._loop.call_soon_threadsafe(_interrupt)  # type: ignore[union-attr]
+        (error,) = outcomes.wait(1)[0]
+    assert isinstance(error, BackendError) and is_transient(error)
+    assert "storing task t1" in str(error) and "loop stopped" in str(error)
+    assert "loop stopped (KeyboardInterrupt" in caplog.text
+    writer.write([_ROW], [], "storing task t2", outcomes.done(1))  # a fresh loop and session
+    assert outcomes.wait(2)[1] == [None]
+    writer.close()
+    assert len(clusters) == 2 and clusters[1].sessions[0].rows == [_ROW]

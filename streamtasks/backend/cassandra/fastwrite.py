@@ -137,7 +137,7 @@ def as_backend_error(err: BaseException, action: str, opts: CassandraOptions) ->
     return error
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, eq=False)
 class _Job:
     """One batch handed to the loop thread: rows, listing batches, what, the callback."""
 
@@ -150,6 +150,11 @@ class _Job:
 class AcsyllaWriter:
     """Writes task rows and listing entries with acsylla on a loop thread of its own.
 
+    Every batch handed to :meth:`write` ends exactly once (its ``done`` is called):
+    acknowledged, failed, or failed because the writer closed or its thread stopped.
+    One acsylla cluster per writer, one session once connected; a connect that fails
+    fails every batch waiting for it, and the next batch tries again.
+
     Args:
         options: the backend URL's hosts, keyspace, consistency, timeouts, TLS and auth.
         insert_task: CQL of a task row's INSERT (the cassandra-driver path's text).
@@ -160,13 +165,18 @@ class AcsyllaWriter:
         require_acsylla()
         self.options = options
         self._cql = (insert_task, insert_index)
+        #: Guards the loop's start and stop, the hand-over of batches and their ending.
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._ready: tuple[Any, Any, Any] | None = None  # session, task, index statements
-        #: Held while connecting, so batches arriving meanwhile share one session.
-        self._connecting: asyncio.Lock | None = None
         self._closed = False
+        self._unended: set[_Job] = set()
+        # loop side
+        self._cluster: Any = None
+        self._session: Any = None
+        self._ready: tuple[Any, Any, Any] | None = None  # session, task, index statements
+        #: The connect under way, shared by every batch that arrives meanwhile.
+        self._opening: asyncio.Future[tuple[Any, Any, Any]] | None = None
         self._tasks: set[asyncio.Future[None]] = set()
 
     # ------------------------------------------------------------------ thread side
@@ -180,45 +190,116 @@ class AcsyllaWriter:
     ) -> None:
         """Start writing ``rows`` (task params) and ``batches`` (listing entries).
 
-        ``done`` is called once, on the writer's loop thread, with None when every write
-        was acknowledged, else with the first error (a BackendError naming ``what``).
+        ``done`` is called once, on the writer's loop thread (or the thread closing the
+        writer), with None when every write was acknowledged, else with the first error
+        (a BackendError naming ``what``).
 
         Raises:
-            BackendError: the writer is closed.
+            BackendError: the writer is closed (``done`` is not called).
         """
-        loop = self._running_loop()
-        loop.call_soon_threadsafe(self._start, _Job(rows, batches, what, done))
-
-    def _running_loop(self) -> asyncio.AbstractEventLoop:
-        loop = self._loop
-        if loop is not None:
-            return loop
+        job = _Job(rows, batches, what, done)
         with self._lock:
+            # Handed over under the lock that close() takes to mark the writer closed:
+            # every batch handed over is on the loop's queue before close's shutdown.
             if self._closed:
                 raise BackendError("the acsylla row writer is closed")
-            if self._loop is None:
-                loop = asyncio.new_event_loop()
-                thread = threading.Thread(target=loop.run_forever, daemon=True,
-                                          name="streamtasks-acsylla")
-                thread.start()
-                self._loop, self._thread = loop, thread
-            return self._loop
+            loop = self._running_loop()
+            self._unended.add(job)
+            loop.call_soon_threadsafe(self._start, job)
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        """Return the loop, starting its thread first if need be (called under the lock)."""
+        if self._loop is None:
+            loop = asyncio.new_event_loop()
+            thread = threading.Thread(target=self._run, args=(loop,), daemon=True,
+                                      name="streamtasks-acsylla")
+            thread.start()
+            self._loop, self._thread = loop, thread
+        return self._loop
+
+    def _run(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Run the loop; should it die (a callback raised SystemExit), end its batches.
+
+        They end failed (transient); the next batch starts a fresh loop and session.
+        """
+        try:
+            loop.run_forever()
+        except BaseException as err:  # the thread ends here: said and handled below
+            with self._lock:
+                self._loop = self._thread = None
+                self._cluster = self._session = self._ready = self._opening = None
+                self._tasks = set()
+                jobs = list(self._unended)  # all were on this loop
+            loop.close()
+            log.error("the acsylla row writer's loop stopped (%s: %s); %d batches fail, the "
+                      "next one restarts it", type(err).__name__, err, len(jobs))
+            for job in jobs:
+                self._end(job, self._unacknowledged(job.what, "its loop stopped"))
 
     def close(self, timeout_s: float = 10.0) -> None:
-        """Close the session and stop the loop thread (pending writes were waited for)."""
+        """Close the writer: pending writes are waited for up to ``timeout_s``.
+
+        Batches still not acknowledged then end with a (transient) BackendError; the
+        session is closed, the cluster freed and the loop thread stopped. Idempotent.
+        """
         with self._lock:
+            if self._closed:
+                return
             self._closed = True
-            loop, thread, self._loop, self._thread = self._loop, self._thread, None, None
-        if loop is None or thread is None:
-            return
-        if self._ready is not None:
-            closing = asyncio.run_coroutine_threadsafe(self._ready[0].close(), loop)
-            with contextlib.suppress(Exception):  # closing is best effort
-                closing.result(timeout_s)
+            loop, thread = self._loop, self._thread
+        if loop is not None and thread is not None:
+            with contextlib.suppress(RuntimeError):  # the loop died meanwhile (see _run)
+                self._stop(loop, thread, timeout_s)
+        self._end_all("the acsylla row writer closed")
+
+    def _stop(self, loop: asyncio.AbstractEventLoop, thread: threading.Thread,
+              timeout_s: float) -> None:
+        shutdown = asyncio.run_coroutine_threadsafe(self._shutdown(timeout_s), loop)
+        try:
+            shutdown.result(2 * timeout_s + 1)
+        except Exception as err:  # the loop is stuck: stop it all the same
+            log.warning("the acsylla row writer did not close in time (%s: %s)",
+                        type(err).__name__, err)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout_s)
         if not thread.is_alive():
             loop.close()
+
+    def _end_all(self, why: str) -> None:
+        """End every batch not ended yet with a BackendError saying ``why``."""
+        with self._lock:
+            jobs = list(self._unended)
+        for job in jobs:
+            self._end(job, self._unacknowledged(job.what, why))
+
+    def _end(self, job: _Job, failed: BaseException | None) -> None:
+        """Call the batch's ``done`` (once: later calls do nothing)."""
+        with self._lock:
+            if job not in self._unended:
+                return
+            self._unended.discard(job)
+        error = None if failed is None else self._error(failed, job.what)
+        try:
+            job.done(error)
+        except Exception:
+            log.exception("the callback of a written batch failed (%s)", job.what)
+
+    def _error(self, failed: BaseException, what: str) -> BackendError:
+        """Return the BackendError of ``failed``; one naming its type if that fails."""
+        try:
+            return as_backend_error(failed, what, self.options)
+        except Exception:  # its text cannot be read: the batch still ends
+            opts = self.options
+            error = BackendError(f"Cassandra at {opts.hosts_text} (keyspace {opts.keyspace}): "
+                                 f"{what} failed: {type(failed).__name__}")
+            error.__cause__ = failed
+            return error
+
+    def _unacknowledged(self, what: str, why: str) -> BackendError:
+        opts = self.options
+        return BackendError(
+            f"Cassandra at {opts.hosts_text} (keyspace {opts.keyspace}): {what} was not "
+            f"acknowledged: {why} (the rows may or may not be written; not done yet)")
 
     # ------------------------------------------------------------------ loop side
 
@@ -227,64 +308,71 @@ class AcsyllaWriter:
         self._tasks.add(task)  # the loop keeps only a weak reference
         task.add_done_callback(self._tasks.discard)
 
+    async def _shutdown(self, timeout_s: float) -> None:
+        """Wait for the pending batches, end the rest, close the session, free the cluster."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout_s)
+        self._end_all("the acsylla row writer closed first")
+        quiet = self._opening is None  # no connect under way that could still call back
+        if self._session is not None:
+            try:
+                await asyncio.wait_for(self._session.close(), timeout_s)
+            except Exception as err:  # closing is best effort
+                quiet = False
+                log.warning("closing the acsylla session failed (%s: %s)",
+                            type(err).__name__, err)
+        for task in self._tasks:
+            task.cancel()
+        if self._tasks:  # their batches ended above: let them see the cancel
+            await asyncio.wait(list(self._tasks), timeout=1.0)
+        if self._cluster is not None and quiet:
+            self._cluster.destroy()  # its socket pairs: else one pair per cluster leaks
+
     async def _connect(self) -> tuple[Any, Any, Any]:
         """Return the session and prepared statements, connecting once for all batches."""
         if self._ready is not None:
             return self._ready
-        if self._connecting is None:
-            self._connecting = asyncio.Lock()
-        async with self._connecting:
-            if self._ready is None:
-                self._ready = await self._open()
-            return self._ready
+        if self._opening is None:
+            self._opening = asyncio.ensure_future(self._open())
+            self._opening.add_done_callback(self._opened)
+        return await asyncio.shield(self._opening)
+
+    def _opened(self, attempt: asyncio.Future[tuple[Any, Any, Any]]) -> None:
+        if self._opening is attempt:
+            self._opening = None
+        if not attempt.cancelled() and attempt.exception() is None:
+            self._ready = attempt.result()
 
     async def _open(self) -> tuple[Any, Any, Any]:
-        import acsylla
+        """Connect (one cluster for every attempt, kept) and prepare the two INSERTs.
 
-        opts = self.options
-        kwargs: dict[str, Any] = {
-            "port": opts.hosts[0][1],
-            "protocol_version": opts.protocol_version,
-            "consistency": getattr(acsylla.Consistency, opts.consistency),
-            "connect_timeout": opts.connect_timeout_s,
-            "request_timeout": opts.request_timeout_s,
-            "log_level": "warn",
-            "logging_callback": driver_log,
-            "exponential_reconnect_base_delay_ms": 500,
-            "exponential_reconnect_max_delay_ms": 10_000,
-        }
-        if opts.local_dc:
-            kwargs["load_balance_dc_aware"] = opts.local_dc
-        if opts.username is not None:
-            kwargs["username"], kwargs["password"] = opts.username, opts.password or ""
-        if opts.ssl or opts.ssl_ca or opts.ssl_cert:
-            kwargs["ssl_enabled"] = True
-            kwargs["ssl_trusted_cert"] = _read(opts.ssl_ca)
-            kwargs["ssl_cert"] = _read(opts.ssl_cert)
-            kwargs["ssl_private_key"] = _read(opts.ssl_key)
-            kwargs["ssl_verify_flags"] = (acsylla.SSLVerifyFlags.PEER_IDENTITY
-                                          if opts.ssl_check_hostname
-                                          else acsylla.SSLVerifyFlags.PEER_CERT)
-        cluster = acsylla.create_cluster([host for host, _ in opts.hosts], **kwargs)
-        session = await cluster.create_session(keyspace=opts.keyspace)
-        try:
-            task = await session.create_prepared(self._cql[0])
-            index = await session.create_prepared(self._cql[1])
-        except BaseException:
-            await session.close()
-            raise
-        return session, task, index
+        A session that connected is kept when preparing fails (a missing table): the
+        next attempt prepares again on it.
+        """
+        if self._cluster is None:
+            import acsylla
+
+            self._cluster = acsylla.create_cluster([host for host, _ in self.options.hosts],
+                                                   **_cluster_options(self.options))
+        if self._session is None:
+            self._session = await self._cluster.create_session(keyspace=self.options.keyspace)
+        task = await self._session.create_prepared(self._cql[0])
+        index = await self._session.create_prepared(self._cql[1])
+        return self._session, task, index
 
     async def _write_all(self, job: _Job) -> None:
+        failed: BaseException | None
         try:
             session, task, index = await self._connect()
             writes = [self._row(session, task, row) for row in job.rows]
             writes += [self._batch(session, index, entries) for entries in job.batches]
             outcomes = await asyncio.gather(*writes, return_exceptions=True)
             failed = next((e for e in outcomes if isinstance(e, BaseException)), None)
+        except asyncio.CancelledError:  # the writer closed
+            failed = self._unacknowledged(job.what, "the acsylla row writer closed first")
         except Exception as err:  # connecting or preparing failed
             failed = err
-        job.done(None if failed is None else as_backend_error(failed, job.what, self.options))
+        self._end(job, failed)
 
     async def _row(self, session: Any, prepared: Any, params: Sequence[Any]) -> None:
         values = _seconds(params, _TASK_TIMES)
@@ -312,6 +400,36 @@ class AcsyllaWriter:
             return unlogged
 
         await _retried(lambda: session.execute_batch(batch()))
+
+
+def _cluster_options(opts: CassandraOptions) -> dict[str, Any]:
+    """Return ``acsylla.create_cluster``'s keyword arguments for the backend URL."""
+    import acsylla
+
+    kwargs: dict[str, Any] = {
+        "port": opts.hosts[0][1],
+        "protocol_version": opts.protocol_version,
+        "consistency": getattr(acsylla.Consistency, opts.consistency),
+        "connect_timeout": opts.connect_timeout_s,
+        "request_timeout": opts.request_timeout_s,
+        "log_level": "warn",
+        "logging_callback": driver_log,
+        "exponential_reconnect_base_delay_ms": 500,
+        "exponential_reconnect_max_delay_ms": 10_000,
+    }
+    if opts.local_dc:
+        kwargs["load_balance_dc_aware"] = opts.local_dc
+    if opts.username is not None:
+        kwargs["username"], kwargs["password"] = opts.username, opts.password or ""
+    if opts.ssl or opts.ssl_ca or opts.ssl_cert:
+        kwargs["ssl_enabled"] = True
+        kwargs["ssl_trusted_cert"] = _read(opts.ssl_ca)
+        kwargs["ssl_cert"] = _read(opts.ssl_cert)
+        kwargs["ssl_private_key"] = _read(opts.ssl_key)
+        kwargs["ssl_verify_flags"] = (acsylla.SSLVerifyFlags.PEER_IDENTITY
+                                      if opts.ssl_check_hostname
+                                      else acsylla.SSLVerifyFlags.PEER_CERT)
+    return kwargs
 
 
 async def _retried(send: Callable[[], Awaitable[Any]]) -> None:
