@@ -14,8 +14,11 @@ from types import SimpleNamespace
 import pytest
 
 from streamtasks import Settings
+from streamtasks.backend.base import TaskMeta
 from streamtasks.backend.cassandra.connection import CassandraOptions
+from streamtasks.backend.cassandra.errors import backend_error
 from streamtasks.backend.cassandra.fastwrite import AcsyllaWriter, as_backend_error, driver_log
+from streamtasks.backend.cassandra.rows import TaskRows
 from streamtasks.errors import BackendError, ConfigError
 from streamtasks.worker.effects import is_transient
 
@@ -390,6 +393,84 @@ def _wait_for(condition: Callable[[], bool], timeout_s: float = 10.0) -> bool:
 
 def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd"))
+
+
+class _InstantWriter:
+    """Stands for AcsyllaWriter in TaskRows: each batch is acknowledged on another thread."""
+
+    def __init__(self, rows: TaskRows, max_in_flight: int) -> None:
+        self.rows, self.max_in_flight = rows, max_in_flight
+        self.raise_error: BaseException | None = None
+        self.over_limit = False
+
+    def write(self, rows: list[object], batches: object, what: str,
+              done: Callable[[BaseException | None], None]) -> None:
+        if self.raise_error is not None:
+            raise self.raise_error
+        held = self.max_in_flight - self.rows._slots._value  # type: ignore[attr-defined]
+        self.over_limit |= held > self.max_in_flight
+        threading.Timer(0.001, done, args=(None,)).start()
+
+    def close(self, timeout_s: float) -> None:
+        pass
+
+
+def _task_rows(max_in_flight: int) -> tuple[TaskRows, _InstantWriter]:
+    options = CassandraOptions.from_url("cassandra://db:9042/ks?writer=acsylla", Settings())
+    connection = SimpleNamespace(options=options, ks="ks", begin=lambda future, ready: ("s", 0),
+                                 error=lambda err, what: backend_error(err, what, options))
+    rows = TaskRows(connection, None, str, 0, max_in_flight)  # type: ignore[arg-type]
+    writer = _InstantWriter(rows, max_in_flight)
+    rows._fast = writer  # type: ignore[assignment]
+    return rows, writer
+
+
+def _metas(count: int) -> list[TaskMeta]:
+    return [TaskMeta(task_id=f"t{i}", state="SUCCESS", name="n", queue="q", finished_ms=1000 + i)
+            for i in range(count)]
+
+
+def test_batches_stored_from_several_threads_never_deadlock_on_the_in_flight_slots() -> None:
+    """Each batch wants every slot: two batches each holding some would wait forever."""
+    rows, writer = _task_rows(max_in_flight=8)
+    stuck: list[str] = []
+
+    def store(thread: int) -> None:
+        for n in range(40):
+            future = rows.store_many(_metas(8))
+            try:
+                future.result(timeout=10)
+            except Exception as err:  # a timeout: name the stuck batch
+                stuck.append(f"thread {thread} batch {n}: {type(err).__name__}")
+                return
+
+    threads = [threading.Thread(target=store, args=(t,), daemon=True) for t in range(4)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch as often as on a busy machine
+    try:
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 30
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+    finally:
+        sys.setswitchinterval(interval)
+    assert not any(t.is_alive() for t in threads), "threads blocked taking in-flight slots"
+    assert not stuck and not writer.over_limit
+    assert rows._slots._value == 8  # type: ignore[attr-defined] # every slot given back
+
+
+def test_a_writer_failing_to_take_a_batch_fails_its_future_and_gives_its_slots_back() -> None:
+    rows, writer = _task_rows(max_in_flight=4)
+    writer.raise_error = RuntimeError("Event loop is closed")
+    future = rows.store_many(_metas(4))
+    with pytest.raises(BackendError, match=r"storing 4 tasks.*Event loop is closed"):
+        future.result(timeout=10)
+    writer.raise_error = None
+    done = threading.Event()
+    threading.Thread(target=lambda: (rows.store_many(_metas(4)).result(10), done.set()),
+                     daemon=True).start()
+    assert done.wait(10), "the failed batch kept its in-flight slots"
 
 
 def _interrupt() -> None:

@@ -215,6 +215,9 @@ class TaskRows:
         self._json_text = json_text
         self._ttl_s = ttl_s
         self._slots = threading.BoundedSemaphore(max_in_flight)
+        #: Held while a batch takes its slots, so that two batches never each hold part
+        #: of them waiting for the rest (the acsylla writer frees a batch's at its end).
+        self._taking = threading.Lock()
         self._max_in_flight = max_in_flight
         self._fast: AcsyllaWriter | None = None
         if connection.options.writer == "acsylla":
@@ -326,12 +329,15 @@ class TaskRows:
     ) -> None:
         """Hand the whole batch to the acsylla writer (one hop to its loop thread).
 
-        The batch holds one in-flight slot per row until it is done, at most all of them.
+        The batch holds one in-flight slot per row until it is done, at most all of them;
+        it takes them all at once (one batch at a time), so batches stored from several
+        threads never deadlock each holding part of the slots.
         """
         assert self._fast is not None
         count = min(len(params), self._max_in_flight)
-        for _ in range(count):
-            self._slots.acquire()
+        with self._taking:
+            for _ in range(count):
+                self._slots.acquire()
 
         def done(error: BaseException | None) -> None:
             for _ in range(count):
@@ -343,8 +349,10 @@ class TaskRows:
 
         try:
             self._fast.write([task for task, _ in params], batches, what, done)
-        except BackendError as err:
-            done(err)
+        except Exception as err:  # not handed over: the writer will not call done
+            error = self._conn.error(err, what)
+            error.__cause__ = err
+            done(error)
 
     def mark_progress(
         self, task_id: str, state: str, attempt: int, name: str, queue: str,
