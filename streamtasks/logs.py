@@ -44,9 +44,10 @@ _QUIET_LIBRARIES = ("cassandra", "streamtasks.broker.librdkafka", "urllib3", "as
 #: How long a repeated warning or error stays collapsed into its first line.
 REPEAT_INTERVAL_S = 30.0
 #: Stdlib loggers of the clients whose errors repeat for as long as a service is down.
-_CLIENT_LOGGERS = ("streamtasks.broker.librdkafka", "cassandra", "cassandra.cluster",
-                   "cassandra.connection", "cassandra.pool", "cassandra.io.asyncorereactor",
-                   "cassandra.io.libevreactor", "cassandra.policies", "cassandra.metadata")
+_CLIENT_LOGGERS = ("streamtasks.broker.librdkafka", "streamtasks.backend.acsylla",
+                   "cassandra", "cassandra.cluster", "cassandra.connection", "cassandra.pool",
+                   "cassandra.io.asyncorereactor", "cassandra.io.libevreactor",
+                   "cassandra.policies", "cassandra.metadata")
 _DURATION = re.compile(r"\b\d+(?:\.\d+)?\s?(?:ms|s)\b")
 
 

@@ -22,6 +22,7 @@ from streamtasks.logs import (
     RepeatGate,
     _GateFilter,
     configure_logging,
+    ensure_configured,
     redact_secrets,
     redact_text,
     resolve_format,
@@ -447,3 +448,22 @@ def test_a_module_logger_is_built_once_and_follows_a_reconfiguration(
     log.bind(extra=1).info("four")
     assert first == ["one", "two"]
     assert second == ["three", "four"]
+
+
+def test_the_cassandra_c_drivers_repeated_lines_are_collapsed_in_a_client_program(
+    caplog: pytest.LogCaptureFixture, restore_logging: None
+) -> None:
+    # A program with its own handlers (here pytest's) that stores results while Cassandra
+    # is down: the C/C++ driver (acsylla writer) says the same thing at each reconnect.
+    from types import SimpleNamespace
+
+    from streamtasks.backend.cassandra.fastwrite import driver_log
+
+    ensure_configured(Settings())
+    line = SimpleNamespace(log_level="ERROR", message="Unable to establish a control "
+                           "connection to host 127.0.0.1 because of the following error: "
+                           "Underlying connection error: Connect error 'connection refused'")
+    with caplog.at_level(logging.WARNING, logger="streamtasks.backend.acsylla"):
+        for _ in range(40):
+            driver_log(line)
+    assert len([r for r in caplog.records if "control connection" in r.getMessage()]) == 1
