@@ -10,6 +10,7 @@ import os
 import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
@@ -349,3 +350,127 @@ def test_the_acsylla_writer_names_a_missing_table() -> None:
     assert "no_such_table" in str(error) and "storing task x" in str(error)
     assert "streamtasks migrate" in str(error)
     assert not is_transient(error)  # a missing table never heals by itself
+
+
+class _Gate:
+    """A TCP forwarder to Cassandra on a port of its own, shut (connections refused,
+    open ones cut) or open: an outage of one client's path, the shared node untouched."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        import socket
+
+        self.target = target
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        self.port = probe.getsockname()[1]
+        probe.close()  # nothing listens there until open()
+        self._listener: Any = None
+        self._conns: list[Any] = []
+
+    def open(self) -> None:
+        import socket
+        import threading
+
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(16)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def shut(self) -> None:
+        import contextlib
+        import socket
+
+        listener, self._listener = self._listener, None
+        for sock in [s for s in [listener, *self._conns] if s is not None]:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # wakes the accept() blocked on it
+            sock.close()
+        self._conns.clear()
+
+    def _accept(self, listener: Any) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # shut
+            upstream = socket.create_connection(self.target)
+            self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: Any, sink: Any) -> None:
+        import contextlib
+
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.close()
+
+
+def test_the_acsylla_writer_fails_batches_transiently_while_cassandra_is_away_then_connects(
+) -> None:
+    # Given the acsylla writer reaching Cassandra through a gate that is shut
+    import threading
+
+    from streamtasks.backend.cassandra.connection import CassandraOptions
+    from streamtasks.backend.cassandra.fastwrite import AcsyllaWriter
+    from streamtasks.backend.cassandra.rows import _insert_cql
+    from streamtasks.worker.effects import is_transient
+
+    reader = make_backend(backend_url())
+    reader.migrate()
+    node = urlsplit(backend_url())
+    gate = _Gate((node.hostname or "127.0.0.1", node.port or 9042))
+    keyspace = node.path.strip("/")
+    url = url_with_option(f"cassandra://127.0.0.1:{gate.port}/{keyspace}", "writer=acsylla")
+    writer = AcsyllaWriter(CassandraOptions.from_url(url, Settings()), *_insert_cql(keyspace))
+    ended: list[BaseException | None] = []
+    cond = threading.Condition()
+
+    def done(error: BaseException | None) -> None:
+        with cond:
+            ended.append(error)
+            cond.notify_all()
+
+    def store(task_id: str) -> BaseException | None:
+        count = len(ended)
+        now = int(time.time() * 1000)
+        row = (task_id, "t", "q", states.SUCCESS, "1", None, None, None, None, 1, "w",
+               now, now, now, now, None, None, None, None, None, TTL_S)
+        writer.write([row], [], f"storing task {task_id}", done)
+        with cond:
+            assert cond.wait_for(lambda: len(ended) > count, 60), "the batch never ended"
+            return ended[count]
+
+    try:
+        # When batches arrive while Cassandra cannot be reached, each fails, transiently
+        for _ in range(3):
+            error = store(str(uuid.uuid4()))
+            assert isinstance(error, BackendError) and is_transient(error), error
+            assert "no host available" in str(error)
+        # Then once it is back the next batch connects and is written
+        gate.open()
+        task_id = str(uuid.uuid4())
+        assert store(task_id) is None
+        fetched = reader.fetch(task_id)
+        assert fetched is not None and fetched.state == states.SUCCESS
+        # And an outage after connecting fails batches transiently, then heals by itself
+        gate.shut()
+        error = store(str(uuid.uuid4()))
+        assert isinstance(error, BackendError) and is_transient(error), error
+        gate.open()
+        deadline = time.monotonic() + 60
+        while (error := store(str(uuid.uuid4()))) is not None:
+            assert time.monotonic() < deadline, f"never wrote again: {error}"
+            time.sleep(0.5)
+    finally:
+        writer.close()
+        gate.shut()
+        reader.close()
