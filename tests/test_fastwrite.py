@@ -112,7 +112,10 @@ class _FakeSession:
 
     async def execute(self, bound: _FakeBound) -> None:
         self.cluster.writing.set()
+        self.cluster.executes += 1
         await asyncio.sleep(self.cluster.write_s)
+        if self.cluster.write_errors:
+            raise self.cluster.write_errors.pop(0)
         if self.cluster.write_error is not None:
             raise self.cluster.write_error
         self.rows.append(bound.values)
@@ -150,6 +153,9 @@ class _FakeCluster:
         self.prepare_error: BaseException | None = None
         self.write_s = 0.0
         self.write_error: BaseException | None = None
+        self.write_errors: list[BaseException] = []  # raised by the next writes, in turn
+        self.executes = 0
+        self.options: dict[str, object] = {}
         self.writing = threading.Event()
         self.destroyed = False
 
@@ -175,6 +181,7 @@ def clusters(monkeypatch: pytest.MonkeyPatch) -> list[_FakeCluster]:
 
     def create_cluster(hosts: list[str], **kwargs: object) -> _FakeCluster:
         made.append(_FakeCluster(refuse=made[0].refuse if made else 0))
+        made[-1].options = {"hosts": hosts, **kwargs}
         return made[-1]
 
     monkeypatch.setattr(acsylla, "create_cluster", create_cluster)
@@ -497,3 +504,46 @@ def test_a_loop_thread_that_dies_fails_its_batches_and_the_next_batch_restarts_i
     assert outcomes.wait(2)[1] == [None]
     writer.close()
     assert len(clusters) == 2 and clusters[1].sessions[0].rows == [_ROW]
+
+
+def test_the_urls_hosts_timeouts_and_consistency_reach_the_c_driver(
+    clusters: list[_FakeCluster],
+) -> None:
+    writer = _writer("cassandra://a:9142,b:9142/ks?connect_timeout=2.5&request_timeout=7"
+                     "&consistency=QUORUM")
+    outcomes = _Outcomes()
+    writer.write([_ROW], [], "storing 1 task", outcomes.done(0))
+    assert outcomes.wait(1) == {0: [None]}
+    writer.close()
+    import acsylla
+
+    options = clusters[0].options
+    assert options["hosts"] == ["a", "b"] and options["port"] == 9142
+    assert (options["connect_timeout"], options["request_timeout"]) == (2.5, 7.0)
+    assert options["consistency"] == acsylla.Consistency.QUORUM
+
+
+@pytest.mark.parametrize(("errors", "executes", "fails"), [
+    (["CassErrorServerWriteTimeout"], 2, None),  # timed out on the server: sent once more
+    (["CassErrorServerWriteTimeout"] * 2, 2, "did not answer in time"),  # once only
+    (["CassErrorLibRequestTimedOut"], 1, "timed out after"),  # the client's: not resent
+    (["CassErrorServerUnavailable"], 1, "not enough live replicas"),
+])
+def test_only_a_server_write_timeout_is_sent_once_more(
+    clusters: list[_FakeCluster], errors: list[str], executes: int, fails: str | None,
+) -> None:
+    writer = _writer()
+    writer.write([_ROW], [], "storing 1 task", lambda _error: None)  # connects
+    assert _wait_for(lambda: bool(clusters) and clusters[0].executes == 1)
+    cluster = clusters[0]
+    cluster.write_errors = [_acsylla_error(name, "boom") for name in errors]
+    outcomes = _Outcomes()
+    writer.write([_ROW], [], "storing task t1", outcomes.done(0))
+    (error,) = outcomes.wait(1)[0]
+    writer.close()
+    assert cluster.executes - 1 == executes
+    if fails is None:
+        assert error is None
+    else:
+        assert isinstance(error, BackendError) and fails in str(error).lower()
+        assert is_transient(error)
