@@ -137,3 +137,19 @@ def test_reports_with_nobody_waiting_are_still_counted() -> None:
     with pytest.raises(SendError) as raised:
         app.confirm([failed.id], timeout_s=0.01)
     assert raised.value.failures == [(failed.id, "broker said no")]
+
+
+def test_reports_are_served_as_tasks_are_sent_not_only_by_a_flush() -> None:
+    # Given a broker whose reports wait for a poll (as Kafka's do)
+    app = App("served", broker="memory://", backend="memory://")
+
+    @app.task(name="t")
+    def t() -> None:
+        """Nothing."""
+
+    app.broker.fail_next_sends(1, "refused")  # type: ignore[attr-defined]
+    # When tasks are sent and nothing flushes
+    refused, taken = t.delay(), t.delay()
+    # Then each send served the reports in: only the refused one is still owed an answer
+    assert app.abandon_unconfirmed() == [refused.id]
+    assert taken.id != refused.id
