@@ -328,6 +328,8 @@ def _encode_field(root: str, convert: Any, value: Any, kinds: tuple[type, ...] |
 
 
 def _encode_signatures(root: str, signatures: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    if type(signatures) is list and not signatures:
+        return signatures  # the common case, three times a message; only read from here
     out = []
     for index, signature in enumerate(signatures):
         out.append(_encode_field(f"{root}[{index}]", map_to_data, signature, (dict,)))
