@@ -276,8 +276,10 @@ class KafkaBroker(Broker):
     # -- lazily created clients ----------------------------------------------------------
 
     def _get_producer(self) -> ck.Producer:
-        if self._producer is None:
-            self.check_reachable()
+        producer = self._producer
+        if producer is not None:  # every send: no lock once it exists
+            return producer
+        self.check_reachable()
         with self._lock:
             if self._producer is None:
                 try:
