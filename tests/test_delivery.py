@@ -606,10 +606,11 @@ def test_a_forwarder_that_keeps_failing_stops_the_worker_non_zero(
 # -- 5. a failed asynchronous commit is retried ---------------------------------------------
 
 
-def test_a_failed_asynchronous_commit_is_retried() -> None:
-    # Commits are held back (a long interval) until every task is done, so the final
-    # watermarks go out in one asynchronous commit, which fails.
-    app = make_app(commit_interval_s=3600.0)
+@pytest.mark.parametrize("interval_s", [0.0, 3600.0])
+def test_a_failed_asynchronous_commit_is_retried(interval_s: float) -> None:
+    # Given the next two commits fail (with the interval at 0, or so long that only the
+    # commits of a worker with nothing in flight go out)
+    app = make_app(commit_interval_s=interval_s)
     runs = Runs()
 
     @app.task(name="work")
@@ -619,18 +620,17 @@ def test_a_failed_asynchronous_commit_is_retried() -> None:
 
     results = [work.delay(i) for i in range(12)]
     app.flush()
+    broker = app.broker
+    assert isinstance(broker, MemoryBroker)
+    broker.fail_next_commits(2)
     worker = Worker(app, ["default"])
     worker.start()
     try:
         step_until(lambda: len(runs.counts) == 12 and worker.outstanding == 0
                    and not worker.effects.active, worker)
         assert all(row(app, r.id).state == states.SUCCESS for r in results)
-        broker = app.broker
-        assert isinstance(broker, MemoryBroker)
-        broker.fail_next_commits(2)
-        for rt in worker.runtimes:
-            rt.commit_interval_s = 0.0
-        # Only asynchronous commits here (Worker._step), no synchronous one of idle().
+        # Then the asynchronous commits (Worker._step; no synchronous one of idle())
+        # are sent again until the group has no lag
         step_until(lambda: no_lag(app, worker), worker, timeout_s=2.0)
         assert broker._failing_commits == 0  # both failures were met
         assert runs.counts == Counter(range(12))

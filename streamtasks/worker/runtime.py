@@ -38,6 +38,10 @@ from streamtasks.worker.offsets import OffsetTracker, caught_up, commit_watermar
 log = get_logger("streamtasks.worker")
 
 _POLL_BATCH = 500
+#: A runtime with nothing in flight commits what moved this soon, not at the interval:
+#: a burst's last offsets (and a lone task's) are committed within this, not up to
+#: ``commit_interval_s`` later; a trickle commits at most this often.
+_IDLE_COMMIT_S = 0.05
 
 
 class PartitionHandler(Protocol):
@@ -227,9 +231,15 @@ class PartitionRuntime:
                 self.tracker.mark_done(lease.tp, lease.offset)
 
     def maybe_commit(self, force: bool = False) -> bool:
-        """Commit the watermarks that moved: every interval asynchronously, or now."""
+        """Commit the watermarks that moved: every interval asynchronously, or now.
+
+        When nothing taken in is still in flight, what moved is committed (still
+        asynchronously) after ``_IDLE_COMMIT_S`` instead of the interval.
+        """
         now = time.monotonic()
-        if not force and now - self._last_commit < self.commit_interval_s:
+        since = now - self._last_commit
+        if not force and since < self.commit_interval_s and (
+                since < _IDLE_COMMIT_S or self.outstanding):
             return True
         self._last_commit = now
         ok = commit_watermarks(self.consumer, self.tracker, asynchronous=not force)
