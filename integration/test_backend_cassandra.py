@@ -10,11 +10,11 @@ import os
 import time
 import uuid
 from collections.abc import Iterator
-from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
+from integration._gate import Gate
 from streamtasks import states
 from streamtasks.backend.base import GROUP_FAILED, GROUP_FIRED, ResultBackend, TaskMeta
 from streamtasks.backend.cassandra import (
@@ -352,68 +352,6 @@ def test_the_acsylla_writer_names_a_missing_table() -> None:
     assert not is_transient(error)  # a missing table never heals by itself
 
 
-class _Gate:
-    """A TCP forwarder to Cassandra on a port of its own, shut (connections refused,
-    open ones cut) or open: an outage of one client's path, the shared node untouched."""
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        import socket
-
-        self.target = target
-        probe = socket.socket()
-        probe.bind(("127.0.0.1", 0))
-        self.port = probe.getsockname()[1]
-        probe.close()  # nothing listens there until open()
-        self._listener: Any = None
-        self._conns: list[Any] = []
-
-    def open(self) -> None:
-        import socket
-        import threading
-
-        listener = socket.socket()
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))
-        listener.listen(16)
-        self._listener = listener
-        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
-
-    def shut(self) -> None:
-        import contextlib
-        import socket
-
-        listener, self._listener = self._listener, None
-        for sock in [s for s in [listener, *self._conns] if s is not None]:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)  # wakes the accept() blocked on it
-            sock.close()
-        self._conns.clear()
-
-    def _accept(self, listener: Any) -> None:
-        import socket
-        import threading
-
-        while True:
-            try:
-                client, _ = listener.accept()
-            except OSError:
-                return  # shut
-            upstream = socket.create_connection(self.target)
-            self._conns += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pump(source: Any, sink: Any) -> None:
-        import contextlib
-
-        with contextlib.suppress(OSError):
-            while data := source.recv(65536):
-                sink.sendall(data)
-        with contextlib.suppress(OSError):
-            sink.close()
-
-
 def test_the_acsylla_writer_fails_batches_transiently_while_cassandra_is_away_then_connects(
 ) -> None:
     # Given the acsylla writer reaching Cassandra through a gate that is shut
@@ -427,7 +365,7 @@ def test_the_acsylla_writer_fails_batches_transiently_while_cassandra_is_away_th
     reader = make_backend(backend_url())
     reader.migrate()
     node = urlsplit(backend_url())
-    gate = _Gate((node.hostname or "127.0.0.1", node.port or 9042))
+    gate = Gate((node.hostname or "127.0.0.1", node.port or 9042))
     keyspace = node.path.strip("/")
     url = url_with_option(f"cassandra://127.0.0.1:{gate.port}/{keyspace}", "writer=acsylla")
     writer = AcsyllaWriter(CassandraOptions.from_url(url, Settings()), *_insert_cql(keyspace))
