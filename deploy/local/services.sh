@@ -240,6 +240,10 @@ launch() {  # service args... : start a JVM detached, write the pid file
   local svc="$1" log pid
   shift
   log="$(log_of "$svc")"
+  # Kafka keeps a file open per log segment and index of every partition: a test run's
+  # thousands of partitions outgrow a default limit ("Too many open files" ends the
+  # broker). Raise the soft limit to the hard one, or beyond it where allowed (root).
+  ulimit -n 1048576 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
   setsid nohup "$JAVA" "$(marker_of "$svc")" "$@" >>"$log" 2>&1 </dev/null &
   pid=$!
   echo "$pid" >"$(pidfile_of "$svc")"
