@@ -317,6 +317,11 @@ def test_timestamps_round_trip_to_the_millisecond(cassandra: CassandraBackend) -
                       created_ms=base + i, started_ms=base + 3 * i + 1,
                       finished_ms=base + 7 * i + 9, attempts=i, group_index=i,
                       extra={"k": str(i)}) for i in range(200)]
+    # and times whose seconds as a float times 1000 fall just short of the ms (truncated
+    # by acsylla: 1 ms early): before 2004-11 and from 2038-01-19 on
+    metas += [TaskMeta(task_id=str(uuid.uuid4()), state=states.SUCCESS, queue="ms", name="t",
+                       created_ms=ms, finished_ms=ms + 1)
+              for ms in (2183226373411, 2165497250430, 1079337347472, 541169507341)]
     cassandra.store_many(metas).result(timeout=60)
     got = cassandra.fetch_many([m.task_id for m in metas])
     assert [(g.created_ms, g.started_ms, g.finished_ms, g.attempts) if g else None

@@ -503,7 +503,7 @@ def test_a_loop_thread_that_dies_fails_its_batches_and_the_next_batch_restarts_i
     writer.write([_ROW], [], "storing task t2", outcomes.done(1))  # a fresh loop and session
     assert outcomes.wait(2)[1] == [None]
     writer.close()
-    assert len(clusters) == 2 and clusters[1].sessions[0].rows == [_ROW]
+    assert len(clusters) == 2 and len(clusters[1].sessions[0].rows) == 1
 
 
 def test_the_urls_hosts_timeouts_and_consistency_reach_the_c_driver(
@@ -547,3 +547,12 @@ def test_only_a_server_write_timeout_is_sent_once_more(
     else:
         assert isinstance(error, BackendError) and fails in str(error).lower()
         assert is_transient(error)
+
+
+@pytest.mark.parametrize("ms", [0, 1, -1, -1001, 1764500000123, 2183226373411, 2165497250430,
+                                1079337347472, 541169507341, 253402300799999])
+def test_timestamps_survive_acsyllas_seconds_to_ms_truncation(ms: int) -> None:
+    from streamtasks.backend.cassandra.fastwrite import _seconds
+
+    (seconds,) = _seconds([ms], (0,))
+    assert int(seconds * 1000) == ms  # what acsylla's bind does with a number

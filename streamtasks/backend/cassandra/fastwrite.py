@@ -84,12 +84,16 @@ def require_acsylla() -> None:
 def _seconds(params: Sequence[Any], positions: tuple[int, ...]) -> list[Any]:
     """Return ``params`` with the epoch-ms values at ``positions`` as epoch seconds.
 
-    acsylla binds a number given for a timestamp column as seconds (with a fraction).
+    acsylla binds a number given for a timestamp column as seconds (with a fraction) and
+    truncates ``seconds * 1000`` to an integer: ``ms / 1000 * 1000`` falls just short of
+    ``ms`` for some values (before 2004-11, from 2038-01-19 on), stored 1 ms early. Half a
+    millisecond away from zero keeps the truncation on ``ms``.
     """
     values = list(params)
     for i in positions:
-        if values[i] is not None:
-            values[i] = values[i] / 1000
+        ms = values[i]
+        if ms is not None:
+            values[i] = (ms + (0.5 if ms >= 0 else -0.5)) / 1000
     return values
 
 
