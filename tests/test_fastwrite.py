@@ -232,14 +232,13 @@ def test_batches_arriving_while_the_writer_connects_share_one_session(
 
 def test_a_batch_pending_at_close_is_waited_for(clusters: list[_FakeCluster]) -> None:
     writer = _writer()
-    writer.write([_ROW], [], "storing 1 task", lambda _error: None)  # connects
-    assert _wait_for(lambda: bool(clusters) and clusters[0].writing.is_set())
     outcomes = _Outcomes()
+    writer.write([_ROW], [], "storing 1 task", outcomes.done(0))  # connects
+    assert outcomes.wait(1) == {0: [None]}
     clusters[0].write_s = 0.3  # Cassandra takes a while to acknowledge the next batch
-    writer.write([_ROW, _ROW], [], "storing 2 tasks", outcomes.done(0))
-    assert _wait_for(lambda: len(clusters[0].sessions[0].rows) == 1)
+    writer.write([_ROW, _ROW], [], "storing 2 tasks", outcomes.done(1))
     writer.close(timeout_s=10)
-    assert outcomes.wait(1, timeout_s=0) == {0: [None]}, "close dropped a pending batch"
+    assert outcomes.wait(2, timeout_s=0).get(1) == [None], "close dropped a pending batch"
     assert clusters[0].sessions[0].closed and clusters[0].destroyed
 
 
@@ -249,7 +248,7 @@ def test_a_batch_still_pending_when_close_gives_up_fails_as_transient(
     writer = _writer()
     outcomes = _Outcomes()
     writer.write([_ROW], [], "storing 1 task", outcomes.done(0))
-    assert _wait_for(lambda: bool(clusters) and clusters[0].writing.is_set())
+    assert outcomes.wait(1) == {0: [None]}
     clusters[0].write_s = 3600.0  # a node that never answers the next write
     clusters[0].writing.clear()
     writer.write([_ROW], [], "storing task t2", outcomes.done(1))
@@ -377,14 +376,14 @@ def test_an_error_that_cannot_be_described_still_ends_its_batch(
     clusters: list[_FakeCluster],
 ) -> None:
     writer = _writer()
-    writer.write([_ROW], [], "storing 1 task", lambda _error: None)  # connects
-    assert _wait_for(lambda: bool(clusters) and clusters[0].writing.is_set())
-    clusters[0].write_error = _Unprintable()
     outcomes = _Outcomes()
-    writer.write([_ROW], [], "storing task t1", outcomes.done(0))
-    calls = outcomes.wait(1)
+    writer.write([_ROW], [], "storing 1 task", outcomes.done(0))  # connects
+    assert outcomes.wait(1) == {0: [None]}
+    clusters[0].write_error = _Unprintable()
+    writer.write([_ROW], [], "storing task t1", outcomes.done(1))
+    calls = outcomes.wait(2)
     writer.close()
-    (error,) = calls.get(0, [None])
+    (error,) = calls.get(1, [None])
     assert isinstance(error, BackendError) and "storing task t1" in str(error)
     assert "_Unprintable" in str(error)
 
@@ -488,8 +487,9 @@ def test_a_loop_thread_that_dies_fails_its_batches_and_the_next_batch_restarts_i
     clusters: list[_FakeCluster], caplog: pytest.LogCaptureFixture,
 ) -> None:
     writer = _writer()
-    writer.write([_ROW], [], "storing 1 task", lambda _error: None)  # connects
-    assert _wait_for(lambda: bool(clusters) and clusters[0].writing.is_set())
+    first = _Outcomes()
+    writer.write([_ROW], [], "storing 1 task", first.done(0))  # connects
+    assert first.wait(1) == {0: [None]}
     clusters[0].write_s, clusters[0].writing = 3600.0, threading.Event()
     outcomes = _Outcomes()
     writer.write([_ROW], [], "storing task t1", outcomes.done(0))
@@ -533,13 +533,15 @@ def test_only_a_server_write_timeout_is_sent_once_more(
     clusters: list[_FakeCluster], errors: list[str], executes: int, fails: str | None,
 ) -> None:
     writer = _writer()
-    writer.write([_ROW], [], "storing 1 task", lambda _error: None)  # connects
-    assert _wait_for(lambda: bool(clusters) and clusters[0].executes == 1)
+    # connected, and the first write ended (not only begun: the errors set below are
+    # for the second write alone)
+    outcomes = _Outcomes()
+    writer.write([_ROW], [], "storing 1 task", outcomes.done(0))
+    assert outcomes.wait(1) == {0: [None]}
     cluster = clusters[0]
     cluster.write_errors = [_acsylla_error(name, "boom") for name in errors]
-    outcomes = _Outcomes()
-    writer.write([_ROW], [], "storing task t1", outcomes.done(0))
-    (error,) = outcomes.wait(1)[0]
+    writer.write([_ROW], [], "storing task t1", outcomes.done(1))
+    (error,) = outcomes.wait(2)[1]
     writer.close()
     assert cluster.executes - 1 == executes
     if fails is None:
