@@ -123,6 +123,9 @@ def _unreachable_hint(codes: set[int]) -> str:
     return "check that Kafka is running there and the host:port in the broker URL"
 
 
+#: A consumer's largest fetch response (raised to the largest record allowed).
+_FETCH_MAX_BYTES = 8 * 1024 * 1024
+
 #: librdkafka warnings that only say it waits for a broker still loading its state (the
 #: group or transaction coordinator right after a broker starts): it retries by itself.
 _TRANSIENT_NOTICES = ("load in progress",)
@@ -251,7 +254,11 @@ class KafkaBroker(Broker):
 
     def consumer_config(self, group_id: str) -> dict[str, Any]:
         """Return the librdkafka configuration of a consumer of ``group_id``."""
-        fetch_max = max(52_428_800, self._limit_bytes)
+        # One fetch response is one buffer, held until its last record is taken: with a
+        # backlog librdkafka keeps several in flight. At 50 MB (its default) a worker
+        # draining a 1,000,000 backlog held ~430 MiB; 8 MB is ~40,000 small tasks a fetch
+        # (bench/backlog_rss.py).
+        fetch_max = max(_FETCH_MAX_BYTES, self._limit_bytes)
         return {
             "auto.offset.reset": "earliest",
             "max.poll.interval.ms": 300_000,
