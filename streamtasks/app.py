@@ -53,7 +53,6 @@ from streamtasks.worker.procpool import check_pool
 
 if TYPE_CHECKING:
     from streamtasks.signature import Canvas
-    from streamtasks.topology import Topology
     from streamtasks.worker.consumer import Worker
 
 P = ParamSpec("P")
@@ -140,9 +139,6 @@ class App:
         # Reported by a flush as not confirmed in time, and dropped (see flush).
         self._dropped: set[str] = set()
         self._queues_ready: set[str] = set()
-        # What topic names were last built from (see _topology).
-        self._topology_from: tuple[Settings, str, str] | None = None
-        self._topology_cache: Topology | None = None
         ref = weakref.ref(self)
         atexit.register(_flush_at_exit, ref)
 
@@ -612,26 +608,11 @@ class App:
 
     def topic_for(self, msg: TaskMessage, now: int) -> str:
         """Return the topic a task goes to now: its queue's, or the delay tier that fits."""
-        topology = self._topology()
+        topology = self.settings.topology
         tier = None if msg.eta_ms is None else next_hop(topology.tiers, msg.eta_ms - now)
         if tier is None:
             return topology.topic(msg.queue)
         return topology.tier_topic(msg.queue, tier)
-
-    def _topology(self) -> Topology:
-        """The settings' topology, built again only when what topic names depend on changed.
-
-        Building it costs ~2 us, a tenth of a send; the settings may be replaced or
-        assigned to (tests, the CLI), so the namespace and the delay tiers are compared.
-        """
-        settings = self.settings
-        source = (settings, settings.namespace, settings.delay_tiers)
-        last = self._topology_from
-        if (self._topology_cache is None or last is None or last[0] is not settings
-                or last[1] != source[1] or last[2] != source[2]):
-            self._topology_cache = settings.topology
-            self._topology_from = source
-        return self._topology_cache
 
     def _delivered(self, task_id: str, error: str | None) -> None:
         with self._lock:
