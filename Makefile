@@ -23,7 +23,8 @@ help:
 
 # Installs the package and its dev tools once per change of pyproject.toml.
 $(STAMP): pyproject.toml
-	$(PIP) install --quiet --disable-pip-version-check -e '.[dev]'
+	@echo "installing streamtasks and its dev tools (pip install -e '.[dev]')" >&2
+	@$(PIP) install --quiet --disable-pip-version-check -e '.[dev]' >&2
 	@mkdir -p .make && touch $(STAMP)
 
 install: $(STAMP)
@@ -64,9 +65,11 @@ lint: install
 	$(PYTHON) -m ruff check streamtasks tests integration cluster examples bench
 	$(PYTHON) -m mypy --strict streamtasks
 
-demo: up
-	$(PYTHON) -m streamtasks.cli migrate
-	$(PYTHON) examples/demo.py
+# Only the demo's own lines on stdout: the services' and the migration's go to stderr.
+demo: install
+	@$(SERVICES) up >&2
+	@$(PYTHON) -m streamtasks.cli migrate >&2
+	@$(PYTHON) examples/demo.py
 
 # Celery's own environment, Redis (Debian) and Machinery's Go module, for bench/compare.py.
 bench-deps:
