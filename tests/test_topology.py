@@ -98,3 +98,21 @@ def test_a_bad_queue_name_is_refused_before_anything_is_created(queue: str, why:
 def test_good_queue_names_pass(queue: str) -> None:
     topology = Settings(broker="memory://", backend="memory://").topology
     assert all(len(spec.name) <= 249 for spec in topology.topic_specs(queue))
+
+
+def test_the_settings_topology_follows_every_field_it_is_built_from() -> None:
+    # Topologies are cached per distinct values: a settings object assigned to later
+    # (tests, the CLI) must not keep an older one
+    settings = Settings(namespace="ns", delay_tiers="1s,30s", partitions=4)
+    first = settings.topology
+    assert settings.topology is first  # built once
+    changes = {"namespace": "other", "delay_tiers": "5s", "partitions": 2,
+               "replication_factor": 1, "min_insync_replicas": 1, "retention_ms": 5000,
+               "max_message_bytes": 3_000_000}
+    for field, value in changes.items():
+        setattr(settings, field, value)
+        topology = settings.topology
+        assert topology is not first, field
+        got = topology.tiers[0].name if field == "delay_tiers" else getattr(topology, field)
+        assert got == value, field
+        first = topology
