@@ -31,8 +31,14 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def run_load(app: App, rate: float, seconds: float) -> list[float]:
-    """Send ``rate`` tasks/s for ``seconds`` on a fixed schedule; return latencies (ms)."""
+def run_load(app: App, rate: float, seconds: float
+             ) -> list[tuple[float, float, float, float, float]]:
+    """Send ``rate`` tasks/s for ``seconds`` on a fixed schedule.
+
+    Return per task: its latency (ms), its scheduled send (epoch ms), and its parts:
+    scheduled send to created (the sender's lag), created to started (Kafka and the
+    worker's queue), started to finished.
+    """
     count = int(rate * seconds)
     scheduled: dict[str, float] = {}
     t0 = time.time() + 0.5
@@ -51,8 +57,14 @@ def run_load(app: App, rate: float, seconds: float) -> list[float]:
     while any(m is None or not m.ready for m in metas) and time.monotonic() < deadline:
         time.sleep(0.5)
         metas = app.backend.fetch_many(ids)
-    return [m.finished_ms - scheduled[m.task_id] for m in metas
-            if m is not None and m.finished_ms is not None]
+    rows = []
+    for m in metas:
+        if m is None or m.finished_ms is None:
+            continue
+        due, created, started = scheduled[m.task_id], m.created_ms or 0, m.started_ms or 0
+        rows.append((m.finished_ms - due, due, created - due, started - created,
+                     m.finished_ms - started))
+    return rows
 
 
 def main() -> int:
@@ -60,6 +72,8 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=4000.0,
                         help="the drain rate the loads are fractions of (tasks/s)")
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--dump", metavar="PREFIX",
+                        help="write each task's figures to PREFIX-<load>.csv (scheduled order)")
     ns = parser.parse_args()
     namespace = f"bench-ol-{uuid.uuid4().hex[:8]}"
     env = make_env(namespace)
@@ -74,12 +88,19 @@ def main() -> int:
     try:
         app.send("bench.noop", confirm=True).get(timeout=120)  # the worker has joined
         time.sleep(2)
-        print(f"\n{'load':>20} {'tasks':>7} {'p50 ms':>8} {'p99 ms':>8} {'p99.9 ms':>9}")
+        print(f"\n{'load':>20} {'tasks':>7} {'p50 ms':>8} {'p99 ms':>8} {'p99.9 ms':>9}"
+              f"   p99 of its parts: {'sender':>6} {'queued':>6} {'run':>6}")
         for share in (0.5, 0.8):
-            latencies = run_load(app, ns.rate * share, ns.seconds)
-            print(f"{f'{share:.0%} of {ns.rate:,.0f}/s':>20} {len(latencies):>7} "
-                  f"{percentile(latencies, 0.5):>8.1f} {percentile(latencies, 0.99):>8.1f} "
-                  f"{percentile(latencies, 0.999):>9.1f}")
+            rows = run_load(app, ns.rate * share, ns.seconds)
+            total, _, sender, queued, ran = ([row[i] for row in rows] for i in range(5))
+            if ns.dump:
+                with open(f"{ns.dump}-{share:.0%}.csv", "w", encoding="utf-8") as out:
+                    out.writelines(",".join(f"{v:.1f}" for v in row) + "\n"
+                                   for row in sorted(rows, key=lambda r: r[1]))
+            print(f"{f'{share:.0%} of {ns.rate:,.0f}/s':>20} {len(rows):>7} "
+                  f"{percentile(total, 0.5):>8.1f} {percentile(total, 0.99):>8.1f} "
+                  f"{percentile(total, 0.999):>9.1f}   {'':>17} {percentile(sender, 0.99):>6.1f} "
+                  f"{percentile(queued, 0.99):>6.1f} {percentile(ran, 0.99):>6.1f}")
     finally:
         worker.terminate()
         worker.wait(timeout=60)

@@ -158,6 +158,16 @@ def running() -> Running | None:
     return _current.get()
 
 
+def set_running(run: Running) -> contextvars.Token[Running | None]:
+    """Make ``run`` the running task of this context; return the token to reset it with."""
+    return _current.set(run)
+
+
+def reset_running(token: contextvars.Token[Running | None]) -> None:
+    """Put back the running task :func:`set_running` replaced."""
+    _current.reset(token)
+
+
 @contextlib.contextmanager
 def activated(run: Running | None) -> Iterator[None]:
     """Within the block, ``run`` is the running task of this thread (or asyncio task)."""

@@ -6,7 +6,9 @@ handler on stderr with one renderer, so JSON mode is all JSON, tracebacks includ
 :func:`ensure_configured` (every :class:`~streamtasks.App` calls it) gives a program that
 never configured structlog quiet defaults instead of structlog's own (which prints every
 level, debug included, to stdout). :func:`task_context` binds a running task's fields
-(task id, name, queue, attempt, partition, offset, trace id) to every line it emits.
+(task id, name, queue, attempt, partition, offset, trace id) to every line it emits:
+one contextvar holds them, and :func:`merge_task_fields` (a processor in the chains
+configured here; a program configuring structlog itself adds it) puts them on a line.
 Secrets (passwords, SASL settings, tokens, ``user:password@`` in URLs) never reach a line.
 """
 
@@ -21,11 +23,13 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterator, Mapping, MutableMapping
+from contextvars import ContextVar
 from typing import Any
 
 import structlog
 
 from streamtasks import tracing
+from streamtasks.context import Running, reset_running, set_running
 from streamtasks.errors import ConfigError
 from streamtasks.settings import ENV_PREFIX, LOG_LEVELS, Settings
 
@@ -238,8 +242,31 @@ def _isatty(stream: Any) -> bool:
         return False
 
 
+#: The running task's log fields (see :func:`task_context`), None outside a run.
+_task_fields: ContextVar[Mapping[str, object] | None] = ContextVar(
+    "streamtasks_task_fields", default=None)
+
+
+def merge_task_fields(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """Structlog processor: put the running task's fields on a line (see :func:`task_context`).
+
+    A field the line names itself wins; a task's field wins over one the program bound
+    with ``structlog.contextvars`` (this runs before ``merge_contextvars``). A program
+    that configures structlog itself puts it first in its processors to see the fields.
+    """
+    fields = _task_fields.get()
+    if fields is not None:
+        for key, value in fields.items():
+            if key not in event_dict:
+                event_dict[key] = value
+    return event_dict
+
+
 def _shared_processors(json: bool, stdlib: bool = True) -> list[structlog.typing.Processor]:
-    processors: list[structlog.typing.Processor] = [structlog.contextvars.merge_contextvars]
+    processors: list[structlog.typing.Processor] = [
+        merge_task_fields, structlog.contextvars.merge_contextvars]
     if stdlib:  # loggers are stdlib loggers: they have a name
         processors.append(structlog.stdlib.add_logger_name)
     processors += [
@@ -401,6 +428,63 @@ def get_logger(name: str) -> CachedLogger:
     return CachedLogger(name)
 
 
+class TaskScope:
+    """One run's scope: its request, trace and log fields current, then put back.
+
+    A plain class (not a generator context manager): entered once per task run, on the
+    worker's hot path, at the cost of three contextvar sets (no structlog binding of
+    each field; :func:`merge_task_fields` reads them when a line is emitted).
+
+    Args:
+        name: the task name.
+        context: what the worker knows of the run: ``task_id``, ``queue``, ``attempt``,
+            ``partition``, ``offset`` (logged), ``traceparent`` (the record's, traced);
+            None: no trace and no fields (the request alone is made current).
+        running: the run's request (``current_task().request``), or None.
+    """
+
+    __slots__ = ("_context", "_name", "_otel", "_running", "_tokens")
+
+    def __init__(self, name: str, context: Mapping[str, object] | None,
+                 running: Running | None = None) -> None:
+        self._name, self._context, self._running = name, context, running
+        self._otel: contextlib.ExitStack | None = None
+        self._tokens: tuple[Any, Any, Any] = (None, None, None)  # running, trace, fields
+
+    def __enter__(self) -> tracing.TraceContext | None:
+        """Make the run current; return its trace context (None without a context)."""
+        running = None if self._running is None else set_running(self._running)
+        context = self._context
+        if context is None:
+            self._tokens = (running, None, None)
+            return None
+        fields = {k: v for k, v in context.items() if k != "traceparent" and v is not None}
+        traceparent = context.get("traceparent")
+        parent = traceparent if isinstance(traceparent, str) else None
+        begun = tracing.enter_run(parent)
+        if begun is not None:
+            run, trace = begun
+        else:  # OpenTelemetry makes the span: its own context manager
+            self._otel, trace = contextlib.ExitStack(), None
+            run = self._otel.enter_context(tracing.task_run(self._name, parent, fields))
+        fields = {"task": self._name, "trace_id": run.trace_id, "span_id": run.span_id,
+                  **fields}
+        self._tokens = (running, trace, _task_fields.set(fields))
+        return run
+
+    def __exit__(self, *exc: object) -> None:
+        running, trace, fields = self._tokens
+        if fields is not None:
+            _task_fields.reset(fields)
+        if trace is not None:
+            tracing.exit_run(trace)
+        if self._otel is not None:
+            self._otel.close()
+            self._otel = None
+        if running is not None:
+            reset_running(running)
+
+
 @contextlib.contextmanager
 def task_context(name: str, context: Mapping[str, object]) -> Iterator[tracing.TraceContext]:
     """Within the block, a task runs: its trace is current and its fields are on every line.
@@ -413,17 +497,6 @@ def task_context(name: str, context: Mapping[str, object]) -> Iterator[tracing.T
     Yields:
         The run's trace context (what the worker gives the task's follow-ups).
     """
-    fields = {k: v for k, v in context.items() if k != "traceparent" and v is not None}
-    traceparent = context.get("traceparent")
-    with tracing.task_run(
-        name, traceparent if isinstance(traceparent, str) else None, fields
-    ) as run:
-        # bind, then reset by the tokens: restores what was bound before without reading
-        # the whole context first (structlog's bound_contextvars does, once per task)
-        tokens = structlog.contextvars.bind_contextvars(
-            task=name, trace_id=run.trace_id, span_id=run.span_id, **fields
-        )
-        try:
-            yield run
-        finally:
-            structlog.contextvars.reset_contextvars(**tokens)
+    with TaskScope(name, context) as run:
+        assert run is not None
+        yield run

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterator, Mapping
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from random import getrandbits as _random_bits
 from typing import Any
@@ -122,6 +122,26 @@ def activated(ctx: TraceContext) -> Iterator[TraceContext]:
         _current.reset(token)
 
 
+def enter_run(traceparent: str | None) -> tuple[TraceContext, Token[TraceContext | None]] | None:
+    """Begin a run's span without a context manager (the worker's hot path).
+
+    Returns the run's context (a child of ``traceparent``'s, else a new trace's root),
+    current until :func:`exit_run` is given the token; None when OpenTelemetry makes
+    the spans: nothing was begun, and the caller uses :func:`task_run` instead.
+    """
+    otel = _otel_trace()
+    if otel is not None and _otel_configured(otel):
+        return None
+    parent = parse(traceparent)
+    run = parent.child() if parent is not None else new_trace()
+    return run, _current.set(run)
+
+
+def exit_run(token: Token[TraceContext | None]) -> None:
+    """End the span :func:`enter_run` began."""
+    _current.reset(token)
+
+
 @contextlib.contextmanager
 def task_run(
     name: str, traceparent: str | None, attributes: Mapping[str, object] | None = None
@@ -137,16 +157,15 @@ def task_run(
     Yields:
         The run's trace context: a child of the record's, or a new trace's root.
     """
-    parent = parse(traceparent)
-    otel = _otel_trace()
-    if otel is None or not _otel_configured(otel):
-        run = parent.child() if parent is not None else new_trace()
-        token = _current.set(run)
+    begun = enter_run(traceparent)
+    if begun is not None:
+        run, token = begun
         try:
             yield run
         finally:
-            _current.reset(token)
+            exit_run(token)
         return
+    otel, parent = _otel_trace(), parse(traceparent)
     attrs = {f"streamtasks.{k}": v for k, v in (attributes or {}).items()}
     with _otel_span(otel, name, parent, attrs) as ctx, activated(ctx):
         yield ctx

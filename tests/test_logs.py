@@ -23,6 +23,7 @@ from streamtasks.logs import (
     _GateFilter,
     configure_logging,
     ensure_configured,
+    merge_task_fields,
     redact_secrets,
     redact_text,
     resolve_format,
@@ -181,6 +182,38 @@ def test_fields_bound_around_a_run_are_back_after_it(
     assert inside["task"] == "quiet"
     assert after["task"] == "outer" and after["request_id"] == "r-1"
     assert "task_id" not in after and "span_id" not in after
+
+
+def test_a_program_configuring_structlog_itself_gets_task_fields_by_the_processor(
+    app: App, restore_logging: None
+) -> None:
+    # Given a program's own structlog configuration with merge_task_fields first
+    seen: list[dict[str, Any]] = []
+
+    def keep(_logger: Any, _method: str, event: Any) -> Any:
+        seen.append(dict(event))
+        raise structlog.DropEvent
+
+    structlog.reset_defaults()
+    structlog.configure(processors=[merge_task_fields, structlog.contextvars.merge_contextvars,
+                                    keep])
+
+    @app.task(name="mine")
+    def mine() -> None:
+        structlog.get_logger().info("inside")
+        structlog.get_logger().info("own queue", queue="named-by-the-line")
+
+    result = mine.delay()
+    app.drain()
+    structlog.get_logger().info("outside")
+    inside, named, outside = [e for e in seen if e["event"] in ("inside", "own queue",
+                                                                "outside")]
+    # Then lines in the run carry its fields, a field the line names itself wins,
+    # and nothing is left after the run
+    assert inside["task_id"] == result.id and inside["task"] == "mine"
+    assert inside["queue"] == "default" and len(inside["span_id"]) == 16
+    assert named["queue"] == "named-by-the-line" and named["task_id"] == result.id
+    assert not {"task_id", "task", "queue", "trace_id"} & set(outside)
 
 
 def test_task_fields_in_async_tasks(

@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import queue
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from streamtasks import states
-from streamtasks.context import Running, activated
+from streamtasks.context import Running
 from streamtasks.errors import TaskRevoked
-from streamtasks.logs import get_logger, task_context
+from streamtasks.logs import TaskScope, get_logger
 from streamtasks.task import Task
+from streamtasks.tracing import TraceContext
 from streamtasks.worker.procpool import ProcessPool, TimeLimitExceeded
 
 __all__ = ["Executor", "Outcome", "Run", "TimeLimitExceeded"]
@@ -67,7 +67,7 @@ class Run(Protocol):
     def context(self) -> Mapping[str, object] | None:
         """Its log fields and its record's ``traceparent``, bound while it runs.
 
-        See :func:`streamtasks.logs.task_context` (task_id, queue, attempt, partition,
+        See :class:`streamtasks.logs.TaskScope` (task_id, queue, attempt, partition,
         offset).
         """
 
@@ -102,19 +102,6 @@ def _run_id(running: Running | None) -> str:
 def _terminated(started_ms: int) -> Outcome:
     err = TaskRevoked("revoked with terminate=True while running: stopped")
     return Outcome(states.REVOKED, None, err, None, started_ms, _now_ms())
-
-
-@contextlib.contextmanager
-def _scope(
-    name: str, context: Mapping[str, object] | None, running: Running | None
-) -> Iterator[list[str]]:
-    """Within a run: its log fields, trace and request bound; yields [its traceparent]."""
-    with activated(running):
-        if context is None:
-            yield []
-            return
-        with task_context(name, context) as run:
-            yield [run.traceparent]
 
 
 async def _confirmed(outcome: Outcome, running: Running) -> Outcome:
@@ -249,7 +236,7 @@ class Executor:
 
     def _run_sync(self, run: Run) -> Outcome | None:
         task = run.task
-        with _scope(task.name, run.context, run.running) as trace:
+        with TaskScope(task.name, run.context, run.running) as trace:
             if not run.start():
                 return None
             started_ns = time.perf_counter_ns()
@@ -266,7 +253,7 @@ class Executor:
                 else:
                     outcome = Outcome(states.SUCCESS, result, None, None, started, _now_ms())
         outcome.started_ns, outcome.finished_ns = started_ns, time.perf_counter_ns()
-        outcome.traceparent = trace[0] if trace else None
+        outcome.traceparent = trace.traceparent if trace is not None else None
         return outcome
 
     def _run_in_process(self, run: Run, started: int) -> Outcome:
@@ -293,11 +280,11 @@ class Executor:
             # the scope binds stays within this run
             current = asyncio.current_task()
             run_id = _run_id(running)
-            trace: list[str] = []
+            trace: TraceContext | None = None
             if run_id and current is not None:
                 self._running_async[run_id] = current
             try:
-                with _scope(task.name, run.context, running) as trace:
+                with TaskScope(task.name, run.context, running) as trace:
                     outcome = await self._run_coroutine(task, run.args, run.kwargs, run.start)
                     if outcome is not None and outcome.error is None and running is not None:
                         outcome = await _confirmed(outcome, running)
@@ -308,7 +295,7 @@ class Executor:
                 self._running_async.pop(run_id, None)
                 self._terminating.discard(run_id)
             if outcome is not None:
-                outcome.traceparent = trace[0] if trace else None
+                outcome.traceparent = trace.traceparent if trace is not None else None
             return outcome
 
     @staticmethod
