@@ -26,6 +26,14 @@ Variants (``--variants``; alternatives run with ``bench/.venv-drivers/bin/python
 - ``scylla-driver``: the ScyllaDB fork of cassandra-driver, ``lean-v4``'s settings.
 - ``acsylla``: asyncio bindings of the DataStax C/C++ driver, a semaphore-bounded window.
 - ``scyllapy``: asyncio bindings of the ScyllaDB Rust driver, the same window.
+- ``writer``: the project's acsylla row writer (``fastwrite.AcsyllaWriter``) as
+  ``store_many`` uses it: rows handed ``--batch`` at a time, ``--window`` rows in flight.
+- ``listing-batched`` / ``listing-single``: listing entries through that writer, ``--group``
+  entries per partition key, as one UNLOGGED BATCH per partition or one INSERT per entry;
+  the figures are per entry.
+
+``writer``, ``listing-batched`` and ``listing-single`` take the writer of another source
+tree as ``VARIANT@TREE`` (e.g. ``writer@/tmp/old``: A/B of two writers in one run).
 """
 
 from __future__ import annotations
@@ -53,7 +61,10 @@ TTL_S = 3600
 WARMUP = 500
 #: variant → does it run in the alternatives' venv
 VARIANTS = {"project": False, "lean-v4": False, "lean-v5": False,
-            "scylla-driver": True, "acsylla": True, "scyllapy": True}
+            "scylla-driver": True, "acsylla": False, "scyllapy": True,
+            "writer": False, "listing-batched": False, "listing-single": False}
+#: The variants that write through the project's acsylla writer (``VARIANT@TREE``).
+WRITER_VARIANTS = ("writer", "listing-batched", "listing-single")
 
 
 def insert_cql() -> str:
@@ -268,12 +279,94 @@ def verify(values: list[list[Any]]) -> None:
         cluster.shutdown()
 
 
+# ------------------------------------------------------------ the project's acsylla writer
+
+def project_writer(variant: str, tree: Path, rows: list[list[Any]], window: int, batch: int,
+                   group: int) -> tuple[float, float]:
+    """Run a ``writer``/``listing-*`` variant with the writer of ``tree``; (wall, CPU) s."""
+    sys.path.insert(0, str(tree))
+    from streamtasks import Settings
+    from streamtasks.backend.cassandra.connection import CassandraOptions
+    from streamtasks.backend.cassandra.fastwrite import AcsyllaWriter
+    from streamtasks.backend.cassandra.rows import _insert_cql
+
+    url = BACKEND + ("&" if "?" in BACKEND else "?") + "writer=acsylla"
+    options = CassandraOptions.from_url(url, Settings())
+    writer = AcsyllaWriter(options, *_insert_cql(f'"{KEYSPACE}"'))
+    if variant == "writer":
+        calls = [(rows[i:i + batch], []) for i in range(0, len(rows), batch)]
+    else:
+        entries = listing_entries(rows)
+        calls = [([], listing_batches(entries[i:i + batch], group, variant))
+                 for i in range(0, len(entries), batch)]
+    warm = WARMUP // batch + 1
+    slots = threading.BoundedSemaphore(max(1, window // batch))
+    errors: list[BaseException] = []
+
+    def run(part: list[tuple[list[Any], list[Any]]]) -> None:
+        left = threading.Semaphore(0)
+
+        def done(error: BaseException | None) -> None:
+            if error is not None:
+                errors.append(error)
+            slots.release()
+            left.release()
+
+        for task_rows, batches in part:
+            slots.acquire()
+            writer.write(task_rows, batches, "bench", done)
+        for _ in part:
+            if not left.acquire(timeout=600):
+                raise SystemExit("a batch unacknowledged after 600 s")
+
+    run(calls[:warm])
+    loop_thread = writer._thread.native_id  # type: ignore[union-attr]
+    clock, loop_cpu = Clock(), thread_cpu_s(loop_thread)
+    run(calls[warm:])
+    figures = clock.stop()
+    LOOP_CPU_S.append(thread_cpu_s(loop_thread) - loop_cpu)
+    writer.close()
+    if errors:
+        raise SystemExit(f"{len(errors)} batches failed, first: {errors[0]!r}")
+    return figures
+
+
+#: CPU seconds of the writer's loop thread over the timed rows (``writer`` variants).
+LOOP_CPU_S: list[float] = []
+
+
+def thread_cpu_s(native_id: int | None) -> float:
+    """User + system CPU seconds of one thread of this process (Linux /proc)."""
+    fields = Path(f"/proc/self/task/{native_id}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def listing_entries(rows: list[list[Any]]) -> list[list[Any]]:
+    """One listing entry per row: ``(queue, state, bucket, shard, updated, id, name, ttl)``."""
+    return [[row[0].rsplit("-", 1)[0], "SUCCESS", row[14] - row[14] % 3_600_000, 0, row[14],
+             row[0], row[1], TTL_S] for row in rows]
+
+
+def listing_batches(entries: list[list[Any]], group: int, variant: str) -> list[list[Any]]:
+    """``group`` entries per partition key; one batch each or one write per entry."""
+    out = []
+    for start in range(0, len(entries), group):
+        part = [[*e[:3], start // group % 1_000_000, *e[4:]] for e in entries[start:start + group]]
+        out.extend([part] if variant == "listing-batched" else [[e] for e in part])
+    return out
+
+
 # ------------------------------------------------------------ one variant, in a child
 
-def child(variant: str, rows: int, window: int) -> dict[str, Any]:
+def child(variant: str, rows: int, window: int, batch: int = 1, group: int = 1,
+          ) -> dict[str, Any]:
     """Run one variant here and return its figures."""
-    values = row_values(rows + WARMUP, f"dc-{variant}-{uuid.uuid4().hex[:8]}")
-    if variant == "acsylla":
+    name, _, tree = variant.partition("@")
+    values = row_values(rows + WARMUP, f"dc-{name}-{uuid.uuid4().hex[:8]}")
+    if name in WRITER_VARIANTS:
+        elapsed, cpu = project_writer(name, Path(tree) if tree else ROOT, values, window,
+                                      batch, group)
+    elif variant == "acsylla":
         import asyncio
         elapsed, cpu = asyncio.run(_acsylla(timestamps_as(values, lambda ms: ms / 1000),
                                             window))
@@ -284,16 +377,22 @@ def child(variant: str, rows: int, window: int) -> dict[str, Any]:
             timestamps_as(values, lambda ms: datetime.fromtimestamp(ms / 1000, UTC)), window))
     else:
         elapsed, cpu = cassandra_driver(variant, values, window)
-    verify(values)
-    return {"variant": variant, "rows_per_s": rows / elapsed,
-            "cpu_us_per_row": cpu / rows * 1e6}
+    if not name.startswith("listing-"):  # the listing variants write no task rows
+        verify(values)
+    figures = {"variant": variant, "rows_per_s": rows / elapsed,
+               "cpu_us_per_row": cpu / rows * 1e6}
+    if LOOP_CPU_S:
+        figures["loop_cpu_us_per_row"] = LOOP_CPU_S[0] / rows * 1e6
+    return figures
 
 
-def measure(variant: str, rows: int, window: int) -> dict[str, Any]:
+def measure(variant: str, rows: int, window: int, batch: int = 1, group: int = 1,
+            ) -> dict[str, Any]:
     """Run ``variant`` in a fresh child process (the alternatives' venv for alternatives)."""
-    python = str(VENV_PYTHON if VARIANTS[variant] else sys.executable)
+    python = str(VENV_PYTHON if VARIANTS[variant.partition("@")[0]] else sys.executable)
     proc = subprocess.run([python, __file__, "--child", variant, "--rows", str(rows),
-                           "--window", str(window)], capture_output=True, text=True,
+                           "--window", str(window), "--batch", str(batch),
+                           "--group", str(group)], capture_output=True, text=True,
                           timeout=900, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"{variant}: exit {proc.returncode}\n{proc.stderr[-2000:]}")
@@ -307,31 +406,39 @@ def main() -> int:
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--batch", type=int, default=256,
+                        help="rows (or listing entries) per write of the writer variants")
+    parser.add_argument("--group", type=int, default=4,
+                        help="listing entries per partition key (listing-* variants)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--child", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     ns = parser.parse_args()
-    if ns.rows < 1 or ns.window < 1 or ns.rounds < 1:
-        parser.error("--rows, --window and --rounds must be >= 1")
+    if min(ns.rows, ns.window, ns.rounds, ns.batch, ns.group) < 1:
+        parser.error("--rows, --window, --rounds, --batch and --group must be >= 1")
     if ns.child:
-        print(json.dumps(child(ns.child, ns.rows, ns.window)))
+        print(json.dumps(child(ns.child, ns.rows, ns.window, ns.batch, ns.group)))
         return 0
     variants = [v.strip() for v in ns.variants.split(",") if v.strip()]
-    unknown = [v for v in variants if v not in VARIANTS]
+    unknown = [v for v in variants if v.partition("@")[0] not in VARIANTS
+               or ("@" in v and v.partition("@")[0] not in WRITER_VARIANTS)]
     if unknown:
         parser.error(f"--variants: unknown {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
-    if any(VARIANTS[v] for v in variants) and not VENV_PYTHON.exists():
+    if any(VARIANTS[v.partition("@")[0]] for v in variants) and not VENV_PYTHON.exists():
         parser.error(f"{VENV_PYTHON} is missing: see bench/README.md (driver ceiling)")
     results: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     for r in range(ns.rounds):
         order = variants[r % len(variants):] + variants[:r % len(variants)]
         for variant in order:
-            result = measure(variant, ns.rows, ns.window)
+            result = measure(variant, ns.rows, ns.window, ns.batch, ns.group)
             results[variant].append(result)
+            loop = result.get("loop_cpu_us_per_row")
             print(f"round {r + 1}: {variant:14} {result['rows_per_s']:8,.0f} rows/s "
-                  f"{result['cpu_us_per_row']:6.1f} µs CPU/row", file=sys.stderr, flush=True)
-    summary = {v: {"rows_per_s": statistics.median(x["rows_per_s"] for x in rs),
-                   "cpu_us_per_row": statistics.median(x["cpu_us_per_row"] for x in rs),
-                   "rounds": rs} for v, rs in results.items()}
+                  f"{result['cpu_us_per_row']:6.1f} µs CPU/row"
+                  + ("" if loop is None else f", its loop thread {loop:.1f}"),
+                  file=sys.stderr, flush=True)
+    summary = {v: {key: statistics.median(x[key] for x in rs)
+                   for key in ("rows_per_s", "cpu_us_per_row", "loop_cpu_us_per_row")
+                   if key in rs[0]} | {"rounds": rs} for v, rs in results.items()}
     if ns.json:
         print(json.dumps({"rows": ns.rows, "window": ns.window, "variants": summary}))
         return 0
@@ -342,7 +449,10 @@ def main() -> int:
         rs = s["rounds"]
         print(f"{v:14} {s['rows_per_s']:8,.0f} {s['cpu_us_per_row']:10.1f} | "
               + " / ".join(f"{x['rows_per_s']:,.0f}" for x in rs) + "; "
-              + " / ".join(f"{x['cpu_us_per_row']:.1f}" for x in rs))
+              + " / ".join(f"{x['cpu_us_per_row']:.1f}" for x in rs)
+              + ("" if "loop_cpu_us_per_row" not in s else
+                 f"; loop thread {s['loop_cpu_us_per_row']:.1f} µs/row: "
+                 + " / ".join(f"{x['loop_cpu_us_per_row']:.1f}" for x in rs)))
     return 0
 
 

@@ -102,6 +102,7 @@ class _FakeSession:
     def __init__(self, cluster: _FakeCluster) -> None:
         self.cluster = cluster
         self.rows: list[list[object]] = []
+        self.sent: list[_FakeBound | _FakeBatch] = []  # every statement executed, in order
         self.closed = False
 
     async def create_prepared(self, cql: str) -> _FakePrepared:
@@ -110,15 +111,25 @@ class _FakeSession:
             raise self.cluster.prepare_error
         return _FakePrepared(self, cql)
 
-    async def execute(self, bound: _FakeBound) -> None:
+    async def execute(self, bound: _FakeBound | _FakeBatch) -> None:
+        if self.closed:  # as acsylla's, before sending anything
+            raise RuntimeError("Session closed")
         self.cluster.writing.set()
         self.cluster.executes += 1
-        await asyncio.sleep(self.cluster.write_s)
-        if self.cluster.write_errors:
-            raise self.cluster.write_errors.pop(0)
-        if self.cluster.write_error is not None:
-            raise self.cluster.write_error
+        self.sent.append(bound)
+        try:
+            await asyncio.sleep(self.cluster.write_s)
+            if self.cluster.write_errors:
+                raise self.cluster.write_errors.pop(0)
+            if self.cluster.write_error is not None:
+                raise self.cluster.write_error
+        finally:  # where acsylla frees the driver's future
+            self.cluster.freed += 1
         self.rows.append(bound.values)
+
+    async def execute_batch(self, batch: _FakeBatch) -> None:
+        assert isinstance(batch, _FakeBatch), "execute_batch takes a batch"
+        await self.execute(batch)
 
     async def close(self) -> None:
         self.closed = True
@@ -128,18 +139,42 @@ class _FakePrepared:
     def __init__(self, session: _FakeSession, cql: str) -> None:
         self.session, self.cql = session, cql
 
-    def bind(self) -> _FakeBound:
-        return _FakeBound()
+    def bind(self, values: list[object] | None = None) -> _FakeBound:
+        bound = _FakeBound()
+        if values is not None:
+            if self.session.cluster.bind_error is not None and values[0] == "bad":
+                raise self.session.cluster.bind_error
+            bound.bind_list(values)
+        return bound
 
 
 class _FakeBound:
     values: list[object]
+    idempotent = False
 
     def set_is_idempotent(self, flag: bool) -> None:
-        pass
+        self.idempotent = flag
 
     def bind_list(self, values: list[object]) -> None:
         self.values = values
+
+
+class _FakeBatch:
+    """acsylla's unlogged Batch: the statements added to it."""
+
+    def __init__(self) -> None:
+        self.statements: list[_FakeBound] = []
+        self.idempotent = False
+
+    def set_is_idempotent(self, flag: bool) -> None:
+        self.idempotent = flag
+
+    def add_statement(self, statement: _FakeBound) -> None:
+        self.statements.append(statement)
+
+    @property
+    def values(self) -> list[list[object]]:
+        return [statement.values for statement in self.statements]
 
 
 class _FakeCluster:
@@ -155,6 +190,8 @@ class _FakeCluster:
         self.write_error: BaseException | None = None
         self.write_errors: list[BaseException] = []  # raised by the next writes, in turn
         self.executes = 0
+        self.freed = 0  # writes whose coroutine ended (acsylla frees its future there)
+        self.bind_error: BaseException | None = None  # raised binding a row whose id is "bad"
         self.options: dict[str, object] = {}
         self.writing = threading.Event()
         self.destroyed = False
@@ -185,6 +222,7 @@ def clusters(monkeypatch: pytest.MonkeyPatch) -> list[_FakeCluster]:
         return made[-1]
 
     monkeypatch.setattr(acsylla, "create_cluster", create_cluster)
+    monkeypatch.setattr(acsylla, "create_batch_unlogged", _FakeBatch)
     return made
 
 
@@ -260,6 +298,7 @@ def test_a_batch_still_pending_when_close_gives_up_fails_as_transient(
     assert isinstance(error, BackendError), calls
     assert "storing task t2" in str(error) and "closed" in str(error)
     assert is_transient(error), "the worker must retry (or leave the offset), not dead-letter"
+    assert clusters[0].freed == clusters[0].executes, "a write left waiting after close"
 
 
 def test_every_write_racing_close_ends_once_or_is_refused() -> None:
@@ -544,11 +583,115 @@ def test_only_a_server_write_timeout_is_sent_once_more(
     (error,) = outcomes.wait(2)[1]
     writer.close()
     assert cluster.executes - 1 == executes
+    sent = cluster.sessions[0].sent[1:]
+    assert all(again.values == sent[0].values and again.idempotent for again in sent)
     if fails is None:
         assert error is None
     else:
         assert isinstance(error, BackendError) and fails in str(error).lower()
         assert is_transient(error)
+
+
+def _connected(clusters: list[_FakeCluster]) -> tuple[AcsyllaWriter, _Outcomes, _FakeSession]:
+    """A writer whose first batch connected and ended (batch 0 of the outcomes)."""
+    writer = _writer()
+    outcomes = _Outcomes()
+    writer.write([_ROW], [], "storing 1 task", outcomes.done(0))
+    assert outcomes.wait(1) == {0: [None]}
+    return writer, outcomes, clusters[0].sessions[0]
+
+
+def _entry(task_id: str, ms: int = 1_764_500_000_123) -> list[object]:
+    return ["q", "SUCCESS", ms - ms % 3_600_000, 3, ms, task_id, "n", 60]
+
+
+def test_a_lone_listing_entry_is_an_insert_and_a_partitions_several_one_unlogged_batch(
+    clusters: list[_FakeCluster],
+) -> None:
+    writer, outcomes, session = _connected(clusters)
+    session.sent.clear()
+    writer.write([], [[_entry("a")], [_entry("b"), _entry("c")]], "storing 3 tasks",
+                 outcomes.done(1))
+    assert outcomes.wait(2)[1] == [None]
+    writer.close()
+    single, batch = sorted(session.sent, key=lambda s: isinstance(s, _FakeBatch))
+    assert isinstance(single, _FakeBound) and single.idempotent
+    # the bucket and the time: epoch ms bound as seconds
+    assert single.values == ["q", "SUCCESS", 1_764_496_800.0005, 3, 1_764_500_000.1235,
+                             *_entry("a")[5:]]
+    assert isinstance(batch, _FakeBatch) and batch.idempotent
+    assert [v[5] for v in batch.values] == ["b", "c"]
+    assert batch.values[0][2:5] == [1_764_496_800.0005, 3, 1_764_500_000.1235]
+
+
+def test_a_listing_batch_that_timed_out_on_the_server_is_sent_once_more_as_it_was(
+    clusters: list[_FakeCluster],
+) -> None:
+    writer, outcomes, session = _connected(clusters)
+    session.sent.clear()
+    clusters[0].write_errors = [_acsylla_error("CassErrorServerWriteTimeout", "boom")]
+    writer.write([], [[_entry("b"), _entry("c")]], "storing 2 tasks", outcomes.done(1))
+    assert outcomes.wait(2)[1] == [None]
+    writer.close()
+    first, again = session.sent
+    assert isinstance(again, _FakeBatch) and again.values == first.values
+    assert again.idempotent
+
+
+def test_a_row_that_cannot_be_bound_fails_its_batch_by_name_after_the_others_are_written(
+    clusters: list[_FakeCluster],
+) -> None:
+    writer, outcomes, session = _connected(clusters)
+    clusters[0].bind_error = TypeError("invalid value type for column attempts")
+    bad = ["bad", *_ROW[1:]]
+    writer.write([_ROW, bad, _ROW], [[_entry("a")]], "storing 3 tasks", outcomes.done(1))
+    (error,) = outcomes.wait(2)[1]
+    writer.close()
+    assert isinstance(error, BackendError) and "storing 3 tasks" in str(error)
+    assert "invalid value type for column attempts" in str(error)
+    assert len(session.rows) == 1 + 3, "the writes that could be bound were not all written"
+
+
+def test_a_write_the_session_refuses_before_sending_fails_its_batch(
+    clusters: list[_FakeCluster],
+) -> None:
+    writer, outcomes, session = _connected(clusters)
+    session.closed = True  # acsylla raises "Session closed" at execute's first step
+    writer.write([_ROW, _ROW], [[_entry("a")]], "storing 2 tasks", outcomes.done(1))
+    (error,) = outcomes.wait(2)[1]
+    session.closed = False
+    writer.close()
+    assert isinstance(error, BackendError) and "storing 2 tasks" in str(error)
+    assert "Session closed" in str(error)
+
+
+def test_a_write_whose_future_is_cancelled_fails_its_batch_instead_of_hanging(
+    clusters: list[_FakeCluster],
+) -> None:
+    writer, outcomes, _ = _connected(clusters)
+    clusters[0].write_errors = [asyncio.CancelledError()]
+    writer.write([_ROW, _ROW], [], "storing 2 tasks", outcomes.done(1))
+    (error,) = outcomes.wait(2)[1]
+    writer.close()
+    assert isinstance(error, BackendError) and "storing 2 tasks" in str(error)
+
+
+def test_a_fault_while_starting_a_batchs_writes_still_ends_the_batch_and_the_writer_goes_on(
+    clusters: list[_FakeCluster], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    writer, outcomes, _ = _connected(clusters)
+
+    def broken(self: _FakeSession) -> object:
+        raise RuntimeError("a fault of the writer's own")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(_FakeSession, "execute_batch", property(broken))
+        writer.write([_ROW], [[_entry("a")]], "storing task t1", outcomes.done(1))
+        (error,) = outcomes.wait(2)[1]
+    writer.write([_ROW], [[_entry("a")]], "storing task t2", outcomes.done(2))
+    assert outcomes.wait(3)[2] == [None]
+    writer.close()
+    assert isinstance(error, BackendError) and "storing task t1" in str(error)
 
 
 @pytest.mark.parametrize("ms", [0, 1, -1, -1001, 1764500000123, 2183226373411, 2165497250430,

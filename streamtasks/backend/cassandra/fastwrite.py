@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -181,7 +181,11 @@ class AcsyllaWriter:
         self._ready: tuple[Any, Any, Any] | None = None  # session, task, index statements
         #: The connect under way, shared by every batch that arrives meanwhile.
         self._opening: asyncio.Future[tuple[Any, Any, Any]] | None = None
+        #: Connects under way with the batches waiting on them.
         self._tasks: set[asyncio.Future[None]] = set()
+        #: Batches on the loop not ended yet; ``_drained`` is set when none is left.
+        self._flights: set[_Flight] = set()
+        self._drained: asyncio.Future[None] | None = None
 
     # ------------------------------------------------------------------ thread side
 
@@ -232,7 +236,7 @@ class AcsyllaWriter:
             with self._lock:
                 self._loop = self._thread = None
                 self._cluster = self._session = self._ready = self._opening = None
-                self._tasks = set()
+                self._tasks, self._flights, self._drained = set(), set(), None
                 jobs = list(self._unended)  # all were on this loop
             loop.close()
             log.error("the acsylla row writer's loop stopped (%s: %s); %d batches fail, the "
@@ -308,15 +312,96 @@ class AcsyllaWriter:
     # ------------------------------------------------------------------ loop side
 
     def _start(self, job: _Job) -> None:
-        task = asyncio.ensure_future(self._write_all(job))
+        flight = _Flight(self, job)
+        self._flights.add(flight)
+        if self._ready is not None:
+            self._begin(flight, self._ready)
+            return
+        task = asyncio.ensure_future(self._connect_and_send(flight))
         self._tasks.add(task)  # the loop keeps only a weak reference
         task.add_done_callback(self._tasks.discard)
 
+    async def _connect_and_send(self, flight: _Flight) -> None:
+        try:
+            ready = await self._connect()
+        except asyncio.CancelledError:  # the writer closed (its batch ended there)
+            return
+        except Exception as err:  # connecting or preparing failed
+            flight.left = 1
+            flight.one(err)
+            return
+        self._begin(flight, ready)
+
+    def _begin(self, flight: _Flight, ready: tuple[Any, Any, Any]) -> None:
+        """Start ``flight``'s writes; should that fail midway, its batch still ends."""
+        try:
+            self._send(flight, *ready)
+        except Exception as err:  # a fault of this module (the writes' own errors are caught)
+            log.exception("starting the writes of a batch failed (%s)", flight.job.what)
+            flight.abandon()
+            flight.failed = flight.failed or err
+            self._finish(flight)
+
+    def _send(self, flight: _Flight, session: Any, task: Any, index: Any) -> None:
+        """Start every write of ``flight``: rows one INSERT each, listing entries batched.
+
+        A single listing entry goes as a plain INSERT, several of one partition as an
+        UNLOGGED BATCH (as the cassandra-driver path does).
+        """
+        job = flight.job
+        flight.left = len(job.rows) + len(job.batches)
+        if flight.left == 0:
+            self._finish(flight)
+            return
+        execute, execute_batch = session.execute, session.execute_batch
+        for params in job.rows:
+            try:
+                statement = task.bind(_seconds(params, _TASK_TIMES))
+                statement.set_is_idempotent(True)
+            except Exception as err:  # a value the statement cannot take
+                flight.one(err)
+                continue
+            _Write(flight, execute, statement).step()
+        for entries in job.batches:
+            try:
+                statement, send = self._listing(index, entries, execute, execute_batch)
+            except Exception as err:
+                flight.one(err)
+                continue
+            _Write(flight, send, statement).step()
+
+    @staticmethod
+    def _listing(index: Any, entries: Sequence[Sequence[Any]], execute: Any,
+                 execute_batch: Any) -> tuple[Any, Any]:
+        """Return the statement writing ``entries`` (one partition's) and how to send it."""
+        if len(entries) == 1:
+            statement = index.bind(_seconds(entries[0], _INDEX_TIMES))
+            send = execute
+        else:
+            import acsylla
+
+            statement, send = acsylla.create_batch_unlogged(), execute_batch
+            for entry in entries:
+                statement.add_statement(index.bind(_seconds(entry, _INDEX_TIMES)))
+        statement.set_is_idempotent(True)
+        return statement, send
+
+    def _finish(self, flight: _Flight) -> None:
+        """End ``flight``'s batch (every write settled, or the writer closing)."""
+        self._flights.discard(flight)
+        if not self._flights and self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+        self._end(flight.job, flight.failed)
+
     async def _shutdown(self, timeout_s: float) -> None:
         """Wait for the pending batches, end the rest, close the session, free the cluster."""
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=timeout_s)
+        if self._flights:
+            self._drained = asyncio.get_running_loop().create_future()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drained, timeout_s)
         self._end_all("the acsylla row writer closed first")
+        for flight in list(self._flights):
+            flight.abandon()
         quiet = self._opening is None  # no connect under way that could still call back
         if self._session is not None:
             try:
@@ -364,46 +449,85 @@ class AcsyllaWriter:
         index = await self._session.create_prepared(self._cql[1])
         return self._session, task, index
 
-    async def _write_all(self, job: _Job) -> None:
-        failed: BaseException | None
+
+class _Flight:
+    """One batch's writes on the loop thread: how many are unsettled, the first error."""
+
+    __slots__ = ("abandoned", "failed", "job", "left", "writer", "writes")
+
+    def __init__(self, writer: AcsyllaWriter, job: _Job) -> None:
+        self.writer, self.job = writer, job
+        self.left = 0  # set when its writes start
+        self.failed: BaseException | None = None
+        self.writes: list[_Write] = []
+        self.abandoned = False
+
+    def one(self, error: BaseException | None) -> None:
+        """Count one write settled (``error`` None: acknowledged); the last ends the batch."""
+        if self.abandoned:
+            return
+        if error is not None and self.failed is None:
+            self.failed = error
+        self.left -= 1
+        if self.left == 0:
+            self.writer._finish(self)
+
+    def abandon(self) -> None:
+        """Stop following the writes still unsettled (the writer closes; the batch ended)."""
+        self.abandoned = True
+        for write in self.writes:
+            write.abandon()
+
+
+class _Write:
+    """One statement sent with acsylla, followed without an asyncio Task.
+
+    acsylla's ``execute`` is a coroutine that sends the request at its first step and
+    then waits on one asyncio future, resolved from the C/C++ driver's callback. Stepping
+    the coroutine here (the first step at once, the next when that future is done) does
+    what a Task would, without a Task, its scheduled steps and a gathering future per row:
+    one callback per write. A write that timed out on the server is sent once more, the
+    same statement (the C/C++ driver's statements can be executed again).
+    """
+
+    __slots__ = ("coro", "flight", "resent", "send", "statement")
+
+    def __init__(self, flight: _Flight, send: Callable[[Any], Any], statement: Any) -> None:
+        self.flight, self.send, self.statement = flight, send, statement
+        self.coro: Any = None
+        self.resent = False
+        flight.writes.append(self)
+
+    def step(self, _done: object = None) -> None:
+        """Run the coroutine to its next wait (or its end, which settles the write)."""
+        if self.flight.abandoned:
+            return
+        error: BaseException | None
         try:
-            session, task, index = await self._connect()
-            writes = [self._row(session, task, row) for row in job.rows]
-            writes += [self._batch(session, index, entries) for entries in job.batches]
-            outcomes = await asyncio.gather(*writes, return_exceptions=True)
-            failed = next((e for e in outcomes if isinstance(e, BaseException)), None)
-        except asyncio.CancelledError:  # the writer closed
-            failed = self._unacknowledged(job.what, "the acsylla row writer closed first")
-        except Exception as err:  # connecting or preparing failed
-            failed = err
-        self._end(job, failed)
+            if self.coro is None:
+                self.coro = self.send(self.statement)
+            waits_on = self.coro.send(None)
+            if waits_on is None:  # a bare yield: step again on the loop's next turn
+                asyncio.get_running_loop().call_soon(self.step)
+            else:
+                waits_on.add_done_callback(self.step)
+            return
+        except StopIteration:
+            error = None
+        except (Exception, asyncio.CancelledError) as err:  # its future was cancelled: failed
+            if type(err).__name__ == _SERVER_TIMEOUT and not self.resent:
+                self.resent, self.coro = True, None
+                self.step()
+                return
+            error = err
+        self.flight.one(error)
 
-    async def _row(self, session: Any, prepared: Any, params: Sequence[Any]) -> None:
-        values = _seconds(params, _TASK_TIMES)
-
-        def statement() -> Any:
-            bound = prepared.bind()
-            bound.set_is_idempotent(True)
-            bound.bind_list(values)
-            return bound
-
-        await _retried(lambda: session.execute(statement()))
-
-    async def _batch(self, session: Any, prepared: Any, entries: Sequence[Sequence[Any]]) -> None:
-        import acsylla
-
-        values = [_seconds(entry, _INDEX_TIMES) for entry in entries]
-
-        def batch() -> Any:
-            unlogged = acsylla.create_batch_unlogged()
-            unlogged.set_is_idempotent(True)
-            for entry in values:
-                bound = prepared.bind()
-                bound.bind_list(entry)
-                unlogged.add_statement(bound)
-            return unlogged
-
-        await _retried(lambda: session.execute_batch(batch()))
+    def abandon(self) -> None:
+        """Close the coroutine if it still waits (its ``finally`` frees the request)."""
+        coro, self.coro = self.coro, None
+        if coro is not None:
+            with contextlib.suppress(Exception):
+                coro.close()
 
 
 def _cluster_options(opts: CassandraOptions) -> dict[str, Any]:
@@ -434,16 +558,6 @@ def _cluster_options(opts: CassandraOptions) -> dict[str, Any]:
                                       if opts.ssl_check_hostname
                                       else acsylla.SSLVerifyFlags.PEER_CERT)
     return kwargs
-
-
-async def _retried(send: Callable[[], Awaitable[Any]]) -> None:
-    """Send an idempotent upsert; once more if it timed out on the server (see the module)."""
-    try:
-        await send()
-    except Exception as err:
-        if type(err).__name__ != _SERVER_TIMEOUT:
-            raise
-        await send()
 
 
 def _read(path: str | None) -> str | None:
