@@ -25,6 +25,7 @@ Variants (``--variants``; alternatives run with ``bench/.venv-drivers/bin/python
   policy object, protocol 4 or 5, the same loop.
 - ``scylla-driver``: the ScyllaDB fork of cassandra-driver, ``lean-v4``'s settings.
 - ``acsylla``: asyncio bindings of the DataStax C/C++ driver, a semaphore-bounded window.
+- ``acsylla-batch1``: the same, each row as an UNLOGGED BATCH of one statement.
 - ``scyllapy``: asyncio bindings of the ScyllaDB Rust driver, the same window.
 - ``writer``: the project's acsylla row writer (``fastwrite.AcsyllaWriter``) as
   ``store_many`` uses it: rows handed ``--batch`` at a time, ``--window`` rows in flight.
@@ -61,7 +62,7 @@ TTL_S = 3600
 WARMUP = 500
 #: variant → does it run in the alternatives' venv
 VARIANTS = {"project": False, "lean-v4": False, "lean-v5": False,
-            "scylla-driver": True, "acsylla": False, "scyllapy": True,
+            "scylla-driver": True, "acsylla": False, "acsylla-batch1": False, "scyllapy": True,
             "writer": False, "listing-batched": False, "listing-single": False}
 #: The variants that write through the project's acsylla writer (``VARIANT@TREE``).
 WRITER_VARIANTS = ("writer", "listing-batched", "listing-single")
@@ -212,7 +213,8 @@ async def _async_window(window: int, start: Callable[[Any], Any], rows: list[Any
         raise SystemExit(f"{len(errors)} writes failed, first: {errors[0]!r}")
 
 
-async def _acsylla(rows: list[list[Any]], window: int) -> tuple[float, float]:
+async def _acsylla(rows: list[list[Any]], window: int, batch_of_one: bool = False,
+                   ) -> tuple[float, float]:
     import acsylla
     cluster = acsylla.create_cluster([HOST], port=int(PORT), protocol_version=4,
                                      consistency=acsylla.Consistency.LOCAL_QUORUM,
@@ -223,7 +225,12 @@ async def _acsylla(rows: list[list[Any]], window: int) -> tuple[float, float]:
     async def start(values: list[Any]) -> None:
         statement = prepared.bind()
         statement.bind_list(values)
-        await session.execute(statement)
+        if not batch_of_one:
+            await session.execute(statement)
+            return
+        batch = acsylla.create_batch_unlogged()
+        batch.add_statement(statement)
+        await session.execute_batch(batch)
 
     figures = await _async_timed(window, start, rows)
     await session.close()
@@ -366,10 +373,10 @@ def child(variant: str, rows: int, window: int, batch: int = 1, group: int = 1,
     if name in WRITER_VARIANTS:
         elapsed, cpu = project_writer(name, Path(tree) if tree else ROOT, values, window,
                                       batch, group)
-    elif variant == "acsylla":
+    elif variant in ("acsylla", "acsylla-batch1"):
         import asyncio
         elapsed, cpu = asyncio.run(_acsylla(timestamps_as(values, lambda ms: ms / 1000),
-                                            window))
+                                            window, batch_of_one=variant == "acsylla-batch1"))
     elif variant == "scyllapy":
         import asyncio
         from datetime import UTC, datetime

@@ -417,3 +417,48 @@ def test_the_acsylla_writer_fails_batches_transiently_while_cassandra_is_away_th
         writer.close()
         gate.shut()
         reader.close()
+
+
+def test_the_acsylla_writer_fails_a_batch_by_name_on_a_value_it_cannot_bind_and_writes_the_rest(
+) -> None:
+    import threading
+
+    from streamtasks.backend.cassandra.connection import CassandraOptions
+    from streamtasks.backend.cassandra.fastwrite import AcsyllaWriter
+    from streamtasks.backend.cassandra.rows import HOUR_MS, _insert_cql
+
+    reader = make_backend(backend_url())
+    reader.migrate()
+    keyspace = urlsplit(backend_url()).path.strip("/")
+    options = CassandraOptions.from_url(url_with_option(backend_url(), "writer=acsylla"),
+                                        Settings())
+    writer = AcsyllaWriter(options, *_insert_cql(keyspace))
+    queue, now = f"bind-{uuid.uuid4().hex[:8]}", int(time.time() * 1000)
+    ids = [str(uuid.uuid4()) for _ in range(3)]
+
+    def row(task_id: str, attempts: object) -> tuple[object, ...]:
+        return (task_id, "t", queue, states.SUCCESS, "1", None, None, None, None, attempts,
+                "w", now, now, now, now, None, None, None, None, None, TTL_S)
+
+    def entry(task_id: str, shard: int) -> tuple[object, ...]:
+        return (queue, states.SUCCESS, now - now % HOUR_MS, shard, now, task_id, "t", TTL_S)
+
+    outcome: list[BaseException | None] = []
+    done = threading.Event()
+    try:
+        # Given a batch whose second row has text where its column takes an int, a lone
+        # listing entry (a plain INSERT) and two of another partition (an UNLOGGED BATCH)
+        writer.write([row(ids[0], 1), row(ids[2], "one"), row(ids[1], 1)],
+                     [[entry(ids[0], 0)], [entry(ids[1], 1), entry(ids[2], 1)]],
+                     "storing 3 tasks", lambda error: (outcome.append(error), done.set()))
+        assert done.wait(60), "the batch never ended"
+    finally:
+        writer.close()
+    # Then it fails naming the batch and the value, and every other write was made
+    (error,) = outcome
+    assert isinstance(error, BackendError) and "storing 3 tasks" in str(error)
+    assert "'one'" in str(error)
+    listed = reader.list_tasks(queue, states.SUCCESS, now - 1, now + 1)
+    assert sorted(m.task_id for m in listed) == sorted(ids[:2])
+    assert reader.fetch(ids[2]) is None
+    reader.close()
