@@ -15,6 +15,8 @@ context, and the run's ``traceparent`` is that span's. Without it nothing is imp
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
 import re
 from collections.abc import Iterator, Mapping
 from contextvars import ContextVar, Token
@@ -194,8 +196,19 @@ def _otel_configured(otel: Any) -> bool:
     Without one a span records nothing, yet cost about 8% of a worker's loop (py-spy);
     our own ids carry the trace the same.
     """
+    # opentelemetry-api keeps a provider set by the application in this global; asking
+    # get_tracer_provider() when none is set also looks up os.environ (about 2% of a
+    # draining worker's samples, once per task), so the environment is read once here.
+    if getattr(otel, "_TRACER_PROVIDER", False) is None and not _provider_in_environment():
+        return False
     name = type(otel.get_tracer_provider()).__name__
     return name not in ("ProxyTracerProvider", "NoOpTracerProvider")
+
+
+@functools.cache
+def _provider_in_environment() -> bool:
+    """Whether ``OTEL_PYTHON_TRACER_PROVIDER`` names a provider (read once)."""
+    return bool(os.environ.get("OTEL_PYTHON_TRACER_PROVIDER"))
 
 
 def otel_available() -> bool:

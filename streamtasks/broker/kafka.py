@@ -1143,8 +1143,13 @@ def _record(msg: ck.Message) -> Record:
 
 
 def _headers(raw: Any) -> dict[str, bytes]:
-    items = raw.items() if isinstance(raw, dict) else raw or []
-    return {
-        str(name): value if isinstance(value, bytes) else (value or "").encode()
-        for name, value in items
-    }
+    if not raw:
+        return {}
+    headers = dict(raw)  # a record's: (str, bytes | None) pairs
+    for name, value in headers.items():
+        if not isinstance(value, bytes) or not isinstance(name, str):
+            return {  # a header without a value, or one given as text (tests)
+                str(name): value if isinstance(value, bytes) else (value or "").encode()
+                for name, value in headers.items()
+            }
+    return headers
