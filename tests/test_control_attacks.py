@@ -506,3 +506,41 @@ def test_shutting_the_pool_down_leaves_a_running_child_s_pipe_to_its_run(
     runner.join(30)
     assert answers and isinstance(answers[0].error, procpool.ChildProcessDied), answers
     assert set(closers) == {"task-thread"}  # never the thread that shut the pool down
+
+
+def test_a_process_tasks_time_limit_does_not_count_its_modules_import(app: App) -> None:
+    """The time limit is the task's: a 1.5 s import in a fresh child (a heavy module, a
+    loaded machine) does not kill a task that returns at once under time_limit=1."""
+    from tests import slow_import_tasks
+    from tests.test_control import running
+
+    quick = app.task(name="quick", pool="process", time_limit=1.0)(slow_import_tasks.quick)
+    results = [quick.delay(i) for i in range(3)]
+    with running(app.worker(concurrency=1)):
+        deadline = time.monotonic() + 120
+        while not all(r.ready() for r in results) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert [(r.state, r.result if r.state == states.SUCCESS else r.meta().error_message)
+            for r in results] == [(states.SUCCESS, i) for i in range(3)]
+
+
+def test_a_child_that_cannot_import_in_time_fails_the_task_by_name(
+    app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A child stuck importing the task's module is killed after the start timeout and
+    the run fails saying so (never a wait without end)."""
+    from tests import slow_import_tasks
+    from tests.test_control import running
+
+    monkeypatch.setattr(procpool, "START_TIMEOUT_S", 0.5)
+    quick = app.task(name="quick", pool="process")(slow_import_tasks.quick)
+    result = quick.delay(1)
+    with running(app.worker(concurrency=1)):
+        deadline = time.monotonic() + 120
+        while not result.ready() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert result.state == states.FAILURE
+    message = result.meta().error_message or ""
+    # (on a loaded machine the child's own start may be what exceeds 0.5 s)
+    assert ("did not import tests.slow_import_tasks within" in message
+            or "did not start within" in message), message

@@ -7,8 +7,11 @@ cannot. The worker's task thread hands the run to an idle child over a pipe and 
 - ``soft_time_limit``: the child raises :class:`SoftTimeLimitExceeded` inside the task
   (a ``SIGALRM`` timer), which the task may catch to clean up;
 - ``time_limit``: the parent kills the child (``SIGKILL``) when the run is not back in
-  time; the run ends FAILURE with :class:`TimeLimitExceeded` (or is retried by its
-  policy), and a new child replaces the killed one for the next run;
+  time, counted from the moment the child has the task's function in hand (a child's
+  start and the first import of the task's module are not the task's time: on a loaded
+  machine they took over a second); the run ends FAILURE with
+  :class:`TimeLimitExceeded` (or is retried by its policy), and a new child replaces the
+  killed one for the next run;
 - :meth:`ProcessPool.terminate` (a revoke with ``terminate=True``) kills the child
   running that task; the run ends REVOKED.
 
@@ -41,6 +44,10 @@ from streamtasks.errors import ConfigError, TaskError
 log = structlog.get_logger("streamtasks.worker")
 
 POOLS = ("thread", "process")
+#: The longest a child may take to start, or to import a task's module, before it counts
+#: as dead (these are not part of a task's time limit).
+START_TIMEOUT_S = 120.0
+_READY, _STARTED = b"r", b"s"
 
 
 class TimeLimitExceeded(TaskError):
@@ -82,15 +89,23 @@ def _child_main(conn: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the worker decides when children end
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGALRM, _soft_limit)
+    conn.send_bytes(_READY)  # started, streamtasks imported: tasks may come
     while True:
         try:
             module, qualname, args, kwargs, soft_s = conn.recv()
         except (EOFError, OSError):
             return
+        try:
+            fn, found = _resolve(module, qualname), None
+        except BaseException as err:
+            fn, found = None, err
+        conn.send_bytes(_STARTED)  # the time limit counts from here
         if soft_s:
             signal.setitimer(signal.ITIMER_REAL, soft_s)
         try:
-            value = _resolve(module, qualname)(*args, **kwargs)
+            if found is not None:
+                raise found
+            value = fn(*args, **kwargs)
             answer = ChildResult(True, value)
         except BaseException as err:
             answer = ChildResult(False, None, err, "".join(traceback.format_exception(err)))
@@ -125,6 +140,19 @@ class _Child:
                                        name="streamtasks-child")
         self.process.start()
         child_conn.close()
+        self.ready = False
+
+    def expect(self, marker: bytes, what: str) -> None:
+        """Wait (up to :data:`START_TIMEOUT_S`) for ``marker`` from the child.
+
+        Raises:
+            EOFError: the child died, or did not ``what`` in time (it is killed).
+        """
+        if not self.conn.poll(START_TIMEOUT_S):
+            self.signal_kill()
+            raise EOFError(f"did not {what} within {START_TIMEOUT_S:.0f}s")
+        if self.conn.recv_bytes() != marker:
+            raise EOFError(f"sent something else than expected ({what})")
 
     def signal_kill(self) -> None:
         if self.process.pid is not None:
@@ -204,14 +232,18 @@ class ProcessPool:
             self._give_back(run_id, child)
             return ChildResult(False, None, None, terminated=True)
         try:
+            if not child.ready:
+                child.expect(_READY, "start")
+                child.ready = True
             child.conn.send((module, qualname, args, kwargs, soft_time_limit_s))
+            child.expect(_STARTED, f"import {module}")
             if not child.conn.poll(time_limit_s):
                 child.kill()
                 return ChildResult(False, None, TimeLimitExceeded(
                     f"{qualname} ran longer than its time_limit of {time_limit_s}s: its "
                     "process was killed"))
             answer: ChildResult = child.conn.recv()
-        except (EOFError, OSError, BrokenPipeError):
+        except (EOFError, OSError, BrokenPipeError) as err:
             child.kill()
             with self._lock:
                 terminated = run_id in self._terminated
@@ -219,7 +251,7 @@ class ProcessPool:
                 return ChildResult(False, None, None, terminated=True)
             return ChildResult(False, None, ChildProcessDied(
                 f"the process running {qualname} died after {time.monotonic() - began:.1f}s "
-                f"(exit code {child.process.exitcode})"))
+                f"(exit code {child.process.exitcode}){f': it {err}' if str(err) else ''}"))
         finally:
             self._give_back(run_id, child)
         return answer
