@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import importlib
 import importlib.metadata
 import json
@@ -404,11 +403,8 @@ def _cmd_worker(ns: argparse.Namespace) -> int:
     worker = app.worker(queues, concurrency=ns.concurrency, max_in_flight=ns.max_in_flight,
                         name=ns.name, observer=metrics, beat=not ns.no_beat)
     server = serve_worker(worker, metrics, port, ns.metrics_host) if metrics else None
-    # What start-up built (modules, the app, the drivers' metadata) lives as long as the
-    # process: moved out of the collector's way, full collections stay short.
-    gc.freeze()
     try:
-        return worker.run()
+        return worker.run(freeze_startup=True)
     finally:
         if server is not None:
             server.close()
