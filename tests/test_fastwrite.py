@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import sys
@@ -663,6 +664,27 @@ def test_a_write_the_session_refuses_before_sending_fails_its_batch(
     writer.close()
     assert isinstance(error, BackendError) and "storing 2 tasks" in str(error)
     assert "Session closed" in str(error)
+
+
+def test_written_batches_leave_nothing_for_the_cyclic_garbage_collector(
+    clusters: list[_FakeCluster],
+) -> None:
+    """A worker writes thousands of rows a second: cycles per row would pile up between
+    collections (and a collection's pause lands on the worker's latency)."""
+    writer, outcomes, _ = _connected(clusters)
+    gc.collect()
+    gc.disable()
+    try:
+        for n in range(1, 21):
+            writer.write([_ROW] * 10, [[_entry("a")], [_entry("b"), _entry("c")]],
+                         "storing 10 tasks", outcomes.done(n))
+        calls = outcomes.wait(21)
+        cyclic = gc.collect()
+    finally:
+        gc.enable()
+    writer.close()
+    assert all(calls[n] == [None] for n in range(1, 21))
+    assert cyclic == 0, f"{cyclic} objects of 20 batches were freed only by the cyclic GC"
 
 
 def test_a_write_whose_future_is_cancelled_fails_its_batch_instead_of_hanging(

@@ -388,6 +388,7 @@ class AcsyllaWriter:
 
     def _finish(self, flight: _Flight) -> None:
         """End ``flight``'s batch (every write settled, or the writer closing)."""
+        flight.writes.clear()  # each refers to its flight: freed now, not by the cyclic GC
         self._flights.discard(flight)
         if not self._flights and self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
