@@ -179,14 +179,29 @@ def from_datum(datum: Any) -> Any:
     return datum
 
 
-def _read_timestamp(fields: dict[str, Any]) -> datetime:
-    offset_s = fields["utc_offset_s"]
-    if offset_s is None:
-        return _EPOCH + timedelta(microseconds=fields["epoch_us"])
+def timestamp_from_fields(epoch_us: int, utc_offset_s: int | None) -> datetime:
+    """Return the datetime of a ``Timestamp`` record's fields."""
+    if utc_offset_s is None:
+        return _EPOCH + timedelta(microseconds=epoch_us)
     # Build the local wall clock first: converting from UTC near datetime.min / max
     # could leave the representable range although the local time is inside it.
-    wall = _EPOCH + timedelta(microseconds=fields["epoch_us"] + offset_s * 1_000_000)
-    return wall.replace(tzinfo=timezone(timedelta(seconds=offset_s)))
+    wall = _EPOCH + timedelta(microseconds=epoch_us + utc_offset_s * 1_000_000)
+    return wall.replace(tzinfo=timezone(timedelta(seconds=utc_offset_s)))
+
+
+def date_from_days(epoch_days: int) -> date:
+    """Return the date of a ``Date`` record's field."""
+    return date.fromordinal(epoch_days + _EPOCH_ORDINAL)
+
+
+def duration_from_fields(days: int, seconds: int, microseconds: int) -> timedelta:
+    """Return the timedelta of a ``Duration`` record's fields."""
+    return timedelta(days=days, seconds=seconds, microseconds=microseconds)
+
+
+def int_from_twos_complement(raw: bytes) -> int:
+    """Return the int of a ``BigInt`` record's field."""
+    return int.from_bytes(raw, "big", signed=True)
 
 
 _READERS: dict[str, Callable[[dict[str, Any]], Any]] = {
@@ -195,12 +210,10 @@ _READERS: dict[str, Callable[[dict[str, Any]], Any]] = {
     STRING_ARRAY: lambda f: f["items"],
     VALUE_LIST: lambda f: [from_datum(item) for item in f["items"]],
     VALUE_MAP: lambda f: {key: from_datum(item) for key, item in f["entries"].items()},
-    BIG_INT: lambda f: int.from_bytes(f["twos_complement"], "big", signed=True),
+    BIG_INT: lambda f: int_from_twos_complement(f["twos_complement"]),
     DECIMAL: lambda f: Decimal(f["text"]),
-    TIMESTAMP: _read_timestamp,
-    DATE: lambda f: date.fromordinal(f["epoch_days"] + _EPOCH_ORDINAL),
-    DURATION: lambda f: timedelta(
-        days=f["days"], seconds=f["seconds"], microseconds=f["microseconds"]
-    ),
+    TIMESTAMP: lambda f: timestamp_from_fields(f["epoch_us"], f["utc_offset_s"]),
+    DATE: lambda f: date_from_days(f["epoch_days"]),
+    DURATION: lambda f: duration_from_fields(f["days"], f["seconds"], f["microseconds"]),
     UUID_RECORD: lambda f: UUID(bytes=f["bytes"]),
 }

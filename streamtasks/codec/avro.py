@@ -13,19 +13,20 @@ from __future__ import annotations
 import io
 import json
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
 from functools import partial
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import fastavro
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
 from streamtasks.codec._binary import NotCovered, compile_record
 from streamtasks.codec._paths import PathFailure
+from streamtasks.codec._reader import compile_reader
 from streamtasks.codec._values import (
     LONG_MAX,
     LONG_MIN,
@@ -40,6 +41,8 @@ from streamtasks.message import TaskMessage
 
 MARKER = b"\xc3\x01"
 HEADER_SIZE = len(MARKER) + 8
+
+T = TypeVar("T")
 
 
 def default_schema_dir() -> Traversable:
@@ -61,10 +64,22 @@ class _WriterSchema:
     fingerprint: bytes
 
 
-class _SchemaFamily:
-    """All versions of one record (``task`` or ``value``) and the framing around bodies."""
+class _SchemaFamily(Generic[T]):
+    """All versions of one record (``task`` or ``value``) and the framing around bodies.
 
-    def __init__(self, directory: Traversable, stem: str) -> None:
+    Args:
+        directory: where the ``<stem>-v<N>.avsc`` files are.
+        stem: ``task`` or ``value``.
+        build: makes the decoded object from the value of each field of the newest
+            schema, in ``order``.
+        order: the newest schema's field names, in the order ``build`` takes them.
+        from_record: makes the decoded object from the dict fastavro reads (for bodies
+            the compiled readers leave to fastavro); raises DecodeError for a bad value.
+
+    """
+
+    def __init__(self, directory: Traversable, stem: str, build: Callable[..., T],
+                 order: Sequence[str], from_record: Callable[[dict[str, Any]], T]) -> None:
         pattern = re.compile(rf"{re.escape(stem)}-v(\d+)\.avsc")
         found: list[_WriterSchema] = []
         for entry in directory.iterdir():
@@ -97,6 +112,36 @@ class _SchemaFamily:
         self.header = MARKER + self.current.fingerprint
         self.by_fingerprint = {s.fingerprint: s for s in found}
         self._write_body = compile_record(self.current.parsed)
+        self._from_record = from_record
+        # One compiled reader per writer schema, keyed by the whole header (marker +
+        # fingerprint), each resolving to the newest schema; None: fastavro reads those.
+        self._read_body = {
+            MARKER + s.fingerprint: compile_reader(s.parsed, self.current.parsed, build, order)
+            for s in found
+        }
+
+    def decode(self, data: bytes | bytearray | memoryview) -> T:
+        """Return the object in ``data``, resolved to the newest schema.
+
+        The compiled reader of the writer schema reads the body; bytes it does not take
+        as written (see ``_reader``) are read again by fastavro, which says what is
+        wrong with them.
+
+        Raises:
+            DecodeError: see :meth:`unframe`, or a value ``from_record`` refuses.
+
+        """
+        if type(data) is not bytes:
+            data = bytes(data)
+        read_body = self._read_body.get(data[:HEADER_SIZE])
+        if read_body is not None:
+            try:
+                decoded, end = read_body(data, HEADER_SIZE)
+                if end == len(data):
+                    return decoded  # type: ignore[no-any-return]
+            except Exception:  # not an error here: fastavro reads it again below
+                pass
+        return self._from_record(self.unframe(data))
 
     def frame(self, record: dict[str, Any], check: Callable[[], None] | None = None) -> bytes:
         """Return header + body of ``record`` written with the current schema.
@@ -187,8 +232,10 @@ class AvroCodec(Codec):
             directory = Path(schema_dir)
         else:
             directory = schema_dir
-        self._tasks = _SchemaFamily(directory, "task")
-        self._values = _SchemaFamily(directory, "value")
+        self._tasks: _SchemaFamily[TaskMessage] = _SchemaFamily(
+            directory, "task", TaskMessage, _TASK_FIELDS, _task_from_record)
+        self._values: _SchemaFamily[Any] = _SchemaFamily(
+            directory, "value", _the_value, ("value",), _value_from_record)
 
     @property
     def task_schema_version(self) -> int:
@@ -248,34 +295,7 @@ class AvroCodec(Codec):
                 says what is wrong.
 
         """
-        record = self._tasks.unframe(data)
-        try:
-            return TaskMessage(
-                id=record["id"],
-                name=record["name"],
-                queue=record["queue"],
-                args=[from_datum(item) for item in record["args"]],
-                kwargs={key: from_datum(item) for key, item in record["kwargs"].items()},
-                attempt=record["attempt"],
-                created_ms=record["created_ms"],
-                eta_ms=record["eta_ms"],
-                expires_ms=record["expires_ms"],
-                key=record["key"],
-                parent_id=record["parent_id"],
-                root_id=record["root_id"],
-                group_id=record["group_id"],
-                group_index=record["group_index"],
-                group_size=record["group_size"],
-                link=[_decode_map(sig) for sig in record["link"]],
-                link_error=[_decode_map(sig) for sig in record["link_error"]],
-                chain=[_decode_map(sig) for sig in record["chain"]],
-                options=record["options"],
-                traceparent=record["traceparent"],
-            )
-        except (KeyError, ValueError, TypeError) as err:
-            raise DecodeError(
-                f"task message has an invalid value: {type(err).__name__}: {err}"
-            ) from err
+        return self._tasks.decode(data)
 
     def encode_value(self, value: Any) -> bytes:
         """Encode one value (a task result) so that :meth:`decode_value` restores its type.
@@ -306,13 +326,56 @@ class AvroCodec(Codec):
             DecodeError: the bytes are not a value of a known schema.
 
         """
-        record = self._values.unframe(data)
-        try:
-            return from_datum(record["value"])
-        except (KeyError, ValueError, TypeError) as err:
-            raise DecodeError(
-                f"value message has an invalid value: {type(err).__name__}: {err}"
-            ) from err
+        return self._values.decode(data)
+
+
+# What a decoded record's values may raise in conversion: a date or duration out of range
+# (OverflowError), a Decimal of garbage text (decimal.InvalidOperation), a bad UUID.
+_BAD_VALUE = (KeyError, ValueError, TypeError, ArithmeticError)
+_TASK_FIELDS = tuple(f.name for f in fields(TaskMessage))
+
+
+def _task_from_record(record: dict[str, Any]) -> TaskMessage:
+    try:
+        return TaskMessage(
+            id=record["id"],
+            name=record["name"],
+            queue=record["queue"],
+            args=[from_datum(item) for item in record["args"]],
+            kwargs={key: from_datum(item) for key, item in record["kwargs"].items()},
+            attempt=record["attempt"],
+            created_ms=record["created_ms"],
+            eta_ms=record["eta_ms"],
+            expires_ms=record["expires_ms"],
+            key=record["key"],
+            parent_id=record["parent_id"],
+            root_id=record["root_id"],
+            group_id=record["group_id"],
+            group_index=record["group_index"],
+            group_size=record["group_size"],
+            link=[_decode_map(sig) for sig in record["link"]],
+            link_error=[_decode_map(sig) for sig in record["link_error"]],
+            chain=[_decode_map(sig) for sig in record["chain"]],
+            options=record["options"],
+            traceparent=record["traceparent"],
+        )
+    except _BAD_VALUE as err:
+        raise DecodeError(
+            f"task message has an invalid value: {type(err).__name__}: {err}"
+        ) from err
+
+
+def _the_value(value: Any) -> Any:
+    return value
+
+
+def _value_from_record(record: dict[str, Any]) -> Any:
+    try:
+        return from_datum(record["value"])
+    except _BAD_VALUE as err:
+        raise DecodeError(
+            f"value message has an invalid value: {type(err).__name__}: {err}"
+        ) from err
 
 
 def _encode_field(root: str, convert: Any, value: Any, kinds: tuple[type, ...] | None) -> Any:
