@@ -193,7 +193,7 @@ class _Compiler:
         if items == "double":
             return _read_double_array
         if items == "long" or items == "int":
-            return _long_or_many(_read_long_array, items)
+            return _long_or_many(_array_reader(read_long), items)
         if items == "string":
             return _long_or_many(_array_reader(_read_string), items)
         return _array_reader(self.reader(items))
@@ -260,25 +260,6 @@ def _long_or_many(read_few: Read, items: str) -> Read:
         return fastavro.schemaless_reader(buf, parsed, None), buf.tell()
 
     return read_array
-
-
-def _read_long_array(data: bytes, pos: int) -> tuple[Any, int]:
-    items: list[int] = []
-    append = items.append
-    while True:
-        count, pos = read_length(data, pos)
-        if not count:
-            return items, pos
-        if count > len(data) - pos:  # each item takes a byte at least
-            raise NotCovered
-        for _ in range(count):
-            b = data[pos]
-            if b < 0x80:
-                append((b >> 1) ^ -(b & 1))
-                pos += 1
-            else:
-                value, pos = read_long(data, pos)
-                append(value)
 
 
 def _read_double_array(data: bytes, pos: int) -> tuple[Any, int]:
