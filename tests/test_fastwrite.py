@@ -19,7 +19,7 @@ from streamtasks.backend.base import TaskMeta
 from streamtasks.backend.cassandra.connection import CassandraOptions
 from streamtasks.backend.cassandra.errors import backend_error
 from streamtasks.backend.cassandra.fastwrite import AcsyllaWriter, as_backend_error, driver_log
-from streamtasks.backend.cassandra.rows import TaskRows
+from streamtasks.backend.cassandra.rows import InFlightSlots, TaskRows
 from streamtasks.errors import BackendError, ConfigError
 from streamtasks.worker.effects import is_transient
 
@@ -453,7 +453,7 @@ class _InstantWriter:
               done: Callable[[BaseException | None], None]) -> None:
         if self.raise_error is not None:
             raise self.raise_error
-        held = self.max_in_flight - self.rows._slots._value  # type: ignore[attr-defined]
+        held = self.max_in_flight - self.rows._slots.free
         self.over_limit |= held > self.max_in_flight
         threading.Timer(0.001, done, args=(None,)).start()
 
@@ -503,7 +503,44 @@ def test_batches_stored_from_several_threads_never_deadlock_on_the_in_flight_slo
         sys.setswitchinterval(interval)
     assert not any(t.is_alive() for t in threads), "threads blocked taking in-flight slots"
     assert not stuck and not writer.over_limit
-    assert rows._slots._value == 8  # type: ignore[attr-defined] # every slot given back
+    assert rows._slots.free == 8  # every slot given back
+
+
+def test_in_flight_slots_are_taken_at_most_all_and_never_given_back_beyond_the_limit() -> None:
+    slots = InFlightSlots(4)
+    assert slots.take(10) == 4 and slots.free == 0  # a batch larger than the limit
+    slots.give(3)
+    with pytest.raises(ValueError, match="2 in-flight slots given back, only 1 are taken"):
+        slots.give(2)
+    slots.give(1)
+    assert slots.free == 4
+
+
+def test_a_batch_waiting_for_its_slots_is_not_overtaken_by_a_smaller_one() -> None:
+    slots = InFlightSlots(4)
+    slots.take(4)
+    order: list[str] = []
+    big_waits = threading.Event()
+
+    def take(name: str, count: int) -> None:
+        if name == "big":
+            big_waits.set()
+        slots.take(count)
+        order.append(name)
+
+    big = threading.Thread(target=take, args=("big", 3), daemon=True)
+    big.start()
+    assert big_waits.wait(10)
+    assert _wait_for(lambda: slots._taking.locked())  # the big batch waits at the head
+    small = threading.Thread(target=take, args=("small", 1), daemon=True)
+    small.start()
+    slots.give(1)  # enough for the small batch, not for the big one
+    small.join(0.3)
+    assert order == [], "the small batch took the slot the big one was waiting for"
+    slots.give(3)
+    big.join(10)
+    small.join(10)
+    assert order == ["big", "small"] and slots.free == 0
 
 
 def test_a_writer_failing_to_take_a_batch_fails_its_future_and_gives_its_slots_back() -> None:

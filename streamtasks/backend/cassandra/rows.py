@@ -190,6 +190,54 @@ class SavedGroups:
                          f"forgetting group {group_id}")
 
 
+class InFlightSlots:
+    """``limit`` slots for writes in flight, taken and given back several at a time.
+
+    A batch of the acsylla writer takes one slot per row (at most all of them) in one
+    call and gives them back in one call when it ends: a slot a call cost ~1 µs a row
+    (``threading.BoundedSemaphore``), half of it on the writer's loop thread. Takers queue
+    one behind the other: a batch waiting for its slots is never overtaken by a smaller
+    one, and no two batches each hold part of what they wait for.
+
+    Args:
+        limit: the slots (``backend_max_in_flight``, >= 1).
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._free = limit
+        self._changed = threading.Condition(threading.Lock())
+        #: Held by the taker at the head of the queue while it waits for enough slots.
+        self._taking = threading.Lock()
+
+    @property
+    def free(self) -> int:
+        """The slots not taken now."""
+        return self._free
+
+    def take(self, count: int) -> int:
+        """Take ``count`` slots (at most :attr:`limit`), waiting for them; return how many."""
+        count = min(count, self.limit)
+        with self._taking, self._changed:
+            while self._free < count:
+                self._changed.wait()
+            self._free -= count
+        return count
+
+    def give(self, count: int) -> None:
+        """Give back ``count`` slots taken before.
+
+        Raises:
+            ValueError: more slots given back than are taken (a bug of the caller's).
+        """
+        with self._changed:
+            if self._free + count > self.limit:
+                raise ValueError(f"{count} in-flight slots given back, only "
+                                 f"{self.limit - self._free} are taken")
+            self._free += count
+            self._changed.notify()
+
+
 class TaskRows:
     """Stores, reads and lists task rows (the task half of :class:`CassandraBackend`).
 
@@ -214,11 +262,7 @@ class TaskRows:
         self._codec = codec
         self._json_text = json_text
         self._ttl_s = ttl_s
-        self._slots = threading.BoundedSemaphore(max_in_flight)
-        #: Held while a batch takes its slots, so that two batches never each hold part
-        #: of them waiting for the rest (the acsylla writer frees a batch's at its end).
-        self._taking = threading.Lock()
-        self._max_in_flight = max_in_flight
+        self._slots = InFlightSlots(max_in_flight)
         self._fast: AcsyllaWriter | None = None
         if connection.options.writer == "acsylla":
             self._fast = AcsyllaWriter(connection.options, *_insert_cql(connection.ks))
@@ -294,15 +338,15 @@ class TaskRows:
         write = FanIn(len(params) + len(batches), partial(self._batch_done, future, what))
 
         def row_done(_rows: object) -> None:
-            self._slots.release()
+            self._slots.give(1)
             write.one(None)
 
         def row_failed(err: BaseException) -> None:
-            self._slots.release()
+            self._slots.give(1)
             write.one(err)
 
         for task_params, _ in params:
-            self._slots.acquire()
+            self._slots.take(1)
             try:
                 response = session.execute_async(statements.insert_task, task_params)
             except Exception as err:  # e.g. the session was shut down
@@ -334,18 +378,16 @@ class TaskRows:
         threads never deadlock each holding part of the slots.
         """
         assert self._fast is not None
-        count = min(len(params), self._max_in_flight)
-        with self._taking:
-            for _ in range(count):
-                self._slots.acquire()
+        count = self._slots.take(len(params))
 
         def done(error: BaseException | None) -> None:
-            for _ in range(count):
-                self._slots.release()
-            if error is None:
-                future.set_result(None)
-            else:
-                future.set_exception(error)
+            try:
+                self._slots.give(count)
+            finally:
+                if error is None:
+                    future.set_result(None)
+                else:
+                    future.set_exception(error)
 
         try:
             self._fast.write([task for task, _ in params], batches, what, done)
