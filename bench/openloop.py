@@ -22,6 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.ab_drain import cpu_s  # noqa: E402
 from bench.run import make_env  # noqa: E402
 from streamtasks import App, Settings  # noqa: E402
 
@@ -89,9 +90,12 @@ def main() -> int:
         app.send("bench.noop", confirm=True).get(timeout=120)  # the worker has joined
         time.sleep(2)
         print(f"\n{'load':>20} {'tasks':>7} {'p50 ms':>8} {'p99 ms':>8} {'p99.9 ms':>9}"
-              f"   p99 of its parts: {'sender':>6} {'queued':>6} {'run':>6}")
+              f"   p99 of its parts: {'sender':>6} {'queued':>6} {'run':>6}"
+              f"   worker CPU/task")
         for share in (0.5, 0.8):
+            cpu_before = cpu_s(worker.pid)
             rows = run_load(app, ns.rate * share, ns.seconds)
+            cpu_us = (cpu_s(worker.pid) - cpu_before) / max(1, len(rows)) * 1e6
             total, _, sender, queued, ran = ([row[i] for row in rows] for i in range(5))
             if ns.dump:
                 with open(f"{ns.dump}-{share:.0%}.csv", "w", encoding="utf-8") as out:
@@ -100,7 +104,8 @@ def main() -> int:
             print(f"{f'{share:.0%} of {ns.rate:,.0f}/s':>20} {len(rows):>7} "
                   f"{percentile(total, 0.5):>8.1f} {percentile(total, 0.99):>8.1f} "
                   f"{percentile(total, 0.999):>9.1f}   {'':>17} {percentile(sender, 0.99):>6.1f} "
-                  f"{percentile(queued, 0.99):>6.1f} {percentile(ran, 0.99):>6.1f}")
+                  f"{percentile(queued, 0.99):>6.1f} {percentile(ran, 0.99):>6.1f}"
+                  f"   {cpu_us:>9.0f} us")
     finally:
         worker.terminate()
         worker.wait(timeout=60)
