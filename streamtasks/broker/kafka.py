@@ -1145,11 +1145,7 @@ def _record(msg: ck.Message) -> Record:
 def _headers(raw: Any) -> dict[str, bytes]:
     if not raw:
         return {}
-    headers = dict(raw)  # a record's: (str, bytes | None) pairs
-    for name, value in headers.items():
-        if not isinstance(value, bytes) or not isinstance(name, str):
-            return {  # a header without a value, or one given as text (tests)
-                str(name): value if isinstance(value, bytes) else (value or "").encode()
-                for name, value in headers.items()
-            }
+    headers: dict[str, bytes] = dict(raw)  # librdkafka's: (str, bytes | None) pairs
+    if None in headers.values():  # a header without a value reads as empty
+        return {name: value or b"" for name, value in headers.items()}
     return headers
