@@ -84,6 +84,6 @@ bench: up bench-deps
 	$(PYTHON) bench/run.py
 	$(PYTHON) bench/chord.py
 	$(PYTHON) bench/many_queues.py
+	$(PYTHON) bench/compare.py --tasks $(or $(BENCH_TASKS),20000)
 	$(PYTHON) bench/openloop.py
 	$(PYTHON) bench/backlog_rss.py
-	$(PYTHON) bench/compare.py --tasks $(or $(BENCH_TASKS),20000)

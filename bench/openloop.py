@@ -1,6 +1,9 @@
 """Latency under open-loop load: tasks sent on a fixed schedule at 50% and 80% of a rate.
 
-    python bench/openloop.py [--rate 4000] [--seconds 10]
+    python bench/openloop.py [--rate N] [--seconds 10]
+
+``--rate`` defaults to the burst end-to-end rate of one worker process in
+``bench/results/latest.json`` (``make bench`` runs ``compare.py`` first), else 4,000/s.
 
 Closed-loop measures (send, wait, send) hide queueing: here the send times are fixed in
 advance (task i at t0 + i / rate), whatever the worker does, and each task's latency is
@@ -12,6 +15,7 @@ the durable row follows within the write's latency (about a millisecond locally)
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -30,6 +34,19 @@ from streamtasks import App, Settings  # noqa: E402
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def measured_rate(default: float = 4000.0) -> float:
+    """The burst rate of one worker process in ``bench/results/latest.json``, else ``default``."""
+    try:
+        latest = json.loads((ROOT / "bench" / "results" / "latest.json").read_text())
+        rate = float(latest["results"]["streamtasks_1p"]["end_to_end_per_s"])
+    except (OSError, ValueError, KeyError, TypeError):
+        print(f"no burst rate in bench/results/latest.json: loads are of {default:,.0f}/s")
+        return default
+    print(f"loads are fractions of the burst rate measured by compare.py: {rate:,.0f}/s "
+          f"(bench/results/latest.json, {latest.get('when', '?')})")
+    return rate
 
 
 def run_load(app: App, rate: float, seconds: float
@@ -70,12 +87,15 @@ def run_load(app: App, rate: float, seconds: float
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rate", type=float, default=4000.0,
-                        help="the drain rate the loads are fractions of (tasks/s)")
+    parser.add_argument("--rate", type=float, default=None,
+                        help="the drain rate the loads are fractions of (tasks/s; default: "
+                             "latest.json's burst rate of one worker process, else 4000)")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--dump", metavar="PREFIX",
                         help="write each task's figures to PREFIX-<load>.csv (scheduled order)")
     ns = parser.parse_args()
+    if ns.rate is None:
+        ns.rate = measured_rate()
     namespace = f"bench-ol-{uuid.uuid4().hex[:8]}"
     env = make_env(namespace)
     app = App("bench", settings=Settings.from_env(env=env))
