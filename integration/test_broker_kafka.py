@@ -5,11 +5,13 @@ These tests fail, never skip, when Kafka cannot be reached.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import uuid
 from collections.abc import Iterator
 
+import confluent_kafka as ck
 import pytest
 from confluent_kafka.admin import AdminClient, ConfigResource, ConfigSource
 
@@ -46,6 +48,70 @@ class TestKafkaBroker(BrokerContract):
     def topic_name(self) -> str:
         return f"it.broker.{uuid.uuid4().hex[:12]}"
 
+    def test_records_larger_than_a_fetch_come_whole_between_small_ones(self) -> None:
+        # Given a limit four times a consumer's whole fetch (1 MiB) and three partitions,
+        # each holding small records on both sides of a record at that limit
+        limit = 4 * 1024 * 1024
+        broker = self.make_broker(Settings(max_message_bytes=limit))
+        self._members = []
+        try:
+            topic = self.new_topic(broker, 3, {"max.message.bytes": str(2 * limit)})
+            sent = {p: [os.urandom(200) for _ in range(2_000)] + [os.urandom(limit)]
+                    + [os.urandom(200) for _ in range(2_000)] for p in range(3)}
+            self.send_all(broker, topic, [{"value": v, "partition": p}
+                                          for p, values in sent.items() for v in values])
+            # When one group member reads them all
+            member = self.join(broker, self.group(), [topic])
+            self.poll_until([member], lambda: len(member.records) >= 3 * 4_001,
+                            "12,003 records")
+            # Then every record comes once, in its partition's order, the large ones whole
+            for p, values in sent.items():
+                got = [r for r in member.records if r.partition == p]
+                assert [r.offset for r in got] == list(range(4_001))
+                assert [r.value for r in got] == values
+        finally:
+            for m in self._members:
+                m.consumer.close()
+            broker.close()
+
+    def test_prefetch_is_bounded_whatever_the_backlog(self, broker: Broker) -> None:
+        # Given a backlog of 60,000 records (incompressible, 100 bytes) on 6 partitions,
+        # sent in batches as small as a stream of tasks makes them
+        topic = self.new_topic(broker, 6)
+        sender = KafkaBroker(BROKER_URL + "?batch.size=16384", Settings())
+        try:
+            self.send_all(sender, topic, [{"value": os.urandom(100), "partition": i % 6}
+                                          for i in range(60_000)])
+        finally:
+            sender.close()
+        # When a consumer with the worker's configuration reads them slowly (~10,000 a
+        # second), librdkafka's statistics reporting its queue every 100 ms
+        assert isinstance(broker, KafkaBroker)
+        queued: list[int] = []
+
+        def stats(text: str) -> None:
+            partitions = json.loads(text)["topics"].get(topic, {}).get("partitions", {})
+            # every partition reports the consumer's one queue, which they all feed
+            queued.append(max((p["fetchq_cnt"] for p in partitions.values()), default=0))
+
+        config = {**broker.consumer_config(self.group()), "statistics.interval.ms": 100,
+                  "stats_cb": stats}
+        consumer = ck.Consumer(config)
+        try:
+            consumer.subscribe([topic])
+            taken = 0
+            deadline = time.monotonic() + self.timeout_s
+            while taken < 60_000 and time.monotonic() < deadline:
+                taken += len(consumer.consume(200, 0.5))
+                time.sleep(0.02)
+            assert taken == 60_000
+            # Then librdkafka held a few thousand records at a time, never the backlog: a
+            # fetch is at most 64 KiB a partition (~2,300 of these records from 6
+            # partitions), the next one only when fewer than 2,000 wait
+            assert len(queued) >= 10, "too few statistics came"
+            assert 0 < max(queued) <= 8_000, queued
+        finally:
+            consumer.close()
 
 @pytest.fixture
 def kafka() -> Iterator[KafkaBroker]:

@@ -123,8 +123,20 @@ def _unreachable_hint(codes: set[int]) -> str:
     return "check that Kafka is running there and the host:port in the broker URL"
 
 
-#: A consumer's largest fetch response (raised to the largest record allowed).
-_FETCH_MAX_BYTES = 8 * 1024 * 1024
+#: A consumer's prefetch: what librdkafka holds for the worker beyond its max_in_flight
+#: records, ~1 KB of native memory a small task until the worker takes it. It is bounded
+#: by records, whatever the backlog: a new fetch only when fewer than
+#: ``_QUEUED_MIN_RECORDS`` wait (a fraction of a second of a busy worker's work), checked
+#: every ``_QUEUE_BACKOFF_MS`` (librdkafka's 1 s default starves a worker whose queue
+#: holds less than a second's work), each fetch at most ``_PARTITION_FETCH_BYTES`` a
+#: partition and ``_FETCH_MAX_BYTES`` in all (librdkafka refuses less than its
+#: ``message.max.bytes``, 1,000,000). A record larger than a fetch still comes whole:
+#: Kafka returns the first batch of a fetch whatever its size, and
+#: ``receive.message.max.bytes`` is set to hold the largest record allowed.
+_QUEUED_MIN_RECORDS = 2_000
+_QUEUE_BACKOFF_MS = 20
+_PARTITION_FETCH_BYTES = 64 * 1024
+_FETCH_MAX_BYTES = 1024 * 1024
 
 #: librdkafka warnings that only say it waits for a broker still loading its state (the
 #: group or transaction coordinator right after a broker starts): it retries by itself.
@@ -254,24 +266,22 @@ class KafkaBroker(Broker):
 
     def consumer_config(self, group_id: str) -> dict[str, Any]:
         """Return the librdkafka configuration of a consumer of ``group_id``."""
-        # One fetch response is one buffer, held until its last record is taken: with a
-        # backlog librdkafka keeps several in flight. At 50 MB (its default) a worker
-        # draining a 1,000,000 backlog held ~430 MiB; 8 MB is ~40,000 small tasks a fetch
-        # (bench/backlog_rss.py).
-        fetch_max = max(_FETCH_MAX_BYTES, self._limit_bytes)
+        # Prefetch bounded by records, not by the backlog (see _QUEUED_MIN_RECORDS): with
+        # fetches as large as the largest record (16.5 MiB by default) a worker draining a
+        # 1,000,000 backlog held ~120,000 records at once and peaked at ~220 MiB against
+        # ~95 at 10,000 (bench/backlog_rss.py; bench/README.md, seventh round).
         return {
             "auto.offset.reset": "earliest",
             "max.poll.interval.ms": 300_000,
             "session.timeout.ms": 10_000,
             "heartbeat.interval.ms": 2_000,
-            "fetch.max.bytes": fetch_max,
-            "max.partition.fetch.bytes": self._limit_bytes,
-            "receive.message.max.bytes": fetch_max + 1_048_576,
-            # librdkafka prefetches up to 64 MB / 100,000 records per partition by
-            # default: with a huge backlog that is the bulk of a worker's memory. A few
-            # seconds of work ahead is enough (measured: bench/backlog_rss.py).
-            "queued.min.messages": 10_000,
+            "fetch.max.bytes": _FETCH_MAX_BYTES,
+            "max.partition.fetch.bytes": _PARTITION_FETCH_BYTES,
+            "queued.min.messages": _QUEUED_MIN_RECORDS,
             "queued.max.messages.kbytes": 32_768,
+            "fetch.queue.backoff.ms": _QUEUE_BACKOFF_MS,
+            # A response holding the largest record allowed must still be read.
+            "receive.message.max.bytes": self._limit_bytes + _FETCH_MAX_BYTES,
             **self._common,
             "group.id": group_id,
             # Offsets move only when the worker says a record's effects are durable.
