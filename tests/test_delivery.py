@@ -14,6 +14,7 @@ import time
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from typing import Any
 
 import pytest
@@ -766,3 +767,60 @@ def test_a_worker_starts_when_the_result_store_cannot_be_checked_now(
         assert all(rt.started for rt in worker.runtimes)
     finally:
         worker.close()
+
+
+# -- 8. a worker holds no more than max_in_flight records -----------------------------------
+
+
+def test_a_worker_whose_writes_stall_takes_no_more_than_max_in_flight() -> None:
+    # Given a backlog of 200 tasks and result writes that stay unfinished for a while
+    app = make_app(max_in_flight=20)
+    runs = Runs()
+
+    @app.task(name="work")
+    def work(i: int) -> int:
+        runs.add(i)
+        return i
+
+    results = [work.delay(i) for i in range(200)]
+    app.flush()
+    original = app.backend.store
+    held: list[tuple[TaskMeta, Future[None]]] = []
+    lock = threading.Lock()
+    stalled = True
+
+    def store(meta: TaskMeta) -> Future[None]:
+        with lock:
+            if stalled:
+                future: Future[None] = Future()
+                held.append((meta, future))
+                return future
+        return original(meta)
+
+    app.backend.store = store  # type: ignore[method-assign]
+    worker = Worker(app, ["default"], concurrency=4)
+    worker.start()
+    try:
+        # When the worker turns for half a second while no row becomes durable
+        deadline = time.monotonic() + 0.5
+        while time.monotonic() < deadline:
+            worker._step(0.01)
+            # Then it never holds more than max_in_flight records (before the fix it
+            # took one more each turn while full: hundreds over the limit)
+            assert worker.stats["received"] <= 20
+        step_until(lambda: worker.stats["received"] == 20, worker)
+        assert worker.stats["received"] == 20
+        # And once the writes complete, every task of the backlog runs once
+        with lock:
+            stalled = False
+            waiting = list(held)
+        for meta, future in waiting:
+            original(meta).result(5)
+            future.set_result(None)
+        step_until(lambda: len(runs.counts) == 200 and no_lag(app, worker), worker,
+                   timeout_s=30.0)
+        assert runs.counts == Counter(range(200))
+        assert all(row(app, r.id).state == states.SUCCESS for r in results)
+    finally:
+        worker.close()
+        app.close()

@@ -446,7 +446,13 @@ class Worker:
         for rt in self.runtimes:
             # Take no more than the room left: pausing (which drops what librdkafka
             # fetched ahead, and costs a new fetch on resume) is kept for a lasting stall.
-            rt.poll(share, self.max_in_flight - self.outstanding)
+            room = self.max_in_flight - self.outstanding
+            if room > 0 or self._full:
+                rt.poll(share, room)  # paused while full: a poll serves the group only
+            else:
+                # Full, not paused yet: a poll would take a record each turn (thousands
+                # a second beyond max_in_flight while the first writes warm up).
+                time.sleep(share)
         self._service()
         for rt in self.runtimes:
             rt.maybe_commit()
@@ -895,9 +901,11 @@ class Worker:
 
         Everything is paused while full for a while (until half the room is free) or
         draining; otherwise only partitions whose slow head holds too many records
-        behind it. While full, polls take at most one record per turn; only a stall that lasts
+        behind it. While full, nothing is polled; a stall that lasts
         (``_FULL_PAUSE_AFTER_S``: results not becoming durable, e.g. Cassandra down)
-        pauses everything, so memory stays flat and the group membership stays alive.
+        pauses everything, and the paused consumers are polled again (a rebalance
+        waits at most that long), so memory stays flat and the group membership stays
+        alive.
         """
         outstanding = self.outstanding
         now = time.monotonic()
