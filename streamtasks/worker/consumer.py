@@ -449,10 +449,12 @@ class Worker:
             room = self.max_in_flight - self.outstanding
             if room > 0 or self._full:
                 rt.poll(share, room)  # paused while full: a poll serves the group only
-            else:
+            elif self._outcomes.empty():
                 # Full, not paused yet: a poll would take a record each turn (thousands
-                # a second beyond max_in_flight while the first writes warm up).
-                time.sleep(share)
+                # a second beyond max_in_flight while the first writes warm up). Wait
+                # for a record to become durable instead; outcomes waiting are served
+                # at once (their writes are what frees room).
+                rt.wait_ended(share)
         self._service()
         for rt in self.runtimes:
             rt.maybe_commit()

@@ -230,6 +230,15 @@ class PartitionRuntime:
             if lease.current() and done:
                 self.tracker.mark_done(lease.tp, lease.offset)
 
+    def wait_ended(self, timeout_s: float) -> None:
+        """Wait up to ``timeout_s`` for a lease to end (room for a record), and apply it."""
+        try:
+            lease, done = self._ended.get(timeout=timeout_s)
+        except queue.Empty:
+            return
+        if lease.current() and done:
+            self.tracker.mark_done(lease.tp, lease.offset)
+
     def maybe_commit(self, force: bool = False) -> bool:
         """Commit the watermarks that moved: every interval asynchronously, or now.
 
