@@ -27,6 +27,7 @@ from examples.tasks import (  # noqa: E402
     total,
 )
 from streamtasks import chain, chord, group  # noqa: E402
+from streamtasks.errors import StreamTasksError  # noqa: E402
 
 QUEUES = {"default": 2, "datasets-import": 4, "datasets-delete": 1}
 
@@ -89,5 +90,14 @@ def workflows() -> None:
     print("chord report       =", imported.get(timeout=120))
 
 
+def run() -> int:
+    """Run the demo; a service that cannot be reached is one line on stderr, exit 1."""
+    try:
+        return main()
+    except StreamTasksError as err:
+        print(f"demo: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())
