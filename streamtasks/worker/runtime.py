@@ -227,8 +227,7 @@ class PartitionRuntime:
                 lease, done = self._ended.get_nowait()
             except queue.Empty:
                 return
-            if lease.current() and done:
-                self.tracker.mark_done(lease.tp, lease.offset)
+            self._apply_ended(lease, done)
 
     def wait_ended(self, timeout_s: float) -> None:
         """Wait up to ``timeout_s`` for a lease to end (room for a record), and apply it."""
@@ -236,6 +235,9 @@ class PartitionRuntime:
             lease, done = self._ended.get(timeout=timeout_s)
         except queue.Empty:
             return
+        self._apply_ended(lease, done)
+
+    def _apply_ended(self, lease: Lease, done: bool) -> None:
         if lease.current() and done:
             self.tracker.mark_done(lease.tp, lease.offset)
 
