@@ -97,7 +97,8 @@ class Settings(BaseSettings):
         commit_interval_s: how often a worker commits its done watermarks.
         shutdown_grace_s: how long a draining worker waits for running tasks.
         consistency: Cassandra consistency level of reads and writes.
-        backend_max_in_flight: concurrent Cassandra writes per process.
+        backend_max_in_flight: concurrent Cassandra writes per process, from threads
+            other than a worker's loop (whose writes ``max_in_flight`` bounds).
         track_started: write STARTED as soon as any task starts (one more write per
             task; per task: ``@app.task(track_started=True)``).
         track_started_after_ms: a task still running this long after it started gets one

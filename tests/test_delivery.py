@@ -531,6 +531,78 @@ def _run_in_thread(worker: Worker) -> tuple[threading.Thread, dict[str, Any]]:
     return thread, out
 
 
+class _OwnedWrites:
+    """Stands for a backend whose writes end only when the thread owning them pumps."""
+
+    def __init__(self, app: App) -> None:
+        self.backend = app.backend
+        self.store_one = self.backend.store  # the memory backend's own, written at once
+        self.held: list[tuple[list[Future[None]], Future[None]]] = []
+        self.owner: str | None = None
+        self.pumps: list[str] = []
+        self.released = threading.Event()
+
+    def own_writes(self) -> bool:
+        self.owner = threading.current_thread().name
+        return True
+
+    def store(self, meta: TaskMeta) -> Future[None]:
+        return self.store_many_held([meta])
+
+    def store_many_held(self, metas: Any) -> Future[None]:
+        held: Future[None] = Future()
+        self.held.append(([self.store_one(meta) for meta in metas], held))
+        return held
+
+    def pump_writes(self, timeout_s: float = 0.0) -> None:
+        self.pumps.append(threading.current_thread().name)
+        held, self.held = self.held, []
+        for written, future in held:
+            for one in written:
+                one.result(5)
+            future.set_result(None)
+
+    def release_writes(self) -> None:
+        self.released.set()
+
+
+def test_a_worker_owning_its_writes_pumps_them_on_its_loop_thread_and_releases_them(
+    app: App, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    owned = _OwnedWrites(app)
+    for name in ("own_writes", "store", "pump_writes", "release_writes"):
+        monkeypatch.setattr(app.backend, name, getattr(owned, name))
+    monkeypatch.setattr(app.backend, "store_many", owned.store_many_held)
+    runs = Runs()
+
+    @app.task(name="owned")
+    def owned_task(i: int) -> int:
+        runs.add(i)
+        return i
+
+    results = [owned_task.delay(i) for i in range(300)]
+    app.flush()
+    worker = Worker(app, ["default"], max_in_flight=50)  # full at times: waits by pumping
+    thread, out = _run_in_thread(worker)
+    try:
+        deadline = time.monotonic() + 10
+        def settled() -> bool:
+            return worker.runtimes[0].started and no_lag(app, worker)
+
+        while not settled() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert settled(), "the owned writes never ended: offsets did not move"
+        assert [row(app, r.id).state for r in results] == [states.SUCCESS] * 300
+        assert runs.counts == Counter(range(300))
+        assert owned.owner == "test-worker" and set(owned.pumps) == {"test-worker"}
+        assert not owned.released.is_set(), "released while the worker still runs"
+    finally:
+        worker.stop()
+        thread.join(10)
+    assert out.get("code") == 0, out
+    assert owned.released.is_set(), "the worker stopped without releasing its writes"
+
+
 def test_a_failing_forwarder_is_restarted(monkeypatch: pytest.MonkeyPatch) -> None:
     app = make_app(run_delayer=True, shutdown_grace_s=1.0)
     ran: list[str] = []

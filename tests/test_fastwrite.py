@@ -449,6 +449,9 @@ class _InstantWriter:
         self.raise_error: BaseException | None = None
         self.over_limit = False
 
+    def owned_here(self) -> bool:
+        return False  # its batches end on another thread: every caller takes slots
+
     def write(self, rows: list[object], batches: object, what: str,
               done: Callable[[BaseException | None], None]) -> None:
         if self.raise_error is not None:
@@ -760,3 +763,134 @@ def test_timestamps_survive_acsyllas_seconds_to_ms_truncation(ms: int) -> None:
 
     (seconds,) = _seconds([ms], (0,))
     assert int(seconds * 1000) == ms  # what acsylla's bind does with a number
+
+
+def _pump_until(writer: AcsyllaWriter, outcomes: _Outcomes, batches: int,
+                timeout_s: float = 10.0) -> dict[int, list[BaseException | None]]:
+    """Pump an owned writer until ``batches`` batches ended (the owner's loop turns)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        calls = outcomes.wait(batches, timeout_s=0)
+        if len(calls) >= batches:
+            return calls
+        writer.pump(0.01)
+    return outcomes.wait(batches, timeout_s=0)
+
+
+def _owned_connected() -> tuple[AcsyllaWriter, _Outcomes]:
+    """A writer owned by this thread whose first batch connected and ended (batch 0)."""
+    writer = _writer()
+    assert writer.own()
+    outcomes = _Outcomes()
+    writer.write([_ROW], [], "storing 1 task", outcomes.done(0))
+    assert _pump_until(writer, outcomes, 1) == {0: [None]}
+    return writer, outcomes
+
+
+def _writer_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name == "streamtasks-acsylla"]
+
+
+def test_an_owned_writer_writes_only_when_its_owner_pumps_and_starts_no_thread(
+    clusters: list[_FakeCluster],
+) -> None:
+    writer = _writer()
+    assert writer.own() and writer.owned_here()
+    outcomes = _Outcomes()
+    writer.write([_ROW], [], "storing 1 task", outcomes.done(0))
+    time.sleep(0.05)
+    assert outcomes.wait(1, timeout_s=0) == {}, "written without a pump of its owner"
+    assert _pump_until(writer, outcomes, 1) == {0: [None]}
+    assert _writer_threads() == [], "an owned writer started a loop thread"
+    writer.close()
+    assert clusters[0].sessions[0].closed and clusters[0].destroyed
+
+
+def test_an_owned_writer_ends_a_batch_handed_over_by_another_thread_at_the_owners_pump(
+    clusters: list[_FakeCluster],
+) -> None:
+    writer = _writer()
+    assert writer.own()
+    outcomes = _Outcomes()
+    ended_on: list[str] = []
+
+    def done(error: BaseException | None) -> None:
+        ended_on.append(threading.current_thread().name)
+        outcomes.done(0)(error)
+
+    other = threading.Thread(target=writer.write, args=([_ROW], [], "storing 1 task", done),
+                             name="another")
+    other.start()
+    other.join(5)
+    assert _pump_until(writer, outcomes, 1) == {0: [None]}
+    assert ended_on == [threading.current_thread().name], "not ended on the owner's thread"
+    writer.close()
+
+
+def test_a_writer_whose_loop_thread_started_is_not_owned_and_pump_elsewhere_does_nothing(
+    clusters: list[_FakeCluster],
+) -> None:
+    writer, outcomes, _ = _connected(clusters)  # its loop runs on a thread of its own
+    assert not writer.own() and not writer.owned_here()
+    writer.pump(0.01)  # nothing: not its owner
+    writer.write([_ROW], [], "storing 1 task", outcomes.done(1))
+    assert outcomes.wait(2)[1] == [None]
+    writer.close()
+    closed = _writer()
+    closed.close()
+    assert not closed.own(), "a closed writer was owned"
+
+
+def test_a_released_writer_ends_its_batches_on_a_thread_of_its_own_again(
+    clusters: list[_FakeCluster],
+) -> None:
+    writer, outcomes = _owned_connected()
+    clusters[0].write_s = 0.2
+    writer.write([_ROW], [], "storing 1 task", outcomes.done(1))  # handed over, not started
+    writer.release()
+    assert not writer.owned_here() and _writer_threads() == ["streamtasks-acsylla"]
+    assert outcomes.wait(2)[1] == [None], "a batch handed over before release never ended"
+    writer.close()
+    assert _writer_threads() == []
+
+
+def test_the_owner_closing_waits_for_a_pending_batch(clusters: list[_FakeCluster]) -> None:
+    writer, outcomes = _owned_connected()
+    clusters[0].write_s = 0.2
+    writer.write([_ROW, _ROW], [], "storing 2 tasks", outcomes.done(1))
+    writer.close(timeout_s=10)  # runs the loop here until the batch is acknowledged
+    assert outcomes.wait(2, timeout_s=0).get(1) == [None], "close dropped a pending batch"
+
+
+def test_a_batch_never_answered_when_the_owner_closes_fails_as_transient(
+    clusters: list[_FakeCluster],
+) -> None:
+    stuck, outcomes = _owned_connected()
+    clusters[0].write_s = 3600.0  # a node that never answers
+    stuck.write([_ROW], [], "storing task t9", outcomes.done(1))
+    stuck.pump()
+    stuck.close(timeout_s=0.2)
+    (error,) = outcomes.wait(2, timeout_s=0)[1]
+    assert isinstance(error, BackendError) and "storing task t9" in str(error)
+    assert is_transient(error)
+
+
+def test_the_thread_owning_the_writer_takes_no_in_flight_slot_and_others_do(
+    clusters: list[_FakeCluster],
+) -> None:
+    rows = TaskRows.__new__(TaskRows)  # only what _store_fast uses
+    rows._slots = InFlightSlots(2)
+    rows._fast = _writer()
+    assert rows._fast.own()
+    from concurrent.futures import Future
+    futures: list[Future[None]] = []
+    for _ in range(3):  # more rows than slots: the owner never waits for them
+        future: Future[None] = Future()
+        rows._store_fast(future, "storing 3 tasks", [((0,) * 21, ())] * 3, [])
+        futures.append(future)
+    assert rows._slots.free == 2
+    deadline = time.monotonic() + 10
+    while not all(f.done() for f in futures) and time.monotonic() < deadline:
+        rows.pump_writes(0.01)
+    assert [f.exception() for f in futures] == [None] * 3
+    rows._fast.close()

@@ -453,6 +453,28 @@ class ResultBackend(ABC):
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
 
+    def own_writes(self) -> bool:
+        """Make the calling thread carry out this backend's write completions from now on.
+
+        A backend whose writes complete on a thread of its own (the acsylla writer's
+        loop) may instead have them completed by the thread that issues most of them,
+        which then calls :meth:`pump_writes` often: no second Python thread takes the
+        GIL for every acknowledgement. Return True when the calling thread now owns
+        them; False (the default) when the backend has no such thread, or it has
+        already started.
+        """
+        return False
+
+    def release_writes(self) -> None:  # noqa: B027 - optional hook
+        """The owner (:meth:`own_writes`) stops pumping: writes complete on their own again."""
+
+    def pump_writes(self, timeout_s: float = 0.0) -> None:  # noqa: B027 - optional hook
+        """Complete the writes acknowledged since the last call (the owner's thread only).
+
+        Waits up to ``timeout_s`` for an acknowledgement when none is there yet. Does
+        nothing unless :meth:`own_writes` returned True on this thread.
+        """
+
     def wait(
         self,
         task_id: str,

@@ -241,6 +241,8 @@ class Worker:
         self._outcomes: queue.SimpleQueue[tuple[_Job, Outcome | None]] = queue.SimpleQueue()
         self._full = False
         self._full_since: float | None = None
+        #: This thread completes the backend's writes (:meth:`ResultBackend.own_writes`).
+        self._owns_writes = False
         self._waiting: dict[_Slot, deque[_Job]] = {}
         self._stop = threading.Event()
         #: The logger of the outcome lines, bound once per batch (:meth:`_carry_out_outcomes`).
@@ -329,6 +331,9 @@ class Worker:
         scheduler = self._start_scheduler()
         if freeze_startup:
             _freeze_startup_objects()
+        # The loop's thread completes its own writes: no second thread wakes for each
+        # acknowledgement and contends for the GIL with it (docs/decisions.md).
+        self._owns_writes = self.app.backend.own_writes()
         try:
             while not self._stop.is_set():
                 self._step(self._poll_timeout())
@@ -339,6 +344,9 @@ class Worker:
             self._drain(self.settings.shutdown_grace_s)
             if forwarder_thread is not None:
                 forwarder_thread.join(self.settings.shutdown_grace_s + 5)
+            if self._owns_writes:  # before close: what closes may wait for a write
+                self._owns_writes = False
+                self.app.backend.release_writes()
             self.close()
         return self.exit_code
 
@@ -454,7 +462,10 @@ class Worker:
                 # a second beyond max_in_flight while the first writes warm up). Wait
                 # for a record to become durable instead; outcomes waiting are served
                 # at once (their writes are what frees room).
-                rt.wait_ended(share)
+                if self._owns_writes:
+                    self.app.backend.pump_writes(share)  # its acknowledgements end leases
+                else:
+                    rt.wait_ended(share)
         self._service()
         for rt in self.runtimes:
             rt.maybe_commit()
@@ -469,6 +480,8 @@ class Worker:
         self.effects.run_due()
         self._carry_out_outcomes()
         self.progress.write_due()
+        if self._owns_writes:
+            self.app.backend.pump_writes()  # sends what was stored, ends what is written
         for rt in self.runtimes:
             rt.collect()
 

@@ -145,6 +145,18 @@ class CassandraBackend(ResultBackend):
         """Upsert rows; listing entries batched per partition (:meth:`TaskRows.store_many`)."""
         return self._rows.store_many(metas)
 
+    def own_writes(self) -> bool:
+        """Complete the acsylla writer's writes on this thread (:meth:`TaskRows.own_writes`)."""
+        return self._rows.own_writes()
+
+    def release_writes(self) -> None:
+        """Give the acsylla writer's loop its own thread again (:meth:`TaskRows.release_writes`)."""
+        self._rows.release_writes()
+
+    def pump_writes(self, timeout_s: float = 0.0) -> None:
+        """Complete the writes acknowledged meanwhile (:meth:`TaskRows.pump_writes`)."""
+        self._rows.pump_writes(timeout_s)
+
     def fetch(self, task_id: str) -> TaskMeta | None:
         """Return the row of ``task_id``, or None (:meth:`TaskRows.fetch`)."""
         return self._rows.fetch(task_id)

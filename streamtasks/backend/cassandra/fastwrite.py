@@ -7,6 +7,9 @@ path; every other statement (reads, chord claims, migrations) stays on cassandra
 acsylla is asyncio only: :class:`AcsyllaWriter` owns one event loop in a daemon thread
 and is handed a whole batch at a time (one ``call_soon_threadsafe`` per batch); the
 batch's ``concurrent.futures.Future`` resolves when every write of it was acknowledged.
+A worker instead runs that loop on its own thread (:meth:`AcsyllaWriter.own`, then
+:meth:`AcsyllaWriter.pump` every turn): no second Python thread then takes the GIL for
+each acknowledgement (docs/decisions.md, "The worker runs the row writer's loop").
 
 Errors become the cassandra-driver exception of the same meaning (a write timeout,
 unavailable replicas, an invalid request, no host) and then the project's
@@ -21,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import selectors
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -141,6 +145,23 @@ def as_backend_error(err: BaseException, action: str, opts: CassandraOptions) ->
     return error
 
 
+class _PumpSelector(selectors.DefaultSelector):
+    """The selector of a loop run by its owner's pumps: one pump may wait for I/O.
+
+    A pump runs one turn of the loop at a time, with ``loop.stop`` already scheduled,
+    so the loop asks the selector not to wait; :attr:`wait_s`, set for one turn, makes
+    that turn wait up to so long for an acknowledgement (or a batch handed over).
+    """
+
+    wait_s = 0.0
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        wait, self.wait_s = self.wait_s, 0.0
+        if wait > 0 and timeout is not None and timeout < wait:
+            timeout = wait
+        return super().select(timeout)
+
+
 @dataclass(slots=True, eq=False)
 class _Job:
     """One batch handed to the loop thread: rows, listing batches, what, the callback."""
@@ -186,6 +207,82 @@ class AcsyllaWriter:
         #: Batches on the loop not ended yet; ``_drained`` is set when none is left.
         self._flights: set[_Flight] = set()
         self._drained: asyncio.Future[None] | None = None
+        #: The thread that runs the loop by pumping it (:meth:`own`), else None.
+        self._owner: int | None = None
+        self._selector: _PumpSelector | None = None
+
+    # ------------------------------------------------------------------ owned loop
+
+    def own(self) -> bool:
+        """Run the loop on the calling thread from now on, by :meth:`pump`; True if so.
+
+        False when the loop already runs on its own thread (a batch was written) or the
+        writer is closed: nothing changes then. The owner must pump often (a worker
+        does every turn): acknowledgements, and batches other threads hand over, wait
+        for its next pump. It also closes the writer, or it is closed where no pump runs.
+        """
+        with self._lock:
+            if self._closed or self._loop is not None:
+                return False
+            selector = _PumpSelector()
+            self._loop = asyncio.SelectorEventLoop(selector)
+            self._selector, self._owner = selector, threading.get_ident()
+        return True
+
+    def release(self) -> None:
+        """The owner stops pumping: the loop runs on a thread of its own again.
+
+        Does nothing on a thread that does not own the loop.
+        """
+        with self._lock:
+            if not self.owned_here():
+                return
+            self._owner = None
+            loop = self._loop
+            if self._closed or loop is None or loop.is_closed():
+                return
+            thread = threading.Thread(target=self._run, args=(loop,), daemon=True,
+                                      name="streamtasks-acsylla")
+            self._thread = thread
+            thread.start()
+
+    def owned_here(self) -> bool:
+        """Return True on the thread that owns the loop (:meth:`own`)."""
+        return self._owner is not None and self._owner == threading.get_ident()
+
+    def pump(self, timeout_s: float = 0.0) -> None:
+        """Start the batches handed over and end those acknowledged (the owner only).
+
+        Waits up to ``timeout_s`` for an acknowledgement first when ``timeout_s`` > 0.
+        Does nothing on another thread, inside a pump, or once the writer is closed.
+        """
+        loop, selector = self._loop, self._selector
+        if (loop is None or selector is None or self._closed or not self.owned_here()
+                or loop.is_running()):
+            return
+        _turn(loop)  # batches handed over since the last pump start; acks already in
+        if timeout_s > 0:
+            selector.wait_s = timeout_s
+            _turn(loop)
+        _turn(loop)  # what the acknowledgements resolved: their writes settle
+
+    def _close_owned(self, loop: asyncio.AbstractEventLoop, timeout_s: float) -> None:
+        """Close an owned loop: here when no pump runs it, else by the owner's pumps."""
+        if loop.is_running():  # closed from another thread while the owner pumps
+            shutdown = asyncio.run_coroutine_threadsafe(self._shutdown(timeout_s), loop)
+            try:
+                shutdown.result(2 * timeout_s + 1)
+            except Exception as err:  # its batches end below all the same
+                log.warning("the acsylla row writer did not close in time (%s: %s)",
+                            type(err).__name__, err)
+            return
+        try:
+            loop.run_until_complete(self._shutdown(timeout_s))
+        except Exception as err:  # closing is best effort; its batches end below
+            log.warning("closing the acsylla row writer failed (%s: %s)",
+                        type(err).__name__, err)
+        finally:
+            loop.close()
 
     # ------------------------------------------------------------------ thread side
 
@@ -213,7 +310,10 @@ class AcsyllaWriter:
                 raise BackendError("the acsylla row writer is closed")
             loop = self._running_loop()
             self._unended.add(job)
-            loop.call_soon_threadsafe(self._start, job)
+            if self.owned_here():
+                loop.call_soon(self._start, job)  # started by this thread's next pump
+            else:
+                loop.call_soon_threadsafe(self._start, job)
 
     def _running_loop(self) -> asyncio.AbstractEventLoop:
         """Return the loop, starting its thread first if need be (called under the lock)."""
@@ -255,7 +355,9 @@ class AcsyllaWriter:
                 return
             self._closed = True
             loop, thread = self._loop, self._thread
-        if loop is not None and thread is not None:
+        if loop is not None and self._owner is not None:
+            self._close_owned(loop, timeout_s)
+        elif loop is not None and thread is not None:
             with contextlib.suppress(RuntimeError):  # the loop died meanwhile (see _run)
                 self._stop(loop, thread, timeout_s)
         self._end_all("the acsylla row writer closed")
@@ -529,6 +631,12 @@ class _Write:
         if coro is not None:
             with contextlib.suppress(Exception):
                 coro.close()
+
+
+def _turn(loop: asyncio.AbstractEventLoop) -> None:
+    """Run one turn of ``loop``: its I/O, then the callbacks ready when the turn began."""
+    loop.call_soon(loop.stop)
+    loop.run_forever()
 
 
 def _cluster_options(opts: CassandraOptions) -> dict[str, Any]:

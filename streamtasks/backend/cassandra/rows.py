@@ -272,6 +272,20 @@ class TaskRows:
         if self._fast is not None:
             self._fast.close(self._conn.options.request_timeout_s)
 
+    def own_writes(self) -> bool:
+        """Make the calling thread run the acsylla writer's loop (:meth:`AcsyllaWriter.own`)."""
+        return self._fast is not None and self._fast.own()
+
+    def release_writes(self) -> None:
+        """Give the acsylla writer's loop its own thread again (:meth:`AcsyllaWriter.release`)."""
+        if self._fast is not None:
+            self._fast.release()
+
+    def pump_writes(self, timeout_s: float = 0.0) -> None:
+        """Run the owned acsylla writer's loop once (:meth:`AcsyllaWriter.pump`)."""
+        if self._fast is not None:
+            self._fast.pump(timeout_s)
+
     def _ready(self) -> tuple[Any, _RowStatements]:
         """Return the session and the prepared task statements, preparing them once."""
         return self._conn.prepared("rows", _prepare_rows)
@@ -378,7 +392,10 @@ class TaskRows:
         threads never deadlock each holding part of the slots.
         """
         assert self._fast is not None
-        count = self._slots.take(len(params))
+        # The thread owning the writer's loop never waits for slots: they come back only
+        # when it runs that loop. Its batches are bounded by their caller (a worker holds
+        # at most max_in_flight records).
+        count = 0 if self._fast.owned_here() else self._slots.take(len(params))
 
         def done(error: BaseException | None) -> None:
             try:
