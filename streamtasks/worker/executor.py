@@ -123,6 +123,14 @@ def _report(future: Future[Outcome | None], done: Callable[[Outcome | None], Non
         log.exception("a task outcome could not be handed to the worker")
 
 
+#: The longest a turn of the worker's loop runs cheap tasks inline (wall time). At 5 ms
+#: a turn under CPU contention (the GIL taken by another thread, the process preempted)
+#: ran out of it after a few tasks and sent the rest through the threads, a hop each:
+#: 15,000-27,000 of 83,000 no-op tasks in an open-loop run, against 8 at 20 ms, with
+#: the 80%-load p99 1,283 ms against 202-424 ms (bench/README.md, eighth round).
+INLINE_BUDGET_S = 0.02
+
+
 class Executor:
     """Runs tasks with at most ``concurrency`` of each kind at once.
 
@@ -143,7 +151,7 @@ class Executor:
     INLINE_AFTER_RUNS = 8
 
     def __init__(
-        self, concurrency: int, inline_max_s: float = 0.0, inline_budget_s: float = 0.005
+        self, concurrency: int, inline_max_s: float = 0.0, inline_budget_s: float = INLINE_BUDGET_S
     ) -> None:
         self.concurrency = concurrency
         self.inline_max_s = inline_max_s
