@@ -40,7 +40,7 @@ def cpu_s(pid: int) -> float:
 
 
 def with_options(url: str, options: str) -> str:
-    """Return the backend ``url`` with the query ``options`` appended (none: as is)."""
+    """Return the service ``url`` with the query ``options`` appended (none: as is)."""
     if not options:
         return url
     return url + ("&" if "?" in url else "?") + options

@@ -26,9 +26,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.ab_drain import cpu_s  # noqa: E402
+from bench.ab_drain import cpu_s, with_options  # noqa: E402
 from bench.run import make_env  # noqa: E402
 from streamtasks import App, Settings  # noqa: E402
+
+#: The sender's shortest sleep. Sleeping until each task's own send time (every 250 us
+#: at 4,000/s) woke the sender 4,000 times a second and cost it a third of a core on a
+#: 2-core machine the worker, Kafka and Cassandra share; tasks already due go at once.
+SLEEP_MIN_S = 0.001
+
+
+#: The sender's producer waits up to 5 ms to fill a batch (librdkafka's own default; the
+#: project's producer waits 1 ms, for a lone task's round trip). Sending 4,000 tasks a
+#: second with 1 ms made ~5x the produce requests and fetches, and Kafka took 44-48% of
+#: a core instead of 23% on this 2-core machine, which the worker shares with it.
+SENDER_LINGER = "linger.ms=5"
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -49,25 +61,40 @@ def measured_rate(default: float = 4000.0) -> float:
     return rate
 
 
+def cpu_times() -> tuple[int, int]:
+    """The machine's busy and total CPU time so far (jiffies, all cores; /proc/stat)."""
+    with open("/proc/stat", encoding="ascii") as stat:
+        fields = [int(v) for v in stat.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
 def run_load(app: App, rate: float, seconds: float
-             ) -> list[tuple[float, float, float, float, float]]:
+             ) -> tuple[list[tuple[float, float, float, float, float]], float]:
     """Send ``rate`` tasks/s for ``seconds`` on a fixed schedule.
 
     Return per task: its latency (ms), its scheduled send (epoch ms), and its parts:
     scheduled send to created (the sender's lag), created to started (Kafka and the
-    worker's queue), started to finished.
+    worker's queue), started to finished; and how busy the machine's CPUs were while
+    the tasks were sent (0-1: everything on it, Kafka and Cassandra included).
     """
     count = int(rate * seconds)
     scheduled: dict[str, float] = {}
     t0 = time.time() + 0.5
+    busy_before = None
     for i in range(count):
         due = t0 + i / rate
         wait = due - time.time()
-        if wait > 0:
-            time.sleep(wait)
+        if wait > 0:  # send what is due, then sleep: never early, at most ~1 ms late
+            time.sleep(max(wait, SLEEP_MIN_S))
+        if busy_before is None:
+            busy_before = cpu_times()
         scheduled[app.send("bench.noop").id] = due * 1000
         if i % 500 == 0:
             app.broker.poll(0)
+    busy_after = cpu_times()
+    busy = (busy_after[0] - busy_before[0]) / max(1, busy_after[1] - busy_before[1]) if (
+        busy_before is not None) else 0.0
     app.flush(timeout_s=120)
     ids = list(scheduled)
     deadline = time.monotonic() + 120
@@ -82,7 +109,7 @@ def run_load(app: App, rate: float, seconds: float
         due, created, started = scheduled[m.task_id], m.created_ms or 0, m.started_ms or 0
         rows.append((m.finished_ms - due, due, created - due, started - created,
                      m.finished_ms - started))
-    return rows
+    return rows, busy
 
 
 def main() -> int:
@@ -91,6 +118,8 @@ def main() -> int:
                         help="the drain rate the loads are fractions of (tasks/s; default: "
                              "latest.json's burst rate of one worker process, else 4000)")
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--shares", default="0.5,0.8",
+                        help="the loads, as fractions of the rate (comma-separated)")
     parser.add_argument("--dump", metavar="PREFIX",
                         help="write each task's figures to PREFIX-<load>.csv (scheduled order)")
     ns = parser.parse_args()
@@ -98,7 +127,9 @@ def main() -> int:
         ns.rate = measured_rate()
     namespace = f"bench-ol-{uuid.uuid4().hex[:8]}"
     env = make_env(namespace)
-    app = App("bench", settings=Settings.from_env(env=env))
+    sender_env = {**env, "STREAMTASKS_BROKER": with_options(env["STREAMTASKS_BROKER"],
+                                                           SENDER_LINGER)}
+    app = App("bench", settings=Settings.from_env(env=sender_env))
     from bench.bench_app import noop
 
     app.tasks["bench.noop"] = noop
@@ -111,10 +142,10 @@ def main() -> int:
         time.sleep(2)
         print(f"\n{'load':>20} {'tasks':>7} {'p50 ms':>8} {'p99 ms':>8} {'p99.9 ms':>9}"
               f"   p99 of its parts: {'sender':>6} {'queued':>6} {'run':>6}"
-              f"   worker CPU/task")
-        for share in (0.5, 0.8):
+              f"   worker CPU/task   machine CPU busy")
+        for share in (float(x) for x in ns.shares.split(",")):
             cpu_before = cpu_s(worker.pid)
-            rows = run_load(app, ns.rate * share, ns.seconds)
+            rows, busy = run_load(app, ns.rate * share, ns.seconds)
             cpu_us = (cpu_s(worker.pid) - cpu_before) / max(1, len(rows)) * 1e6
             total, _, sender, queued, ran = ([row[i] for row in rows] for i in range(5))
             if ns.dump:
@@ -125,7 +156,7 @@ def main() -> int:
                   f"{percentile(total, 0.5):>8.1f} {percentile(total, 0.99):>8.1f} "
                   f"{percentile(total, 0.999):>9.1f}   {'':>17} {percentile(sender, 0.99):>6.1f} "
                   f"{percentile(queued, 0.99):>6.1f} {percentile(ran, 0.99):>6.1f}"
-                  f"   {cpu_us:>9.0f} us")
+                  f"   {cpu_us:>9.0f} us   {busy:>16.0%}")
     finally:
         worker.terminate()
         worker.wait(timeout=60)
