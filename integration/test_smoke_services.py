@@ -11,11 +11,13 @@ from __future__ import annotations
 import io
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from integration._services import (
+    SERVICES_SH,
     cassandra_backend,
     kafka_bootstrap,
     require_restartable,
@@ -238,3 +240,8 @@ def test_cassandra_roundtrip_survives_restart() -> None:
         session.execute(f"DROP KEYSPACE {keyspace}")
     finally:
         cluster.shutdown()
+    # services.sh starts the JVM with a 1 ms timer slack (CASSANDRA_TIMERSLACK_NS): its
+    # idle request threads' timed wake-ups are batched instead of spinning a core away.
+    pid = int((SERVICES_SH.parent / ".data" / "cassandra.pid").read_text())
+    assert "-Dstreamtasks.service=cassandra@" in Path(f"/proc/{pid}/cmdline").read_text()
+    assert Path(f"/proc/{pid}/timerslack_ns").read_text().strip() == "1000000"

@@ -20,7 +20,8 @@
 #   STREAMTASKS_BROKER=kafka://host:port            use that Kafka: `up` starts none, only checks it
 #   STREAMTASKS_BACKEND=cassandra://host:port/ks    same for Cassandra
 #   JAVA_HOME (optional; else java on PATH), PYTHON (default python3)
-#   KAFKA_HEAP (max 1g), KAFKA_HEAP_MIN (256m), CASSANDRA_HEAP (max 1g), CASSANDRA_HEAP_MIN (256m), KAFKA_START_TIMEOUT (60), CASSANDRA_START_TIMEOUT (180)
+#   KAFKA_HEAP (max 1g), KAFKA_HEAP_MIN (256m), CASSANDRA_HEAP (max 1g), CASSANDRA_HEAP_MIN (256m),
+#   CASSANDRA_TIMERSLACK_NS (1000000; empty: the kernel's default), KAFKA_START_TIMEOUT (60), CASSANDRA_START_TIMEOUT (180)
 #   NODES (1; same as --nodes)
 set -euo pipefail
 
@@ -50,6 +51,11 @@ KAFKA_HEAP="${KAFKA_HEAP:-1g}"
 # a broker holding many partitions (a long-lived dev keyspace: ~15,000) ran out of a 512m heap
 KAFKA_HEAP_MIN="${KAFKA_HEAP_MIN:-256m}"
 CASSANDRA_HEAP="${CASSANDRA_HEAP:-1g}"
+# Cassandra's request pools park their idle threads for 10 us - 1 ms at a time while they
+# look for work: a steady trickle of requests kept them spinning and cost half a core of
+# this 2-core machine at 130 tasks/s. A 1 ms timer slack lets the kernel batch those timed
+# wake-ups; a request still wakes a parked thread at once (docs/decisions.md).
+CASSANDRA_TIMERSLACK_NS="${CASSANDRA_TIMERSLACK_NS-1000000}"
 # Cassandra mlockall()s its memory at startup, so an initial heap of 1g would be resident at once
 CASSANDRA_HEAP_MIN="${CASSANDRA_HEAP_MIN:-256m}"
 KAFKA_START_TIMEOUT="${KAFKA_START_TIMEOUT:-60}"
@@ -244,7 +250,14 @@ launch() {  # service args... : start a JVM detached, write the pid file
   # thousands of partitions outgrow a default limit ("Too many open files" ends the
   # broker). Raise the soft limit to the hard one, or beyond it where allowed (root).
   ulimit -n 1048576 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-  setsid nohup "$JAVA" "$(marker_of "$svc")" "$@" >>"$log" 2>&1 </dev/null &
+  (
+    # LAUNCH_TIMERSLACK_NS: the JVM's timer slack (inherited by its threads; see
+    # CASSANDRA_TIMERSLACK_NS). A kernel without /proc/self/timerslack_ns keeps its own.
+    if [[ -n "${LAUNCH_TIMERSLACK_NS:-}" ]]; then
+      echo "$LAUNCH_TIMERSLACK_NS" 2>/dev/null >/proc/self/timerslack_ns || true
+    fi
+    exec setsid nohup "$JAVA" "$(marker_of "$svc")" "$@" >>"$log" 2>&1 </dev/null
+  ) &
   pid=$!
   echo "$pid" >"$(pidfile_of "$svc")"
   say "$svc started (pid $pid), log: $log"
@@ -393,7 +406,8 @@ cassandra_launch() {  # service
     --add-opens java.base/java.lang=ALL-UNNAMED
     --add-opens java.base/java.util=ALL-UNNAMED
   )
-  launch "$svc" -Xms"$CASSANDRA_HEAP_MIN" -Xmx"$CASSANDRA_HEAP" -Xss256k -ea -da:net.openhft... \
+  LAUNCH_TIMERSLACK_NS="$CASSANDRA_TIMERSLACK_NS" \
+    launch "$svc" -Xms"$CASSANDRA_HEAP_MIN" -Xmx"$CASSANDRA_HEAP" -Xss256k -ea -da:net.openhft... \
     -XX:+UseG1GC -XX:+ParallelRefProcEnabled -XX:MaxTenuringThreshold=1 -XX:G1HeapRegionSize=16m \
     -XX:G1RSetUpdatingPauseTimePercent=5 -XX:MaxGCPauseMillis=300 \
     -XX:+UseThreadPriorities -XX:+UseTLAB -XX:+ResizeTLAB -XX:+PerfDisableSharedMem \
