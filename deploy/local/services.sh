@@ -410,6 +410,7 @@ cassandra_launch() {  # service
     launch "$svc" -Xms"$CASSANDRA_HEAP_MIN" -Xmx"$CASSANDRA_HEAP" -Xss256k -ea -da:net.openhft... \
     -XX:+UseG1GC -XX:+ParallelRefProcEnabled -XX:MaxTenuringThreshold=1 -XX:G1HeapRegionSize=16m \
     -XX:G1RSetUpdatingPauseTimePercent=5 -XX:MaxGCPauseMillis=300 \
+    -Xlog:gc:file="$(logdir_of "$svc")/$svc-gc.log":time,tags:filecount=3,filesize=10M \
     -XX:+UseThreadPriorities -XX:+UseTLAB -XX:+ResizeTLAB -XX:+PerfDisableSharedMem \
     -XX:+CrashOnOutOfMemoryError -Djava.net.preferIPv4Stack=true \
     -Dio.netty.tryReflectionSetAccessible=true -Dio.netty.allocator.useCacheForAllThreads=true \
