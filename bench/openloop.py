@@ -10,6 +10,12 @@ advance (task i at t0 + i / rate), whatever the worker does, and each task's lat
 its row's ``finished_ms`` minus its scheduled send time — the time to the task's end;
 the durable row follows within the write's latency (about a millisecond locally). One
 ``streamtasks worker`` (concurrency 8) serves the queue; prints p50 / p99 / p99.9.
+
+Each load runs in two layouts of the same machine (``--layouts``): ``shared``, every
+process free to run on every CPU; and ``split``, the local services' JVMs (Kafka and
+Cassandra of ``deploy/local``, found by their pid files) held to the first CPU and the
+worker and this sender to the others — the production layout, where the broker and the
+database do not run on the worker's cores. The affinities are put back at the end.
 """
 
 from __future__ import annotations
@@ -42,6 +48,9 @@ SLEEP_MIN_S = 0.001
 #: a core instead of 23% on this 2-core machine, which the worker shares with it.
 SENDER_LINGER = "linger.ms=5"
 
+#: Where ``deploy/local/services.sh`` keeps the pid files of the single-node services.
+SERVICES_DATA = ROOT / "deploy" / "local" / ".data"
+
 
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
@@ -67,6 +76,55 @@ def cpu_times() -> tuple[int, int]:
         fields = [int(v) for v in stat.readline().split()[1:]]
     idle = fields[3] + fields[4]  # idle + iowait
     return sum(fields) - idle, sum(fields)
+
+
+def service_pids() -> list[int]:
+    """The pids of the local services' JVMs that are running (empty when there are none)."""
+    pids = []
+    for name in ("kafka", "cassandra"):
+        try:
+            pid = int((SERVICES_DATA / f"{name}.pid").read_text().strip())
+            with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                if b"-Dstreamtasks.service=" in cmdline.read():
+                    pids.append(pid)
+        except (OSError, ValueError):
+            continue
+    return pids
+
+
+def pin(pid: int, cpus: set[int]) -> None:
+    """Hold every thread of process ``pid`` to ``cpus`` (threads started later inherit it)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except (ProcessLookupError, PermissionError):  # a thread that ended meanwhile
+            continue
+
+
+def split_layout(services: list[int], worker: int, every: set[int]) -> str | None:
+    """Put the services on the first CPU and ``worker`` and this process on the others.
+
+    Return why the layout cannot be had here, else None.
+    """
+    if len(every) < 2:
+        return "one CPU only"
+    if len(services) < 2:
+        return f"Kafka and Cassandra of deploy/local are not both running ({SERVICES_DATA})"
+    first = min(every)
+    for pid in services:
+        pin(pid, {first})
+    for pid in (worker, os.getpid()):
+        pin(pid, every - {first})
+    return None
+
+
+def shared_layout(services: list[int], worker: int, every: set[int]) -> None:
+    """Let the services, ``worker`` and this process run on every CPU again."""
+    for pid in (*services, worker, os.getpid()):
+        try:
+            pin(pid, every)
+        except FileNotFoundError:  # the process ended
+            continue
 
 
 def run_load(app: App, rate: float, seconds: float
@@ -112,6 +170,24 @@ def run_load(app: App, rate: float, seconds: float
     return rows, busy
 
 
+def print_load(app: App, worker: int, layout: str, share: float, rate: float,
+               seconds: float, dump: str | None) -> None:
+    """Run one load and print its line (and write its rows with ``--dump``)."""
+    cpu_before = cpu_s(worker)
+    rows, busy = run_load(app, rate * share, seconds)
+    cpu_us = (cpu_s(worker) - cpu_before) / max(1, len(rows)) * 1e6
+    total, _, sender, queued, ran = ([row[i] for row in rows] for i in range(5))
+    if dump:
+        with open(f"{dump}-{layout}-{share:.0%}.csv", "w", encoding="utf-8") as out:
+            out.writelines(",".join(f"{v:.1f}" for v in row) + "\n"
+                           for row in sorted(rows, key=lambda r: r[1]))
+    print(f"{layout:>6} {f'{share:.0%} of {rate:,.0f}/s':>20} {len(rows):>7} "
+          f"{percentile(total, 0.5):>8.1f} {percentile(total, 0.99):>8.1f} "
+          f"{percentile(total, 0.999):>9.1f}   {'':>17} {percentile(sender, 0.99):>6.1f} "
+          f"{percentile(queued, 0.99):>6.1f} {percentile(ran, 0.99):>6.1f}"
+          f"   {cpu_us:>9.0f} us   {busy:>16.0%}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rate", type=float, default=None,
@@ -120,9 +196,18 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--shares", default="0.5,0.8",
                         help="the loads, as fractions of the rate (comma-separated)")
+    parser.add_argument("--layouts", default="shared,split",
+                        help="shared (every process on every CPU) and/or split (the "
+                             "services' JVMs on the first CPU, the worker and the sender on "
+                             "the others); comma-separated")
     parser.add_argument("--dump", metavar="PREFIX",
-                        help="write each task's figures to PREFIX-<load>.csv (scheduled order)")
+                        help="write each task's figures to PREFIX-<layout>-<load>.csv "
+                             "(scheduled order)")
     ns = parser.parse_args()
+    layouts = [name.strip() for name in ns.layouts.split(",") if name.strip()]
+    unknown = sorted(set(layouts) - {"shared", "split"})
+    if unknown or not layouts:
+        parser.error(f"--layouts takes shared and/or split, got {ns.layouts!r}")
     if ns.rate is None:
         ns.rate = measured_rate()
     namespace = f"bench-ol-{uuid.uuid4().hex[:8]}"
@@ -137,27 +222,25 @@ def main() -> int:
     worker = subprocess.Popen(
         [sys.executable, "-m", "streamtasks.cli", "worker", "--app", "bench.bench_app:app",
          "--queues", "default", "--concurrency", "8"], cwd=ROOT, env={**os.environ, **env})
+    services, every = service_pids(), os.sched_getaffinity(0)
     try:
         app.send("bench.noop", confirm=True).get(timeout=120)  # the worker has joined
         time.sleep(2)
-        print(f"\n{'load':>20} {'tasks':>7} {'p50 ms':>8} {'p99 ms':>8} {'p99.9 ms':>9}"
-              f"   p99 of its parts: {'sender':>6} {'queued':>6} {'run':>6}"
+        print(f"\n{'layout':>6} {'load':>20} {'tasks':>7} {'p50 ms':>8} {'p99 ms':>8}"
+              f" {'p99.9 ms':>9}   p99 of its parts: {'sender':>6} {'queued':>6} {'run':>6}"
               f"   worker CPU/task   machine CPU busy")
-        for share in (float(x) for x in ns.shares.split(",")):
-            cpu_before = cpu_s(worker.pid)
-            rows, busy = run_load(app, ns.rate * share, ns.seconds)
-            cpu_us = (cpu_s(worker.pid) - cpu_before) / max(1, len(rows)) * 1e6
-            total, _, sender, queued, ran = ([row[i] for row in rows] for i in range(5))
-            if ns.dump:
-                with open(f"{ns.dump}-{share:.0%}.csv", "w", encoding="utf-8") as out:
-                    out.writelines(",".join(f"{v:.1f}" for v in row) + "\n"
-                                   for row in sorted(rows, key=lambda r: r[1]))
-            print(f"{f'{share:.0%} of {ns.rate:,.0f}/s':>20} {len(rows):>7} "
-                  f"{percentile(total, 0.5):>8.1f} {percentile(total, 0.99):>8.1f} "
-                  f"{percentile(total, 0.999):>9.1f}   {'':>17} {percentile(sender, 0.99):>6.1f} "
-                  f"{percentile(queued, 0.99):>6.1f} {percentile(ran, 0.99):>6.1f}"
-                  f"   {cpu_us:>9.0f} us   {busy:>16.0%}")
+        for layout in layouts:
+            if layout == "split":
+                why = split_layout(services, worker.pid, every)
+                if why is not None:
+                    print(f"{layout:>6} not measured: {why}")
+                    continue
+            else:
+                shared_layout(services, worker.pid, every)
+            for share in (float(x) for x in ns.shares.split(",")):
+                print_load(app, worker.pid, layout, share, ns.rate, ns.seconds, ns.dump)
     finally:
+        shared_layout(services, worker.pid, every)
         worker.terminate()
         worker.wait(timeout=60)
         app.close()
