@@ -15,7 +15,7 @@ Each load runs in two layouts of the same machine (``--layouts``): ``shared``, e
 process free to run on every CPU; and ``split``, the local services' JVMs (Kafka and
 Cassandra of ``deploy/local``, found by their pid files) held to the first CPU and the
 worker and this sender to the others — the production layout, where the broker and the
-database do not run on the worker's cores. The affinities are put back at the end.
+database do not run on the worker's cores. The services get their CPUs back at the end.
 """
 
 from __future__ import annotations
@@ -78,15 +78,15 @@ def cpu_times() -> tuple[int, int]:
     return sum(fields) - idle, sum(fields)
 
 
-def service_pids() -> list[int]:
-    """The pids of the local services' JVMs that are running (empty when there are none)."""
-    pids = []
+def service_pids() -> dict[int, set[int]]:
+    """The local services' running JVMs: pid → the CPUs they may use now (to put back)."""
+    pids = {}
     for name in ("kafka", "cassandra"):
         try:
             pid = int((SERVICES_DATA / f"{name}.pid").read_text().strip())
             with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
                 if b"-Dstreamtasks.service=" in cmdline.read():
-                    pids.append(pid)
+                    pids[pid] = os.sched_getaffinity(pid)
         except (OSError, ValueError):
             continue
     return pids
@@ -101,7 +101,7 @@ def pin(pid: int, cpus: set[int]) -> None:
             continue
 
 
-def split_layout(services: list[int], worker: int, every: set[int]) -> str | None:
+def split_layout(services: dict[int, set[int]], worker: int, every: set[int]) -> str | None:
     """Put the services on the first CPU and ``worker`` and this process on the others.
 
     Return why the layout cannot be had here, else None.
@@ -118,11 +118,11 @@ def split_layout(services: list[int], worker: int, every: set[int]) -> str | Non
     return None
 
 
-def shared_layout(services: list[int], worker: int, every: set[int]) -> None:
-    """Let the services, ``worker`` and this process run on every CPU again."""
-    for pid in (*services, worker, os.getpid()):
+def shared_layout(services: dict[int, set[int]], worker: int, every: set[int]) -> None:
+    """Give the services the CPUs they had, and ``worker`` and this process ``every``."""
+    for pid, cpus in (*services.items(), (worker, every), (os.getpid(), every)):
         try:
-            pin(pid, every)
+            pin(pid, cpus)
         except FileNotFoundError:  # the process ended
             continue
 
@@ -160,7 +160,7 @@ def run_load(app: App, rate: float, seconds: float
     while any(m is None or not m.ready for m in metas) and time.monotonic() < deadline:
         time.sleep(0.5)
         metas = app.backend.fetch_many(ids)
-    rows = []
+    rows: list[tuple[float, float, float, float, float]] = []
     for m in metas:
         if m is None or m.finished_ms is None:
             continue
